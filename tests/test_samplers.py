@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from ddim import DiffusionConfig, ddim_sample, ddpm_sample, make_betas, timestep_sequence
+from ddim.schedule import alphas_cumprod
+
+BETAS = make_betas(DiffusionConfig())
+
+
+def test_uniform_sequence_definition():
+    assert timestep_sequence(1000, 100, "uniform") == list(range(0, 1000, 10))
+    assert timestep_sequence(1000, 3, "uniform") == [0, 333, 666, 999]
+
+
+def test_quad_sequence_definition():
+    seq = timestep_sequence(1000, 100, "quad")
+    assert len(seq) == 100 and seq[0] == 0 and seq[-1] == 800
+    assert seq == [int(s) for s in np.linspace(0, np.sqrt(800), 100) ** 2]
+    assert all(b >= a for a, b in zip(seq, seq[1:]))
+
+
+def test_bad_sequence_settings():
+    with pytest.raises(ValueError, match="skip_type"):
+        timestep_sequence(1000, 10, "cubic")
+    with pytest.raises(ValueError, match="steps"):
+        timestep_sequence(1000, 0, "uniform")
+
+
+def test_linear_betas():
+    assert BETAS.shape == (1000,) and float(BETAS[0]) == pytest.approx(1e-4) and float(BETAS[-1]) == pytest.approx(0.02)
+
+
+def oracle(x0: torch.Tensor):
+    """eps-model that knows the clean image: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
+    abar = alphas_cumprod(BETAS)
+
+    def model(x, t):
+        a = abar[t].float().view(-1, 1, 1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return model
+
+
+@pytest.mark.parametrize("skip_type", ["uniform", "quad"])
+def test_ddim_with_exact_eps_returns_x0(skip_type):
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    seq = timestep_sequence(1000, 20, skip_type)
+    out = ddim_sample(oracle(x0), torch.randn(4, 1, 8, 8), seq, BETAS, eta=0.0)
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+
+
+def test_ddpm_with_exact_eps_returns_x0():
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    out = ddpm_sample(oracle(x0), torch.randn(4, 1, 8, 8), timestep_sequence(1000, 50, "uniform"), BETAS,
+                      generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+
+
+def test_ddim_eta0_is_deterministic_and_eta_uses_generator(tiny_unet):
+    seq = timestep_sequence(1000, 5, "uniform")
+    x = torch.randn(2, 1, 16, 16)
+    a = ddim_sample(tiny_unet, x, seq, BETAS, eta=0.0)
+    b = ddim_sample(tiny_unet, x, seq, BETAS, eta=0.0)
+    assert torch.equal(a, b)
+    c = ddim_sample(tiny_unet, x, seq, BETAS, eta=1.0, generator=torch.Generator().manual_seed(1))
+    d = ddim_sample(tiny_unet, x, seq, BETAS, eta=1.0, generator=torch.Generator().manual_seed(1))
+    e = ddim_sample(tiny_unet, x, seq, BETAS, eta=1.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(c, d) and not torch.equal(c, e) and not torch.equal(a, c)
+
+
+def test_on_step_sees_every_network_call(tiny_unet):
+    seen = []
+    seq = timestep_sequence(1000, 7, "quad")
+    ddim_sample(tiny_unet, torch.randn(2, 1, 16, 16), seq, BETAS, on_step=lambda x, t: seen.append(int(t[0])))
+    assert seen == list(reversed(seq))
