@@ -1,0 +1,36 @@
+"""Save / load calibrated quantized models (`--cali_ckpt`), with no dummy forward on load."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ddim.checkpoint import load_strict
+from quant.model import QuantModel
+from quant.settings import QuantConfig
+
+FORMAT = "dilatequant-quantized-v1"
+
+
+def save_quantized(path: str | Path, qmodel: QuantModel, method: str, **meta) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "method": method, "config": qmodel.config.to_dict(),
+               "schedule": qmodel.schedule.tolist(), "meta": meta, "state_dict": qmodel.state_dict()}
+    torch.save(payload, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+def load_quantized(path: str | Path, fp_model: nn.Module) -> tuple[QuantModel, dict]:
+    """Rebuild the QuantModel of `fp_model` with the saved settings, then load its state strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"quantized checkpoint {path} not found; calibrate first or fix --cali_ckpt")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a quantized checkpoint of this repo (format {FORMAT})")
+    qmodel = QuantModel(fp_model, QuantConfig.from_dict(payload["config"]), payload["schedule"] or None)
+    load_strict(qmodel, payload["state_dict"], str(path),
+                "It was calibrated for another model, config or bit setting: check --config/--ckpt/--split.")
+    return qmodel, payload

@@ -1,0 +1,87 @@
+"""Wrap a diffusion UNet into a fake-quantized one from outside (no flags inside the model code)."""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from quant.adapters import adapter_for
+from quant.layers import QuantLayer, QuantMatMul
+from quant.settings import QuantConfig
+from quant.steps import StepIndex
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+class QuantModel(nn.Module):
+    """eps = qmodel(x, t, **cond): the same call as the FP network.
+
+    Every Conv2d/Linear becomes a QuantLayer and every attention matmul a QuantMatMul. With
+    `config.temporal`, activation quantizers hold one (Δ, z) per timestep of `schedule` (TPQ) and each
+    forward looks the slots up from `t`; otherwise a single shared (Δ, z) serves all timesteps.
+    """
+
+    def __init__(self, model: nn.Module, config: QuantConfig, schedule: Sequence[int] | None = None):
+        super().__init__()
+        if config.temporal and not schedule:
+            raise ValueError("a temporal (TPQ) model needs the sampling schedule it is calibrated for")
+        self.config = config
+        self.adapter = adapter_for(model)
+        self.model = copy.deepcopy(model)
+        self.steps = StepIndex(list(schedule) if config.temporal else None)
+        self.register_buffer("schedule", torch.as_tensor(list(schedule or []), dtype=torch.long))
+        self._wrap()
+
+    def _wrap(self) -> None:
+        cfg, adapter = self.config, self.adapter
+        first, last = adapter.edge_layers(self.model)
+        splits = adapter.split_channels(self.model) if cfg.split else {}
+        matmuls = adapter.softmax_operands(self.model)
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                edge = name in (first, last)
+                a_spec = cfg.act_spec(edge) if cfg.quant_act else None
+                new = QuantLayer(module, cfg.weight_spec(edge), a_spec, self.steps, splits.get(name, 0))
+                _set_submodule(self.model, name, new)
+            elif name in matmuls and cfg.quant_act:
+                sm = matmuls[name]
+                specs = [cfg.softmax_spec() if sm == i else cfg.act_spec() for i in (0, 1)]
+                _set_submodule(self.model, name, QuantMatMul(*specs, self.steps))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        with self.steps.active(self.steps.lookup(t)):
+            return self.model(x, t, **cond)
+
+    def quant_layers(self) -> Iterator[tuple[str, QuantLayer]]:
+        return ((n, m) for n, m in self.model.named_modules() if isinstance(m, QuantLayer))
+
+    def act_quant_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """Modules (QuantLayer or QuantMatMul) that own activation quantizers."""
+        return ((n, m) for n, m in self.model.named_modules()
+                if isinstance(m, (QuantLayer, QuantMatMul)) and len(m.a_quant))
+
+
+@contextmanager
+def quant_enabled(qmodel: QuantModel, weight: bool = True, act: bool = True) -> Iterator[QuantModel]:
+    """Switch weight / activation quantization for the duration of a block; previous state restored."""
+    saved = []
+    for m in qmodel.model.modules():
+        if isinstance(m, (QuantLayer, QuantMatMul)):
+            saved.append((m, getattr(m, "quant_weight", None), m.quant_act))
+            if isinstance(m, QuantLayer):
+                m.quant_weight = weight
+            m.quant_act = act and len(m.a_quant) > 0
+    try:
+        yield qmodel
+    finally:
+        for m, w, a in saved:
+            if w is not None:
+                m.quant_weight = w
+            m.quant_act = a

@@ -1,0 +1,109 @@
+"""Uniform affine fake quantizers with learnable step and zero point (paper eq. 1-4, 15-16)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from quant.settings import QuantizerSpec, Signedness
+from quant.steps import StepIndex
+
+_MIN_DELTA = 1e-8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity gradient backward (straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+def fake_quant(x: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Q(x) = Δ (clip(round(x/Δ) + z, qmin, qmax) - z)   (eq. 4); Δ, z broadcast against x.
+
+    Gradients reach Δ and z as in LSQ/LSQ+ (rounding is straight-through, clipping is not).
+    """
+    delta = delta.clamp_min(_MIN_DELTA)
+    z = round_ste(zero)
+    q = torch.clamp(round_ste(x / delta) + z, qmin, qmax)
+    return (q - z) * delta
+
+
+def range_to_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantizerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δ, z) that map [lo, hi] onto the spec's integer grid (eq. 3)."""
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    if spec.signedness is Signedness.ASYMMETRIC:
+        delta = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(_MIN_DELTA)
+        return delta, (-lo / delta).round()
+    if spec.signedness is Signedness.SYMMETRIC:
+        delta = (torch.maximum(-lo, hi) / spec.qmax).clamp_min(_MIN_DELTA)
+    else:
+        delta = (hi / spec.qmax).clamp_min(_MIN_DELTA)
+    return delta, torch.zeros_like(delta)
+
+
+class _Quantizer(nn.Module):
+    """Holds Δ and z of shape [n]; z is learnable only for the asymmetric grid."""
+
+    def __init__(self, n: int, spec: QuantizerSpec):
+        super().__init__()
+        self.spec = spec
+        self.delta = nn.Parameter(torch.ones(n))
+        if spec.signedness is Signedness.ASYMMETRIC:
+            self.zero = nn.Parameter(torch.zeros(n))
+        else:
+            self.register_buffer("zero", torch.zeros(n))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Fill Δ, z from a range [lo, hi] of shape [n] (the explicit initialisation step)."""
+        delta, zero = range_to_params(lo.to(self.delta), hi.to(self.delta), self.spec)
+        self.delta.copy_(delta)
+        self.zero.copy_(zero)
+        self.calibrated.fill_(True)
+
+    def _check(self, name: str) -> None:
+        if not bool(self.calibrated):
+            raise RuntimeError(f"{name} is not calibrated: run calibration first (or load a calibrated "
+                               f"checkpoint with --cali_ckpt)")
+
+    def extra_repr(self) -> str:
+        return f"n={self.delta.numel()}, bits={self.spec.bits}, {self.spec.signedness.value}"
+
+
+class WeightQuantizer(_Quantizer):
+    """Per-out-channel quantizer for a weight [C_out, ...]."""
+
+    def __init__(self, out_channels: int, spec: QuantizerSpec):
+        super().__init__(out_channels, spec)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        self._check("weight quantizer")
+        shape = (-1,) + (1,) * (w.dim() - 1)                   # [C_out, 1, ...]
+        return fake_quant(w, self.delta.view(shape), self.zero.view(shape), self.spec.qmin, self.spec.qmax)
+
+
+class ActQuantizer(_Quantizer):
+    """Per-tensor activation quantizer; with a StepIndex of T slots it is the TPQ (eq. 15-16).
+
+    Δ, z have shape [T]. Each sample gathers its slot's parameters; when the leading dim is
+    batch*heads (attention operands laid out `(b h) ...`), each sample's parameters repeat over heads.
+    """
+
+    def __init__(self, spec: QuantizerSpec, steps: StepIndex):
+        super().__init__(steps.num_slots, spec)
+        self.steps = steps  # shared plain object, not a submodule
+
+    def slot_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Δ, z broadcastable against x: scalars for one slot, [N, 1, ...] for TPQ."""
+        if self.delta.numel() == 1:
+            return self.delta[0], self.zero[0]
+        idx = self.steps.current()                              # [B]
+        if x.shape[0] % idx.numel():
+            raise RuntimeError(f"activation batch {x.shape[0]} is not a multiple of the {idx.numel()} timesteps")
+        idx = idx.repeat_interleave(x.shape[0] // idx.numel())  # [B*heads]
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return self.delta[idx].view(shape), self.zero[idx].view(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check("activation quantizer")
+        delta, zero = self.slot_params(x)
+        return fake_quant(x, delta, zero, self.spec.qmin, self.spec.qmax)
