@@ -43,21 +43,27 @@ class QuantLayer(nn.Module):
         self.quant_weight = True
         self.quant_act = n_act > 0
 
+    def _scale(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """s[lo:hi] shaped to broadcast over the channel dim (dim 1 for conv, last dim for linear)."""
+        return self.in_scale[lo:hi].view((1, -1, 1, 1) if self.conv_args else (-1,))
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Q(X/s) in one elementwise step per quantizer: round(x / (s·Δ_t)) (SPEC §3)."""
         if not self.split:
-            return self.a_quant[0](x)
+            return self.a_quant[0](x, self._scale())
         a, b = x[:, :self.split], x[:, self.split:]
-        return torch.cat([self.a_quant[0](a), self.a_quant[1](b)], dim=1)
+        return torch.cat([self.a_quant[0](a, self._scale(0, self.split)),
+                          self.a_quant[1](b, self._scale(self.split))], dim=1)
 
     def scaled_input(self, x: torch.Tensor) -> torch.Tensor:
-        """X / s with s broadcast over the channel dim (dim 1 for conv, last dim for linear)."""
-        shape = (1, -1, 1, 1) if self.conv_args else (-1,)
-        return x / self.in_scale.view(shape)
+        """X / s: what the activation quantizer quantizes."""
+        return x / self._scale()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.scaled_input(x)
         if self.quant_act and len(self.a_quant):
             x = self.quantize_input(x)
+        else:
+            x = self.scaled_input(x)
         w = self.w_quant(self.weight) if self.quant_weight else self.weight
         if self.conv_args is None:
             return F.linear(x, w, self.bias)

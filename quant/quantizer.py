@@ -15,15 +15,21 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
-def fake_quant(x: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Q(x) = Δ (clip(round(x/Δ) + z, qmin, qmax) - z)   (eq. 4); Δ, z broadcast against x.
+def fake_quant(x: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
+               in_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Q(x/s) = Δ (clip(round(x/(s·Δ)) + z, qmin, qmax) - z)   (eq. 4; s = 1 unless dilated, SPEC §3).
 
-    Gradients reach Δ and z as in LSQ/LSQ+ (rounding is straight-through, clipping is not).
+    Δ, z (and s) broadcast against x. Gradients reach x, Δ and z as in LSQ/LSQ+ (rounding is
+    straight-through; a value on the clipping bound still passes its gradient to x). Without autograd the
+    same values are computed in fewer passes, as Δ·clip(round(x/(s·Δ)), qmin - z, qmax - z).
     """
     delta = delta.clamp_min(_MIN_DELTA)
+    step = delta if in_scale is None else delta * in_scale
+    if not torch.is_grad_enabled():
+        z = zero.round()
+        return torch.clamp((x / step).round(), qmin - z, qmax - z) * delta
     z = round_ste(zero)
-    q = torch.clamp(round_ste(x / delta) + z, qmin, qmax)
-    return (q - z) * delta
+    return (torch.clamp(round_ste(x / step) + z, qmin, qmax) - z) * delta
 
 
 def range_to_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantizerSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +109,8 @@ class ActQuantizer(_Quantizer):
         shape = (-1,) + (1,) * (x.dim() - 1)
         return self.delta[idx].view(shape), self.zero[idx].view(shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Q(x / in_scale); in_scale broadcast against x (per channel) or None."""
         self._check("activation quantizer")
         delta, zero = self.slot_params(x)
-        return fake_quant(x, delta, zero, self.spec.qmin, self.spec.qmax)
+        return fake_quant(x, delta, zero, self.spec.qmin, self.spec.qmax, in_scale)

@@ -132,3 +132,13 @@ def test_step_context_restores_previous_state():
         assert steps.current().tolist() == [1]
     with pytest.raises(RuntimeError):
         steps.current()
+
+
+def test_inference_path_computes_the_same_values_as_the_training_path():
+    torch.manual_seed(0)
+    x, delta, zero = torch.randn(4, 3, 5, 5) * 3, torch.rand(4, 1, 1, 1) + 0.1, torch.rand(4, 1, 1, 1) * 15
+    s = torch.rand(1, 3, 1, 1) + 1
+    with torch.no_grad():
+        fast = fake_quant(x, delta, zero, 0, 15, s)
+    slow = fake_quant(x, delta.requires_grad_(), zero, 0, 15, s)
+    assert torch.equal(fast, slow.detach())

@@ -1,0 +1,1 @@
+"""Task pipelines behind the scripts: load -> calibrate/quantize -> sample -> evaluate."""

@@ -1,0 +1,133 @@
+"""DDIM task pipeline: load -> (calibrate + quantize) -> sample -> evaluate -> results.json.
+
+Flags follow Q-Diffusion's `scripts/sample_diffusion_ddim.py` (seed 003), plus `--ckpt`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from ddim import load_config, make_betas
+from ddim.checkpoint import load_unet
+from ddim.sampling import SAMPLE_TYPES, generate, initial_noise, make_sampler, save_samples
+from experiments.runtime import peak_memory_mb, reset_peak_memory, save_args, timer
+from quant.calib_data import CalibSet, collect_trajectories, evenly_spaced_steps, random_over_steps
+from quant.checkpoint import load_quantized, save_quantized
+from quant.methods import QuantMode
+from quant.methods.baseline import quantize_baseline
+from quant.settings import QuantConfig
+from tools.common import pick_device, set_seed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Sample (and optionally quantize) a DDIM model, then evaluate.")
+    p.add_argument("--config", required=True, help="configs/mnist.yml (embedded) or configs/cifar10.yml")
+    p.add_argument("--ckpt", default=None, help="FP checkpoint (default: the config's shipped one)")
+    p.add_argument("--use_pretrained", action="store_true", help="accepted for Q-Diffusion compatibility")
+    p.add_argument("--timesteps", type=int, default=100, help="sampling steps")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--skip_type", default="quad", choices=["uniform", "quad"])
+    p.add_argument("--sample_type", default="generalized", choices=SAMPLE_TYPES)
+    p.add_argument("--max_images", type=int, default=1000, help="number of images to sample")
+    p.add_argument("--batch_size", type=int, default=250)
+    p.add_argument("-l", "--logdir", required=True)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default=None)
+    p.add_argument("--ref", default=None, help="FID reference: 'mnist' or an .npz of real uint8 NHWC images "
+                                                "(default: mnist for the MNIST config)")
+    p.add_argument("--no_fid", action="store_true", help="only sample")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--ptq", action="store_true", help="quantize the model")
+    q.add_argument("--quant_mode", default="baseline", choices=[m.value for m in QuantMode])
+    q.add_argument("--weight_bit", type=int, default=8)
+    q.add_argument("--quant_act", action="store_true", help="quantize activations too")
+    q.add_argument("--act_bit", type=int, default=8)
+    q.add_argument("--a_sym", action="store_true", help="symmetric activation quantizers")
+    q.add_argument("--sm_abit", type=int, default=None, help="bits of softmax outputs (default: --act_bit)")
+    q.add_argument("--split", action="store_true", help="split shortcut quantization (Q-Diffusion)")
+    q.add_argument("--cali_ckpt", default=None, help="load this calibrated checkpoint instead of calibrating")
+    q.add_argument("--cali_n", type=int, default=1024,
+                   help="calibration samples: total, drawn at random over all steps (baseline, dilatequant); "
+                        "per step (qdiff)")
+    q.add_argument("--cali_st", type=int, default=20, help="qdiff: number of evenly spaced calibration steps")
+    q.add_argument("--cali_batch_size", type=int, default=64)
+    q.add_argument("--cali_data_path", default=None, help="a saved calibration set (calib.pt) to use")
+    return p
+
+
+def quant_config(args) -> QuantConfig:
+    return QuantConfig(weight_bit=args.weight_bit, act_bit=args.act_bit if args.quant_act else None,
+                       a_sym=args.a_sym, sm_abit=args.sm_abit, split=args.split,
+                       temporal=args.quant_mode == QuantMode.DILATEQUANT.value)
+
+
+def calibration_set(fp, sample, args, logdir: Path, device) -> CalibSet:
+    """Cached in <logdir>/calib.pt: drawn from FP trajectories started from their own noise seed."""
+    path = Path(args.cali_data_path) if args.cali_data_path else logdir / "calib.pt"
+    if path.exists():
+        return CalibSet.load(path)
+    mode = QuantMode(args.quant_mode)
+    n_traj = args.cali_n if mode is QuantMode.QDIFF else max(16, math.ceil(2 * args.cali_n / args.timesteps))
+    x_T = initial_noise(n_traj, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution), args.seed + 7)
+    traj = collect_trajectories(lambda x, on_step: sample(fp, x.to(device), on_step=on_step), x_T)
+    gen = torch.Generator().manual_seed(args.seed)
+    if mode is QuantMode.QDIFF:
+        calib = evenly_spaced_steps(traj, args.cali_n, args.cali_st, gen)
+    else:
+        calib = random_over_steps(traj, args.cali_n, gen)
+    calib.save(path)
+    return calib
+
+
+def quantize(fp, sample, args, logdir: Path, device):
+    """Load --cali_ckpt, or calibrate by --quant_mode and save <logdir>/quantized.pt. -> (model, record)."""
+    record = {"method": args.quant_mode, "weight_bit": args.weight_bit,
+              "act_bit": args.act_bit if args.quant_act else None}
+    if args.cali_ckpt:
+        qmodel, _ = load_quantized(args.cali_ckpt, fp.cpu())
+        return qmodel.to(device).eval(), record | {"calib_seconds": None, "peak_mem_mb": None}
+    config = quant_config(args)
+    reset_peak_memory(device)
+    with timer() as t:
+        calib = calibration_set(fp, sample, args, logdir, device) if config.quant_act else None
+        mode = QuantMode(args.quant_mode)
+        if mode is not QuantMode.BASELINE:
+            raise SystemExit(f"--quant_mode {mode.value} is not available yet; use --quant_mode baseline")
+        qmodel = quantize_baseline(fp, config, calib, batch_size=args.cali_batch_size, seed=args.seed)
+    save_quantized(logdir / "quantized.pt", qmodel, mode.value, timesteps=args.timesteps,
+                   skip_type=args.skip_type)
+    return qmodel.eval(), record | {"calib_seconds": t["seconds"], "peak_mem_mb": peak_memory_mb(device)}
+
+
+def main(argv=None) -> dict:
+    from tools.metrics import evaluate, write_results
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config)
+    set_seed(args.seed)
+    device = pick_device(args.device)
+    logdir = Path(args.logdir)
+    save_args(logdir, args)
+
+    fp = load_unet(cfg, args.ckpt).to(device)
+    sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, args.eta, args.sample_type)
+    model, record = fp, {"method": "fp", "weight_bit": 32, "act_bit": None}
+    if args.ptq:
+        model, record = quantize(fp, sample, args, logdir, device)
+
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    with timer() as t:
+        images = generate(model, sample, args.max_images, shape, args.batch_size, args.seed, device)
+    save_samples(logdir, images)
+    record |= {"n_samples": len(images), "steps": args.timesteps, "skip_type": args.skip_type, "eta": args.eta,
+               "seed": args.seed, "config": str(args.config), "sampling_seconds": t["seconds"]}
+    ref = args.ref or ("mnist" if cfg.name == "mnist" else None)
+    if not args.no_fid:
+        if ref is None:
+            raise SystemExit(f"no FID reference for {cfg.name} offline: pass --ref real_images.npz or --no_fid")
+        record |= evaluate(images, ref=ref, device=device)
+    write_results(logdir, **record)
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    return record
