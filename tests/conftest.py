@@ -1,10 +1,14 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# reference statistics computed by tests go to a throwaway directory, never into the repo's cache/
+os.environ.setdefault("DILATEQUANT_CACHE", tempfile.mkdtemp(prefix="dq-test-cache-"))
 sys.path.insert(0, str(ROOT))
 
 from ddim import UNet, UNetConfig  # noqa: E402

