@@ -27,6 +27,9 @@ class ArchAdapter(Protocol):
     def shared_inputs(self, model: nn.Module) -> list[tuple[str, ...]]:
         """Groups of layers that read the same tensor (they must share one dilation scale)."""
 
+    def norm_producers(self, model: nn.Module) -> dict[tuple[str, ...], str]:
+        """Layer group -> the affine norm whose output they read directly (X/s folds into it exactly)."""
+
 
 _REGISTRY: dict[str, ArchAdapter] = {}
 

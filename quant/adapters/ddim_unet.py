@@ -58,5 +58,9 @@ class DDIMUNetAdapter:
         return out
 
     def shared_inputs(self, model: nn.Module) -> list[tuple[str, ...]]:
-        return [tuple(f"{name}.{p}" for p in "qkv") for name, module in model.named_modules()
-                if type(module).__name__ == "AttnBlock"]
+        return list(self.norm_producers(model))
+
+    def norm_producers(self, model: nn.Module) -> dict[tuple[str, ...], str]:
+        """q, k, v read GroupNorm(x) directly; every other layer reads through SiLU, a concat or a resampler."""
+        return {tuple(f"{name}.{p}" for p in "qkv"): f"{name}.norm" for name, module in model.named_modules()
+                if type(module).__name__ == "AttnBlock"}

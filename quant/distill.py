@@ -1,0 +1,177 @@
+"""Block-wise Knowledge Distillation (paper §4.3, eq. 17; SPEC §4), resumable block by block.
+
+Unit k of the quantized model is trained to match the FP unit k's output, its input taken from the
+already-quantized chain: MSE(B_k∘…∘B_1(x), B̂_k∘…∘B̂_1(x)). Weights, Δ_w and the per-timestep Δ_x, z_x are
+trained together on mixed-timestep batches (TPQ gathers each sample's own step parameters).
+Only one unit's graph lives at a time; its inputs and targets are cached on the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ddim.checkpoint import state_dict_mismatch
+from quant.calib_data import CalibSet
+from quant.layers import QuantLayer, QuantMatMul
+from quant.model import QuantModel
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    iters: int = 5000          # per unit (paper: 5K iterations, batch 32)
+    batch_size: int = 32
+    lr_weight: float = 1e-5    # weights and biases
+    lr_quant: float = 1e-4     # Δ_w, Δ_x, z_x (paper: 1e-4)
+    cache_batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.iters < 0 or self.batch_size <= 0 or self.lr_weight < 0 or self.lr_quant < 0:
+            raise ValueError(f"invalid DistillConfig: {self}")
+
+
+@dataclass
+class UnitData:
+    args: list[torch.Tensor]   # positional inputs of the unit, each [M, ...] (from the quantized chain)
+    target: torch.Tensor       # FP unit output [M, ...]
+    t: torch.Tensor            # [M] timesteps
+
+    def batch(self, idx: torch.Tensor, device: torch.device):
+        return [a[idx].to(device) for a in self.args], self.target[idx].to(device), self.t[idx].to(device)
+
+
+class _Captured(Exception):
+    """Raised by a hook to stop the forward once the unit's input/output is captured."""
+
+
+def _capture(model: nn.Module, call, unit: str, output: bool) -> list[torch.Tensor]:
+    """Run `call()` and return the positional inputs (or the output) of submodule `unit`."""
+    box = []
+
+    def pre(_, args):
+        box.extend(a.detach().cpu() for a in args)
+        raise _Captured
+
+    def post(_, args, out):
+        box.append(out.detach().cpu())
+        raise _Captured
+
+    module = model.get_submodule(unit)
+    handle = module.register_forward_hook(post) if output else module.register_forward_pre_hook(pre)
+    try:
+        call()
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise RuntimeError(f"unit {unit} was never called")
+    return box
+
+
+@torch.no_grad()
+def cache_unit_io(qmodel: QuantModel, fp_model: nn.Module, unit: str, calib: CalibSet,
+                  batch_size: int) -> UnitData:
+    device = next(qmodel.parameters()).device
+    args, targets = [], []
+    for x, t in calib.batches(batch_size):
+        x, t = x.to(device), t.to(device)
+        args.append(_capture(qmodel.model, lambda: qmodel(x, t), unit, output=False))
+        targets.append(_capture(fp_model, lambda: fp_model(x, t), unit, output=True)[0])
+    return UnitData([torch.cat(a) for a in zip(*args)], torch.cat(targets), calib.t.clone())
+
+
+def unit_param_groups(unit: nn.Module, cfg: DistillConfig) -> list[dict]:
+    """Weights/biases at lr_weight, quantizer parameters (Δ_w, z_w, Δ_x, z_x) at lr_quant."""
+    weights, quant = [], []
+    for m in unit.modules():
+        if isinstance(m, QuantLayer):
+            weights += [p for p in (m.weight, m.bias) if p is not None]
+            quant += [p for p in m.w_quant.parameters()]
+        if isinstance(m, (QuantLayer, QuantMatMul)) and m.quant_act:
+            quant += [p for q in m.a_quant for p in q.parameters()]
+    groups = [{"params": weights, "lr": cfg.lr_weight}, {"params": quant, "lr": cfg.lr_quant}]
+    return [g for g in groups if g["params"] and g["lr"] > 0]
+
+
+@torch.no_grad()
+def unit_loss(qmodel: QuantModel, module: nn.Module, data: UnitData, batch_size: int) -> float:
+    """MSE of the quantized unit against its FP targets over all cached samples."""
+    device = next(qmodel.parameters()).device
+    total = 0.0
+    for i in range(0, len(data.t), batch_size):
+        args, target, t = data.batch(torch.arange(i, min(i + batch_size, len(data.t))), device)
+        with qmodel.steps.active(qmodel.steps.lookup(t)):
+            total += float(F.mse_loss(module(*args), target, reduction="sum"))
+    return total / data.target.numel()
+
+
+def train_unit(qmodel: QuantModel, unit: str, data: UnitData, cfg: DistillConfig, seed: int,
+               desc: str = "") -> dict:
+    """Adam on the unit's MSE to its FP targets (eq. 17) with mixed-timestep batches.
+
+    Returns the loss over all cached samples before and after. If training made the unit worse (too
+    high a learning rate for it, say), its initial state is restored and `kept_initial` is set.
+    """
+    module = qmodel.model.get_submodule(unit)
+    groups = unit_param_groups(module, cfg)
+    before = unit_loss(qmodel, module, data, cfg.cache_batch_size)
+    if not groups or cfg.iters == 0:
+        return {"loss_before": before, "loss_after": before, "kept_initial": False}
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
+    device = next(qmodel.parameters()).device
+    opt = torch.optim.Adam(groups)
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(cfg.iters), desc=desc, dynamic_ncols=True, leave=False)
+    for it in bar:
+        idx = torch.randint(0, len(data.t), (cfg.batch_size,), generator=gen)
+        args, target, t = data.batch(idx, device)
+        with qmodel.steps.active(qmodel.steps.lookup(t)):
+            loss = F.mse_loss(module(*args), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3e}")
+    after = unit_loss(qmodel, module, data, cfg.cache_batch_size)
+    if after > before:
+        module.load_state_dict(initial)
+    return {"loss_before": before, "loss_after": min(before, after), "kept_initial": after > before}
+
+
+def _unit_state(qmodel: QuantModel, unit: str) -> dict:
+    prefix = f"model.{unit}."
+    return {k: v.clone() for k, v in qmodel.state_dict().items() if k.startswith(prefix)}
+
+
+def distill(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, cfg: DistillConfig,
+            run_dir: Path) -> list[dict]:
+    """Distill every unit in forward order; unit k is saved to run_dir/unit_{k:02d}.pt when done and
+    reloaded (not retrained) by a rerun, so an interrupted run resumes from its last finished unit."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fp_model.eval()
+    qmodel.eval()                                            # dropout off; parameters still train
+    units = qmodel.adapter.units(qmodel.model)
+    log = []
+    for k, unit in enumerate(tqdm(units, desc="distill units", dynamic_ncols=True)):
+        path = run_dir / f"unit_{k:02d}.pt"
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            problem = state_dict_mismatch(_unit_state(qmodel, unit), saved["state"])
+            if problem:
+                raise ValueError(f"{path} was distilled for another model or setting ({problem}); "
+                                 f"delete {run_dir} or use another --logdir")
+            qmodel.load_state_dict(saved["state"], strict=False)
+            log.append(saved["log"])
+            continue
+        data = cache_unit_io(qmodel, fp_model, unit, calib, cfg.cache_batch_size)
+        entry = {"unit": unit} | train_unit(qmodel, unit, data, cfg, seed=cfg.seed * 1000 + k, desc=f"[{k}] {unit}")
+        torch.save({"state": _unit_state(qmodel, unit), "log": entry}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        log.append(entry)
+    return log

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from quant.dilation import dilate, dilation_scale
+from quant.model import QuantModel, quant_enabled
+from quant.settings import QuantConfig
+
+
+def test_hand_computed_scales():
+    # out-channel 0: max 2.0 at k=0, min -1.0 at k=1; out-channel 1: max 4.0 at k=1, min 0.5 at k=2
+    w = torch.tensor([[2.0, -1.0, 0.5, 0.25],
+                      [1.0, 4.0, 0.5, 1.0]])
+    s = dilation_scale(w)
+    # k=0,1,2 protected; k=3: min(2.0/0.25, 4.0/1.0) = 4
+    assert s.tolist() == [1.0, 1.0, 1.0, 4.0]
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_single_signed_out_channels_give_finite_scales(sign):
+    torch.manual_seed(0)
+    w = sign * (torch.rand(8, 16, 3, 3) + 0.1)                           # every out-channel all > 0 or all < 0
+    s = dilation_scale(w)
+    assert torch.isfinite(s).all() and (s >= 1).all() and (s > 1).any()
+    ws = w * s.view(1, -1, 1, 1)
+    torch.testing.assert_close(ws.flatten(1).amax(1), w.flatten(1).amax(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ws.flatten(1).amin(1), w.flatten(1).amin(1), rtol=1e-6, atol=0)
+
+
+def test_zero_in_channel_is_left_alone():
+    w = torch.randn(4, 5)
+    w[:, 2] = 0
+    assert dilation_scale(w)[2] == 1.0
+
+
+def out_channel_ranges(qmodel):
+    return {n: (l.weight.detach().flatten(1).amax(1).clone(), l.weight.detach().flatten(1).amin(1).clone())
+            for n, l in qmodel.quant_layers()}
+
+
+def test_dilation_keeps_fp_outputs_and_weight_ranges(tiny_unet):
+    q = QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4))
+    before = out_channel_ranges(q)
+    scales = dilate(q)
+    after = out_channel_ranges(q)
+    for name, (hi, lo) in before.items():
+        torch.testing.assert_close(after[name][0], hi, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(after[name][1], lo, rtol=1e-6, atol=1e-9)
+    assert all((s >= 1).all() for s in scales.values())
+    assert sum(int((s > 1).sum()) for s in scales.values()) > 0
+    x, t = torch.randn(4, 1, 16, 16), torch.tensor([0, 100, 500, 999])
+    with torch.no_grad(), quant_enabled(q, weight=False, act=False):
+        torch.testing.assert_close(q(x, t), tiny_unet(x, t), rtol=1e-4, atol=1e-5)
+
+
+def test_protected_in_channels_keep_scale_one(tiny_unet):
+    q = QuantModel(tiny_unet, QuantConfig(weight_bit=4))
+    weights = {n: l.weight.detach().clone() for n, l in q.quant_layers()}
+    scales = dilate(q)
+    for name, s in scales.items():
+        w = weights[name].flatten(2) if weights[name].dim() > 2 else weights[name].unsqueeze(2)
+        if name.endswith((".q", ".k", ".v")):
+            continue                                                      # shared s: checked below
+        flat = w.flatten(1)
+        protected = torch.cat([flat.argmax(1), flat.argmin(1)]) // w.shape[2]
+        assert (s[protected] == 1).all()
+
+
+def test_qkv_share_one_scale_folded_into_the_norm(tiny_unet):
+    q = QuantModel(tiny_unet, QuantConfig(weight_bit=4))
+    norm_w = q.model.mid.attn_1.norm.weight.detach().clone()
+    scales = dilate(q)
+    a = "mid.attn_1"
+    assert torch.equal(scales[f"{a}.q"], scales[f"{a}.k"]) and torch.equal(scales[f"{a}.q"], scales[f"{a}.v"])
+    torch.testing.assert_close(q.model.mid.attn_1.norm.weight, norm_w / scales[f"{a}.q"])
+    assert torch.equal(q.model.mid.attn_1.q.in_scale, torch.ones(16))     # folded, not in the quantizer
+    assert (q.model.mid.block_1.conv1.in_scale == scales["mid.block_1.conv1"]).all()

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from ddim import ddim_sample, make_betas, timestep_sequence
+from ddim.config import DiffusionConfig
+from quant import distill as distill_mod
+from quant.calib_data import collect_trajectories, random_over_steps
+from quant.calibrate import calibrate
+from quant.distill import DistillConfig, cache_unit_io, distill, train_unit
+from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
+from quant.model import QuantModel
+from quant.settings import QuantConfig
+
+BETAS = make_betas(DiffusionConfig())
+SEQ = timestep_sequence(1000, 6, "quad")
+
+
+@pytest.fixture
+def calib(tiny_unet):
+    x_T = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    tr = collect_trajectories(lambda x, on_step: ddim_sample(tiny_unet, x, SEQ, BETAS, on_step=on_step), x_T)
+    return random_over_steps(tr, 32, torch.Generator().manual_seed(0))
+
+
+def w4a4(tiny_unet, calib):
+    q = QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4, temporal=True), SEQ)
+    return calibrate(q, calib, batch_size=16)
+
+
+def test_unit_inputs_come_from_the_quantized_chain(tiny_unet, calib):
+    q = w4a4(tiny_unet, calib)
+    data = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16)
+    fp_in = cache_unit_io(calibrate(QuantModel(tiny_unet, QuantConfig(weight_bit=8)), None), tiny_unet,
+                          "mid.block_1", calib, 16)
+    assert data.args[0].shape == (32, 16, 8, 8) and data.args[1].shape == (32, 32)   # (h, temb)
+    assert not torch.allclose(data.args[0], fp_in.args[0])                             # quantized chain
+    assert data.target.shape == (32, 16, 8, 8)
+
+
+def test_distilling_one_block_lowers_its_loss(tiny_unet, calib):
+    q = w4a4(tiny_unet, calib)
+    data = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16)
+    with torch.no_grad(), q.steps.active(q.steps.lookup(data.t)):
+        before = float((q.model.mid.block_1(*data.args) - data.target).pow(2).mean())
+    log = train_unit(q, "mid.block_1", data, DistillConfig(iters=100, batch_size=16, lr_weight=1e-4, lr_quant=1e-4),
+                     seed=0)
+    assert log["loss_before"] == pytest.approx(before, rel=1e-5)
+    assert log["loss_after"] < 0.95 * before and not log["kept_initial"]
+
+
+def test_a_unit_made_worse_by_training_keeps_its_initial_state(tiny_unet, calib):
+    q = w4a4(tiny_unet, calib)
+    data = cache_unit_io(q, tiny_unet, "conv_out", calib, 16)
+    initial = {k: v.clone() for k, v in q.model.conv_out.state_dict().items()}
+    log = train_unit(q, "conv_out", data, DistillConfig(iters=30, batch_size=16, lr_weight=1.0, lr_quant=1.0), seed=0)
+    assert log["kept_initial"] and log["loss_after"] == log["loss_before"]
+    assert all(torch.equal(v, q.model.conv_out.state_dict()[k]) for k, v in initial.items())
+
+
+def test_resume_after_interruption_equals_uninterrupted(tiny_unet, calib, tmp_path, monkeypatch):
+    cfg = DistillConfig(iters=5, batch_size=8, lr_weight=1e-4, lr_quant=1e-4)
+    full = w4a4(tiny_unet, calib)
+    distill(full, tiny_unet, calib, cfg, tmp_path / "a")
+
+    real_train, calls = distill_mod.train_unit, {"n": 0}
+
+    def crash_on_fourth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(distill_mod, "train_unit", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        distill(w4a4(tiny_unet, calib), tiny_unet, calib, cfg, tmp_path / "b")
+    assert len(list((tmp_path / "b").glob("unit_*.pt"))) == 3
+    monkeypatch.setattr(distill_mod, "train_unit", real_train)
+    resumed = w4a4(tiny_unet, calib)
+    distill(resumed, tiny_unet, calib, cfg, tmp_path / "b")
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stale_unit_cache_is_a_clear_error(tiny_unet, calib, tmp_path):
+    cfg = DistillConfig(iters=1, batch_size=8)
+    distill(w4a4(tiny_unet, calib), tiny_unet, calib, cfg, tmp_path)
+    other = QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4, split=True))
+    calibrate(other, calib, batch_size=16)
+    with pytest.raises(ValueError, match="delete"):
+        distill(other, tiny_unet, calib, cfg, tmp_path)
+
+
+def test_dilatequant_pipeline_improves_on_w4a4_baseline(tiny_unet, calib, tmp_path):
+    held = calib  # the tiny model has no held-out trajectories worth the time; same-set comparison
+    off = DilateQuantConfig(weight_dilation=False, temporal=False, distillation=False)
+    on = DilateQuantConfig(distill=DistillConfig(iters=40, batch_size=16, lr_weight=1e-4, lr_quant=1e-4))
+    errs = {}
+    for name, dq in {"baseline": off, "dilatequant": on}.items():
+        q = quantize_dilatequant(tiny_unet, QuantConfig(weight_bit=4, act_bit=4), SEQ, calib, dq, tmp_path / name,
+                                 batch_size=16)
+        with torch.no_grad():
+            errs[name] = float((q(held.x, held.t) - tiny_unet(held.x, held.t)).pow(2).mean())
+    assert errs["dilatequant"] < errs["baseline"]
