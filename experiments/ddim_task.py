@@ -17,7 +17,9 @@ from experiments.runtime import peak_memory_mb, reset_peak_memory, save_args, ti
 from quant.calib_data import CalibSet, collect_trajectories, evenly_spaced_steps, random_over_steps
 from quant.checkpoint import load_quantized, save_quantized
 from quant.methods import QuantMode
+from quant.distill import DistillConfig
 from quant.methods.baseline import quantize_baseline
+from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
 from quant.settings import QuantConfig
 from tools.common import pick_device, set_seed
 
@@ -55,13 +57,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cali_st", type=int, default=20, help="qdiff: number of evenly spaced calibration steps")
     q.add_argument("--cali_batch_size", type=int, default=64)
     q.add_argument("--cali_data_path", default=None, help="a saved calibration set (calib.pt) to use")
+    d = p.add_argument_group("dilatequant (Table 3 switches: --no-wd, --no-tpq, --no-bkd)")
+    d.add_argument("--wd", action=argparse.BooleanOptionalAction, default=True, help="Weight Dilation")
+    d.add_argument("--tpq", action=argparse.BooleanOptionalAction, default=True, help="Temporal Parallel Quantizer")
+    d.add_argument("--bkd", action=argparse.BooleanOptionalAction, default=True, help="Block-wise Knowledge Distillation")
+    d.add_argument("--cali_iters", type=int, default=DistillConfig.iters, help="distillation iterations per block")
+    d.add_argument("--distill_batch_size", type=int, default=DistillConfig.batch_size)
+    d.add_argument("--lr_weight", type=float, default=DistillConfig.lr_weight)
+    d.add_argument("--lr_quant", type=float, default=DistillConfig.lr_quant)
     return p
 
 
 def quant_config(args) -> QuantConfig:
     return QuantConfig(weight_bit=args.weight_bit, act_bit=args.act_bit if args.quant_act else None,
-                       a_sym=args.a_sym, sm_abit=args.sm_abit, split=args.split,
-                       temporal=args.quant_mode == QuantMode.DILATEQUANT.value)
+                       a_sym=args.a_sym, sm_abit=args.sm_abit, split=args.split)
+
+
+def dilatequant_config(args) -> DilateQuantConfig:
+    distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
+                            lr_quant=args.lr_quant, seed=args.seed)
+    return DilateQuantConfig(weight_dilation=args.wd, temporal=args.tpq, distillation=args.bkd, distill=distill)
+
+
+def method_name(args) -> str:
+    """'dilatequant', or e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row."""
+    if args.quant_mode != QuantMode.DILATEQUANT.value or (args.wd and args.tpq and args.bkd):
+        return args.quant_mode
+    parts = [n for n, on in (("wd", args.wd), ("tpq", args.tpq), ("bkd", args.bkd)) if on]
+    return f"dilatequant[{','.join(parts) or 'none'}]"
 
 
 def calibration_set(fp, sample, args, logdir: Path, device) -> CalibSet:
@@ -84,20 +107,24 @@ def calibration_set(fp, sample, args, logdir: Path, device) -> CalibSet:
 
 def quantize(fp, sample, args, logdir: Path, device):
     """Load --cali_ckpt, or calibrate by --quant_mode and save <logdir>/quantized.pt. -> (model, record)."""
-    record = {"method": args.quant_mode, "weight_bit": args.weight_bit,
+    record = {"method": method_name(args), "weight_bit": args.weight_bit,
               "act_bit": args.act_bit if args.quant_act else None}
     if args.cali_ckpt:
         qmodel, _ = load_quantized(args.cali_ckpt, fp.cpu())
         return qmodel.to(device).eval(), record | {"calib_seconds": None, "peak_mem_mb": None}
-    config = quant_config(args)
+    config, mode = quant_config(args), QuantMode(args.quant_mode)
+    needs_data = config.quant_act or (mode is QuantMode.DILATEQUANT and args.bkd)
     reset_peak_memory(device)
     with timer() as t:
-        calib = calibration_set(fp, sample, args, logdir, device) if config.quant_act else None
-        mode = QuantMode(args.quant_mode)
-        if mode is not QuantMode.BASELINE:
-            raise SystemExit(f"--quant_mode {mode.value} is not available yet; use --quant_mode baseline")
-        qmodel = quantize_baseline(fp, config, calib, batch_size=args.cali_batch_size, seed=args.seed)
-    save_quantized(logdir / "quantized.pt", qmodel, mode.value, timesteps=args.timesteps,
+        calib = calibration_set(fp, sample, args, logdir, device) if needs_data else None
+        if mode is QuantMode.BASELINE:
+            qmodel = quantize_baseline(fp, config, calib, batch_size=args.cali_batch_size, seed=args.seed)
+        elif mode is QuantMode.DILATEQUANT:
+            qmodel = quantize_dilatequant(fp, config, sample.seq, calib, dilatequant_config(args), logdir,
+                                          batch_size=args.cali_batch_size, seed=args.seed)
+        else:
+            raise SystemExit(f"--quant_mode {mode.value} is not available yet; use baseline or dilatequant")
+    save_quantized(logdir / "quantized.pt", qmodel, record["method"], timesteps=args.timesteps,
                    skip_type=args.skip_type)
     return qmodel.eval(), record | {"calib_seconds": t["seconds"], "peak_mem_mb": peak_memory_mb(device)}
 

@@ -1,0 +1,80 @@
+"""Run a task: every (method, bit width) of a task config through the DDIM pipeline, then tabulate.
+
+    python scripts/run_task.py --task configs/tasks/mnist.yml [--preset quick] [--only fp,dilatequant_w4a4]
+
+Each run lands in <out>/<run name>/ (results.json, samples, quantized.pt, distill/ units); a run whose
+results.json exists is skipped, so an interrupted task resumes. The table goes to results/<task>[_preset].md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from experiments import ddim_task
+from tools.results_table import write_report
+
+
+def _flags(options: dict) -> list[str]:
+    out = []
+    for key, value in options.items():
+        if value is True:
+            out.append(f"--{key}")
+        elif value is False:
+            out.append(f"--no-{key}")
+        elif value is not None:
+            out += [f"--{key}", str(value)]
+    return out
+
+
+def load_task(path: Path, preset: str | None) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"task {path} not found; see configs/tasks/")
+    task = yaml.safe_load(path.read_text())
+    if preset:
+        presets = task.get("presets", {})
+        if preset not in presets:
+            raise SystemExit(f"unknown preset {preset!r} for {path}; known: {sorted(presets)}")
+        over = presets[preset]
+        task["common"] = task["common"] | over.get("common", {})
+        if "runs" in over:
+            task["runs"] = {k: v for k, v in task["runs"].items() if k in over["runs"]}
+    return task
+
+
+def run_argv(task: dict, name: str, out: Path, extra: list[str]) -> list[str]:
+    """Flags of one run: the task's common settings, then the run's own (a quant_mode makes it a PTQ run)."""
+    run = task["runs"][name] or {}
+    quant = {"ptq": True, "quant_act": "act_bit" in run} if "quant_mode" in run else {}
+    return _flags(task["common"] | quant | run) + ["-l", str(out / name)] + extra
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True)
+    p.add_argument("--preset", default=None)
+    p.add_argument("--only", default=None, help="comma-separated run names")
+    p.add_argument("--out", default=None, help="run directory (default runs/<task>[_<preset>])")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="flags passed to every run after `--`")
+    args = p.parse_args(argv)
+    path = Path(args.task)
+    task = load_task(path, args.preset)
+    label = path.stem + (f"_{args.preset}" if args.preset else "")
+    out = Path(args.out or f"runs/{label}")
+    names = args.only.split(",") if args.only else list(task["runs"])
+    unknown = [n for n in names if n not in task["runs"]]
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; {path} has {list(task['runs'])}")
+    extra = [a for a in args.extra if a != "--"]
+    for name in names:
+        done = out / name / "results.json"
+        if done.exists() and "sampling_seconds" in json.loads(done.read_text()):
+            print(f"[task] {name}: done, skipping ({done})")
+            continue
+        print(f"[task] {name}")
+        ddim_task.main(run_argv(task, name, out, extra))
+    report = write_report(out, Path("results") / f"{label}.md", title=f"{label} ({path})")
+    print(report.read_text())
+    return report

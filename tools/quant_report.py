@@ -1,0 +1,149 @@
+"""Quantization diagnostics on a model: eps SQNR vs FP, Weight Dilation statistics (paper Table 8),
+and fake-quant vs FP forward time with a profile of what dominates.
+
+    python tools/quant_report.py --config configs/mnist.yml --out results/mnist_quant_report.json
+
+SQNR = 10 log10(E[eps_fp^2] / E[(eps_q - eps_fp)^2]) on held-out (x_t, t) from FP trajectories (other
+noise seeds than calibration), averaged over all sampling steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from ddim import load_config, make_betas  # noqa: E402
+from ddim.checkpoint import load_unet  # noqa: E402
+from ddim.sampling import initial_noise, make_sampler  # noqa: E402
+from quant.calib_data import CalibSet, collect_trajectories, random_over_steps  # noqa: E402
+from quant.calibrate import calibrate  # noqa: E402
+from quant.dilation import dilate  # noqa: E402
+from quant.layers import QuantLayer  # noqa: E402
+from quant.model import QuantModel, quant_enabled  # noqa: E402
+from quant.quantizer import fake_quant, range_to_params  # noqa: E402
+from quant.range_search import init_range, init_weight_quantizers  # noqa: E402
+from quant.settings import QuantConfig  # noqa: E402
+from tools.common import set_seed  # noqa: E402
+
+
+def draw(fp, sample, n_traj: int, n: int, seed: int, shape) -> CalibSet:
+    traj = collect_trajectories(lambda x, on_step: sample(fp, x, on_step=on_step), initial_noise(n_traj, shape, seed))
+    return random_over_steps(traj, n, torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def sqnr_db(fp, qmodel, data: CalibSet, batch: int = 128) -> float:
+    sig = err = 0.0
+    for x, t in data.batches(batch):
+        ref = fp(x, t)
+        sig += float(ref.pow(2).sum())
+        err += float((qmodel(x, t) - ref).pow(2).sum())
+    return 10 * torch.log10(torch.tensor(sig / err)).item()
+
+
+@torch.no_grad()
+def layer_inputs(qmodel: QuantModel, data: CalibSet) -> dict[str, torch.Tensor]:
+    """X/s as each QuantLayer's activation quantizer sees it, on one batch, flattened to [1, m]."""
+    seen, hooks = {}, []
+    for name, layer in qmodel.quant_layers():
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, a, name=name: seen.__setitem__(name, m.scaled_input(a[0]).flatten()[None])))
+    with quant_enabled(qmodel, weight=False, act=False):
+        qmodel(data.x, data.t)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def clip_stats(x: torch.Tensor, config: QuantConfig) -> tuple[float, float]:
+    """(Δ_x, E_clip) of an MSE-searched per-tensor quantizer on x [1, m]; E_clip = sum of squared clipping."""
+    spec = config.act_spec()
+    lo, hi = init_range(x, spec)
+    delta, zero = range_to_params(lo, hi, spec)
+    lo_q, hi_q = delta * (spec.qmin - zero), delta * (spec.qmax - zero)
+    e_clip = (x - x.clamp(float(lo_q), float(hi_q))).pow(2).sum()
+    return float(delta), float(e_clip)
+
+
+def dilation_stats(fp, config: QuantConfig, data: CalibSet) -> dict:
+    """Table 8: Δ'_w/Δ_w, E'_clip/E_clip, fraction of in-channels with s > 1, Δ'_x/Δ_x (means over layers)."""
+    plain, dilated = QuantModel(fp, config), QuantModel(fp, config)
+    scales = dilate(dilated)
+    init_weight_quantizers(plain)
+    init_weight_quantizers(dilated)
+    x_plain, x_dil = layer_inputs(plain, data), layer_inputs(dilated, data)
+    rows = []
+    for (name, a), (_, b) in zip(plain.quant_layers(), dilated.quant_layers()):
+        (dx, ec), (dx2, ec2) = clip_stats(x_plain[name], config), clip_stats(x_dil[name], config)
+        rows.append({"layer": name, "dw_ratio": float((b.w_quant.delta / a.w_quant.delta).mean()),
+                     "eclip_ratio": ec2 / ec if ec > 0 else float("nan"), "frac_s_gt_1": float((scales[name] > 1).float().mean()),
+                     "dx_ratio": dx2 / dx})
+    mean = lambda k: float(torch.tensor([r[k] for r in rows]).nanmean())  # noqa: E731
+    return {"mean": {k: mean(k) for k in ("dw_ratio", "eclip_ratio", "frac_s_gt_1", "dx_ratio")}, "layers": rows}
+
+
+@torch.no_grad()
+def forward_times(fp, qmodel, x, t, repeats: int = 5) -> dict:
+    def clock(f):
+        f()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            f()
+        return (time.perf_counter() - start) / repeats
+    fp_s, q_s = clock(lambda: fp(x, t)), clock(lambda: qmodel(x, t))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        qmodel(x, t)
+    top = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
+    return {"batch": x.shape[0], "fp_ms": 1e3 * fp_s, "fakequant_ms": 1e3 * q_s, "ratio": q_s / fp_s, "profile": top}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/mnist.yml")
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--timesteps", type=int, default=100)
+    p.add_argument("--skip_type", default="quad")
+    p.add_argument("--cali_n", type=int, default=1024)
+    p.add_argument("--bits", nargs="+", default=["8/8", "6/6", "4/4"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    set_seed(args.seed)
+    cfg = load_config(args.config)
+    fp = load_unet(cfg, args.ckpt)
+    sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, 0.0)
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    n_traj = max(16, 2 * args.cali_n // args.timesteps)
+    calib = draw(fp, sample, n_traj, args.cali_n, 100 + args.seed, shape)
+    held = draw(fp, sample, max(8, 1024 // args.timesteps), 512, 200 + args.seed, shape)
+    report = {"config": args.config, "timesteps": args.timesteps, "cali_n": args.cali_n, "sqnr_db": {}}
+    for bits in args.bits:
+        w, a = (int(v) for v in bits.split("/"))
+        config = QuantConfig(weight_bit=w, act_bit=a)
+        for label, temporal, wd in (("shared", False, False), ("tpq", True, False), ("wd+tpq", True, True)):
+            q = QuantModel(fp, QuantConfig(weight_bit=w, act_bit=a, temporal=temporal), sample.seq)
+            if wd:
+                dilate(q)
+            calibrate(q, calib)
+            report["sqnr_db"][f"W{w}A{a} {label}"] = sqnr_db(fp, q, held)
+            print(f"W{w}A{a} {label:7s} SQNR {report['sqnr_db'][f'W{w}A{a} {label}']:.2f} dB", flush=True)
+        if bits == args.bits[-1]:
+            report[f"dilation W{w}A{a}"] = dilation_stats(fp, config, CalibSet(held.x[:128], held.t[:128]))
+            print("Table 8 (means over layers):", report[f"dilation W{w}A{a}"]["mean"], flush=True)
+            x, t = held.x[:100], held.t[:100]
+            report["timing"] = forward_times(fp, q, x, t)
+            print({k: v for k, v in report["timing"].items() if k != "profile"})
+            print(report["timing"]["profile"])
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

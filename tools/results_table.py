@@ -1,0 +1,87 @@
+"""Gather <runs>/*/results.json into a markdown table and a sample-grid figure (FP vs methods).
+
+    python tools/results_table.py runs/mnist --out results/mnist.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ddim.sampling import make_grid  # noqa: E402
+
+COLUMNS = [("run", "{}"), ("method", "{}"), ("W/A", "{}"), ("FID", "{:.2f}"), ("sFID", "{:.2f}"), ("IS", "{:.2f}"),
+           ("calib s", "{:.0f}"), ("peak MB", "{:.0f}"), ("sampling s", "{:.0f}"), ("n", "{}"), ("steps", "{}")]
+
+
+def _bits(r: dict) -> str:
+    if r.get("method") == "fp":
+        return "32/32"
+    return f"{r.get('weight_bit')}/{r.get('act_bit') or 32}"
+
+
+def row(name: str, r: dict) -> list[str]:
+    values = [name, r.get("method"), _bits(r), r.get("fid"), r.get("sfid"), r.get("is"), r.get("calib_seconds"),
+              r.get("peak_mem_mb"), r.get("sampling_seconds"), r.get("n_samples"), r.get("steps")]
+    return ["n/a" if v is None else fmt.format(v) for v, (_, fmt) in zip(values, COLUMNS)]
+
+
+def collect(runs: Path) -> list[tuple[str, dict]]:
+    return [(p.parent.name, json.loads(p.read_text())) for p in sorted(runs.glob("*/results.json"))]
+
+
+def markdown(results: list[tuple[str, dict]], title: str) -> str:
+    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
+    sep = "|" + "---|" * len(COLUMNS)
+    body = ["| " + " | ".join(row(n, r)) + " |" for n, r in results]
+    note = ("IS is n/a: it needs the real Inception classifier head, which no package here ships. "
+            "peak MB: CUDA peak allocation, or on CPU the process's peak resident memory at the end of calibration.")
+    return "\n".join([f"## {title}", "", head, sep, *body, "", note, ""])
+
+
+def grid_figure(runs: Path, names: list[str], out: Path, n: int = 16) -> None:
+    """One labelled column of the first n samples per run (same seeds: image i starts from the same noise)."""
+    cols = []
+    for name in names:
+        path = runs / name / "samples.npz"
+        if not path.exists():
+            continue
+        g = make_grid(np.load(path)["arr_0"][:n]).convert("RGB")
+        canvas = Image.new("RGB", (max(g.width, 8 * len(name)), g.height + 14), "white")
+        canvas.paste(g, (0, 14))
+        ImageDraw.Draw(canvas).text((2, 1), name, fill="black")
+        cols.append(canvas)
+    if cols:
+        fig = Image.new("RGB", (sum(c.width + 6 for c in cols), max(c.height for c in cols)), "white")
+        x = 0
+        for c in cols:
+            fig.paste(c, (x, 0))
+            x += c.width + 6
+        fig.save(out)
+
+
+def write_report(runs: Path, out: Path, title: str) -> Path:
+    results = collect(runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown(results, title))
+    grid_figure(runs, [n for n, _ in results], out.with_suffix(".png"))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    print(write_report(Path(args.runs), Path(args.out), args.title or args.runs).read_text())
+
+
+if __name__ == "__main__":
+    main()
