@@ -20,6 +20,7 @@ from quant.methods import QuantMode
 from quant.distill import DistillConfig
 from quant.methods.baseline import quantize_baseline
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
+from quant.methods.qdiff import QDiffConfig, quantize_qdiff, reconstruct_activations
 from quant.settings import QuantConfig
 from tools.common import pick_device, set_seed
 
@@ -57,11 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cali_st", type=int, default=20, help="qdiff: number of evenly spaced calibration steps")
     q.add_argument("--cali_batch_size", type=int, default=64)
     q.add_argument("--cali_data_path", default=None, help="a saved calibration set (calib.pt) to use")
+    r = p.add_argument_group("qdiff (BRECQ reconstruction with AdaRound)")
+    r.add_argument("--cali_iters_a", type=int, default=QDiffConfig.act_iters, help="activation-step iterations per block")
+    r.add_argument("--cali_lr", type=float, default=QDiffConfig.act_lr, help="activation-step learning rate")
+    r.add_argument("--cali_p", type=float, default=QDiffConfig.lp, help="norm of the activation range search")
+    r.add_argument("--running_stat", action="store_true", help="running min/max activation ranges")
+    r.add_argument("--resume", action="store_true", help="with --cali_ckpt: use the calibrated model as is")
+    r.add_argument("--resume_w", action="store_true",
+                   help="with --cali_ckpt: keep its quantized weights, recalibrate the activations")
     d = p.add_argument_group("dilatequant (Table 3 switches: --no-wd, --no-tpq, --no-bkd)")
     d.add_argument("--wd", action=argparse.BooleanOptionalAction, default=True, help="Weight Dilation")
     d.add_argument("--tpq", action=argparse.BooleanOptionalAction, default=True, help="Temporal Parallel Quantizer")
     d.add_argument("--bkd", action=argparse.BooleanOptionalAction, default=True, help="Block-wise Knowledge Distillation")
-    d.add_argument("--cali_iters", type=int, default=DistillConfig.iters, help="distillation iterations per block")
+    d.add_argument("--cali_iters", type=int, default=DistillConfig.iters,
+                   help="iterations per block: distillation (dilatequant) or AdaRound (qdiff)")
     d.add_argument("--distill_batch_size", type=int, default=DistillConfig.batch_size)
     d.add_argument("--lr_weight", type=float, default=DistillConfig.lr_weight)
     d.add_argument("--lr_quant", type=float, default=DistillConfig.lr_quant)
@@ -77,6 +87,11 @@ def dilatequant_config(args) -> DilateQuantConfig:
     distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
                             lr_quant=args.lr_quant, seed=args.seed)
     return DilateQuantConfig(weight_dilation=args.wd, temporal=args.tpq, distillation=args.bkd, distill=distill)
+
+
+def qdiff_settings(args) -> QDiffConfig:
+    return QDiffConfig(weight_iters=args.cali_iters, act_iters=args.cali_iters_a, act_lr=args.cali_lr, lp=args.cali_p,
+                       running_stat=args.running_stat, batch_size=args.distill_batch_size, seed=args.seed)
 
 
 def method_name(args) -> str:
@@ -109,11 +124,15 @@ def quantize(fp, sample, args, logdir: Path, device):
     """Load --cali_ckpt, or calibrate by --quant_mode and save <logdir>/quantized.pt. -> (model, record)."""
     record = {"method": method_name(args), "weight_bit": args.weight_bit,
               "act_bit": args.act_bit if args.quant_act else None}
-    if args.cali_ckpt:
+    if args.resume and not args.cali_ckpt:
+        raise SystemExit("--resume needs --cali_ckpt (the calibrated checkpoint to resume from)")
+    if args.resume_w and not (args.cali_ckpt and args.quant_mode == QuantMode.QDIFF.value):
+        raise SystemExit("--resume_w needs --quant_mode qdiff and --cali_ckpt")
+    if args.cali_ckpt and not args.resume_w:
         qmodel, _ = load_quantized(args.cali_ckpt, fp.cpu())
         return qmodel.to(device).eval(), record | {"calib_seconds": None, "peak_mem_mb": None}
     config, mode = quant_config(args), QuantMode(args.quant_mode)
-    needs_data = config.quant_act or (mode is QuantMode.DILATEQUANT and args.bkd)
+    needs_data = config.quant_act or mode is QuantMode.QDIFF or (mode is QuantMode.DILATEQUANT and args.bkd)
     reset_peak_memory(device)
     with timer() as t:
         calib = calibration_set(fp, sample, args, logdir, device) if needs_data else None
@@ -122,8 +141,11 @@ def quantize(fp, sample, args, logdir: Path, device):
         elif mode is QuantMode.DILATEQUANT:
             qmodel = quantize_dilatequant(fp, config, sample.seq, calib, dilatequant_config(args), logdir,
                                           batch_size=args.cali_batch_size, seed=args.seed)
+        elif args.resume_w:
+            qmodel, _ = load_quantized(args.cali_ckpt, fp)
+            reconstruct_activations(qmodel.to(device), fp, calib, qdiff_settings(args), logdir, args.cali_batch_size)
         else:
-            raise SystemExit(f"--quant_mode {mode.value} is not available yet; use baseline or dilatequant")
+            qmodel = quantize_qdiff(fp, config, calib, qdiff_settings(args), logdir, batch_size=args.cali_batch_size)
     save_quantized(logdir / "quantized.pt", qmodel, record["method"], timesteps=args.timesteps,
                    skip_type=args.skip_type)
     return qmodel.eval(), record | {"calib_seconds": t["seconds"], "peak_mem_mb": peak_memory_mb(device)}

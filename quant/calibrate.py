@@ -14,16 +14,23 @@ from quant.layers import QuantLayer
 from quant.model import QuantModel, quant_enabled
 from quant.quantizer import ActQuantizer
 from quant.range_search import init_range, init_weight_quantizers
+from quant.settings import RangeInit
 
 
 class SlotObserver:
-    """Per-slot exact min/max and a bounded random subsample of the values an activation quantizer sees."""
+    """Per-slot exact min/max, running-average min/max (momentum `momentum` over batches) and a bounded
+    random subsample of the values an activation quantizer sees."""
 
-    def __init__(self, n_slots: int, max_values: int, generator: torch.Generator):
-        self.n_slots, self.max_values, self.gen = n_slots, max_values, generator
+    def __init__(self, n_slots: int, max_values: int, generator: torch.Generator, momentum: float = 0.95):
+        self.n_slots, self.max_values, self.gen, self.momentum = n_slots, max_values, generator, momentum
         self.lo = torch.full((n_slots,), float("inf"))
         self.hi = torch.full((n_slots,), float("-inf"))
+        self.run_lo = torch.full((n_slots,), float("nan"))
+        self.run_hi = torch.full((n_slots,), float("nan"))
         self.values: list[list[torch.Tensor]] = [[] for _ in range(n_slots)]
+
+    def _running(self, old: torch.Tensor, s: int, new: float) -> None:
+        old[s] = new if torch.isnan(old[s]) else self.momentum * old[s] + (1 - self.momentum) * new
 
     def _keep(self, v: torch.Tensor, k: int) -> torch.Tensor:
         return v if v.numel() <= k else v[torch.randint(0, v.numel(), (k,), generator=self.gen)]
@@ -35,6 +42,8 @@ class SlotObserver:
             v = x[row_slots.cpu() == s].flatten()
             self.lo[s] = min(self.lo[s], v.min())
             self.hi[s] = max(self.hi[s], v.max())
+            self._running(self.run_lo, s, float(v.min()))
+            self._running(self.run_hi, s, float(v.max()))
             self.values[s].append(self._keep(v, self.max_values))
 
     def ranges(self, quantizer: ActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +57,9 @@ class SlotObserver:
         for s in range(self.n_slots):
             v = pooled[seen.index(s)] if s in seen else everything
             rows.append(v[torch.randint(0, v.numel(), (self.max_values,), generator=self.gen)])
-        lo = torch.where(torch.isfinite(self.lo), self.lo, everything.min())
-        hi = torch.where(torch.isfinite(self.hi), self.hi, everything.max())
+        lo, hi = (self.run_lo, self.run_hi) if quantizer.spec.init is RangeInit.RUNNING else (self.lo, self.hi)
+        lo = torch.where(torch.isfinite(lo), lo, everything.min())
+        hi = torch.where(torch.isfinite(hi), hi, everything.max())
         return init_range(torch.stack(rows), quantizer.spec, lo, hi)  # [T, m] -> ([T], [T])
 
 

@@ -1,14 +1,16 @@
-"""Block-wise Knowledge Distillation (paper §4.3, eq. 17; SPEC §4), resumable block by block.
+"""Block-wise reconstruction, resumable unit by unit: DilateQuant's BKD and Q-Diffusion's BRECQ.
 
 Unit k of the quantized model is trained to match the FP unit k's output, its input taken from the
-already-quantized chain: MSE(B_k∘…∘B_1(x), B̂_k∘…∘B̂_1(x)). Weights, Δ_w and the per-timestep Δ_x, z_x are
-trained together on mixed-timestep batches (TPQ gathers each sample's own step parameters).
+already-quantized chain: MSE(B_k∘…∘B_1(x), B̂_k∘…∘B̂_1(x))  (paper eq. 17; SPEC §4). What is trained is an
+`Objective`: BKD trains weights, Δ_w and the per-timestep Δ_x, z_x together on mixed-timestep batches
+(`DistillObjective`); Q-Diffusion's passes train AdaRound rounding or activation steps (`quant/methods/qdiff.py`).
 Only one unit's graph lives at a time; its inputs and targets are cached on the CPU.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -86,6 +88,19 @@ def cache_unit_io(qmodel: QuantModel, fp_model: nn.Module, unit: str, calib: Cal
     return UnitData([torch.cat(a) for a in zip(*args)], torch.cat(targets), calib.t.clone())
 
 
+class Objective(Protocol):
+    """What one unit's reconstruction trains, and how."""
+
+    def prepare(self, unit: nn.Module) -> list[dict]:
+        """Install anything temporary; return Adam parameter groups (empty: nothing to train)."""
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor, it: int, iters: int) -> torch.Tensor:
+        """The training loss at iteration `it` of `iters`."""
+
+    def finish(self, unit: nn.Module) -> None:
+        """Make the trained state final (e.g. hard rounding) and remove anything temporary."""
+
+
 def unit_param_groups(unit: nn.Module, cfg: DistillConfig) -> list[dict]:
     """Weights/biases at lr_weight, quantizer parameters (Δ_w, z_w, Δ_x, z_x) at lr_quant."""
     weights, quant = [], []
@@ -97,6 +112,22 @@ def unit_param_groups(unit: nn.Module, cfg: DistillConfig) -> list[dict]:
             quant += [p for q in m.a_quant for p in q.parameters()]
     groups = [{"params": weights, "lr": cfg.lr_weight}, {"params": quant, "lr": cfg.lr_quant}]
     return [g for g in groups if g["params"] and g["lr"] > 0]
+
+
+class DistillObjective:
+    """BKD: weights, Δ_w, Δ_x and z_x trained together on the unit's MSE."""
+
+    def __init__(self, cfg: DistillConfig):
+        self.cfg = cfg
+
+    def prepare(self, unit: nn.Module) -> list[dict]:
+        return unit_param_groups(unit, self.cfg)
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor, it: int, iters: int) -> torch.Tensor:
+        return F.mse_loss(out, target)
+
+    def finish(self, unit: nn.Module) -> None:
+        pass
 
 
 @torch.no_grad()
@@ -111,33 +142,33 @@ def unit_loss(qmodel: QuantModel, module: nn.Module, data: UnitData, batch_size:
     return total / data.target.numel()
 
 
-def train_unit(qmodel: QuantModel, unit: str, data: UnitData, cfg: DistillConfig, seed: int,
+def train_unit(qmodel: QuantModel, unit: str, data: UnitData, objective: Objective, cfg: DistillConfig, seed: int,
                desc: str = "") -> dict:
-    """Adam on the unit's MSE to its FP targets (eq. 17) with mixed-timestep batches.
+    """Adam on `objective` for cfg.iters mixed-timestep batches of the unit's cached data.
 
-    Returns the loss over all cached samples before and after. If training made the unit worse (too
-    high a learning rate for it, say), its initial state is restored and `kept_initial` is set.
+    Returns the MSE over all cached samples before and after. If the unit ends worse than it started
+    (too high a learning rate for it, say), its initial state is restored and `kept_initial` is set.
     """
     module = qmodel.model.get_submodule(unit)
-    groups = unit_param_groups(module, cfg)
     before = unit_loss(qmodel, module, data, cfg.cache_batch_size)
-    if not groups or cfg.iters == 0:
-        return {"loss_before": before, "loss_after": before, "kept_initial": False}
     initial = {k: v.clone() for k, v in module.state_dict().items()}
-    device = next(qmodel.parameters()).device
-    opt = torch.optim.Adam(groups)
-    gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(cfg.iters), desc=desc, dynamic_ncols=True, leave=False)
-    for it in bar:
-        idx = torch.randint(0, len(data.t), (cfg.batch_size,), generator=gen)
-        args, target, t = data.batch(idx, device)
-        with qmodel.steps.active(qmodel.steps.lookup(t)):
-            loss = F.mse_loss(module(*args), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if it % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3e}")
+    groups = objective.prepare(module)
+    if groups and cfg.iters > 0:
+        device = next(qmodel.parameters()).device
+        opt = torch.optim.Adam(groups)
+        gen = torch.Generator().manual_seed(seed)
+        bar = tqdm(range(cfg.iters), desc=desc, dynamic_ncols=True, leave=False)
+        for it in bar:
+            idx = torch.randint(0, len(data.t), (cfg.batch_size,), generator=gen)
+            args, target, t = data.batch(idx, device)
+            with qmodel.steps.active(qmodel.steps.lookup(t)):
+                loss = objective.loss(module(*args), target, it, cfg.iters)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if it % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3e}")
+    objective.finish(module)
     after = unit_loss(qmodel, module, data, cfg.cache_batch_size)
     if after > before:
         module.load_state_dict(initial)
@@ -149,29 +180,35 @@ def _unit_state(qmodel: QuantModel, unit: str) -> dict:
     return {k: v.clone() for k, v in qmodel.state_dict().items() if k.startswith(prefix)}
 
 
-def distill(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, cfg: DistillConfig,
-            run_dir: Path) -> list[dict]:
-    """Distill every unit in forward order; unit k is saved to run_dir/unit_{k:02d}.pt when done and
+def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, objective: Objective, cfg: DistillConfig,
+                run_dir: Path) -> list[dict]:
+    """Reconstruct every unit in forward order; unit k is saved to run_dir/unit_{k:02d}.pt when done and
     reloaded (not retrained) by a rerun, so an interrupted run resumes from its last finished unit."""
     run_dir.mkdir(parents=True, exist_ok=True)
     fp_model.eval()
     qmodel.eval()                                            # dropout off; parameters still train
     units = qmodel.adapter.units(qmodel.model)
     log = []
-    for k, unit in enumerate(tqdm(units, desc="distill units", dynamic_ncols=True)):
+    for k, unit in enumerate(tqdm(units, desc=f"reconstruct units ({run_dir.name})", dynamic_ncols=True)):
         path = run_dir / f"unit_{k:02d}.pt"
         if path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=True)
             problem = state_dict_mismatch(_unit_state(qmodel, unit), saved["state"])
             if problem:
-                raise ValueError(f"{path} was distilled for another model or setting ({problem}); "
+                raise ValueError(f"{path} was made for another model or setting ({problem}); "
                                  f"delete {run_dir} or use another --logdir")
             qmodel.load_state_dict(saved["state"], strict=False)
             log.append(saved["log"])
             continue
         data = cache_unit_io(qmodel, fp_model, unit, calib, cfg.cache_batch_size)
-        entry = {"unit": unit} | train_unit(qmodel, unit, data, cfg, seed=cfg.seed * 1000 + k, desc=f"[{k}] {unit}")
+        entry = {"unit": unit} | train_unit(qmodel, unit, data, objective, cfg, seed=cfg.seed * 1000 + k,
+                                            desc=f"[{k}] {unit}")
         torch.save({"state": _unit_state(qmodel, unit), "log": entry}, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
         log.append(entry)
     return log
+
+
+def distill(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, cfg: DistillConfig, run_dir: Path) -> list[dict]:
+    """DilateQuant's Block-wise Knowledge Distillation (eq. 17)."""
+    return reconstruct(qmodel, fp_model, calib, DistillObjective(cfg), cfg, run_dir)

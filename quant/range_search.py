@@ -30,7 +30,7 @@ def init_range(x: torch.Tensor, spec: QuantizerSpec, lo: torch.Tensor | None = N
     """Range per row of x [n, m] by spec.init; lo/hi default to the rows' own min/max."""
     lo = x.min(dim=1).values if lo is None else lo
     hi = x.max(dim=1).values if hi is None else hi
-    if spec.init is RangeInit.MINMAX:
+    if spec.init in (RangeInit.MINMAX, RangeInit.RUNNING):  # RUNNING: lo/hi are the running averages
         return lo, hi
     return lp_search(x, lo, hi, spec)
 

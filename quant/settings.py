@@ -18,9 +18,11 @@ class Signedness(Enum):
 
 
 class RangeInit(Enum):
-    """How a quantizer's range is initialised: min-max (no clipping) or an Lp-error search."""
+    """How a quantizer's range is initialised: min-max (no clipping), an Lp-error search, or (activations
+    only) a running average of per-batch min/max (Q-Diffusion's `--running_stat`)."""
     MINMAX = "minmax"
     MSE = "mse"
+    RUNNING = "running"
 
 
 ALLOWED_BITS = frozenset(range(2, 9)) | {16}
@@ -75,8 +77,11 @@ class QuantConfig:
     act_init: RangeInit = RangeInit.MSE
     temporal: bool = False
     split: bool = False
+    lp: float = 2.0  # norm of the range search (Q-Diffusion/BRECQ: 2.4, `--cali_p`)
 
     def __post_init__(self):
+        if self.weight_init is RangeInit.RUNNING:
+            raise ValueError("running min/max is an activation range rule; weights use minmax or mse")
         check_bits(self.weight_bit, "weight_bit")
         if self.act_bit is not None:
             check_bits(self.act_bit, "act_bit")
@@ -89,14 +94,15 @@ class QuantConfig:
         return self.act_bit is not None
 
     def weight_spec(self, edge: bool = False) -> QuantizerSpec:
-        return QuantizerSpec(self.first_last_bit if edge else self.weight_bit, Signedness.ASYMMETRIC, self.weight_init)
+        return QuantizerSpec(self.first_last_bit if edge else self.weight_bit, Signedness.ASYMMETRIC, self.weight_init,
+                             self.lp)
 
     def act_spec(self, edge: bool = False) -> QuantizerSpec:
         sign = Signedness.SYMMETRIC if self.a_sym else Signedness.ASYMMETRIC
-        return QuantizerSpec(self.first_last_bit if edge else self.act_bit, sign, self.act_init)
+        return QuantizerSpec(self.first_last_bit if edge else self.act_bit, sign, self.act_init, self.lp)
 
     def softmax_spec(self) -> QuantizerSpec:
-        return QuantizerSpec(self.sm_abit or self.act_bit, Signedness.UNSIGNED, self.act_init)
+        return QuantizerSpec(self.sm_abit or self.act_bit, Signedness.UNSIGNED, self.act_init, self.lp)
 
     def to_dict(self) -> dict:
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}

@@ -6,7 +6,7 @@ from ddim.config import DiffusionConfig
 from quant import distill as distill_mod
 from quant.calib_data import collect_trajectories, random_over_steps
 from quant.calibrate import calibrate
-from quant.distill import DistillConfig, cache_unit_io, distill, train_unit
+from quant.distill import DistillConfig, DistillObjective, cache_unit_io, distill, train_unit
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
 from quant.model import QuantModel
 from quant.settings import QuantConfig
@@ -42,8 +42,8 @@ def test_distilling_one_block_lowers_its_loss(tiny_unet, calib):
     data = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16)
     with torch.no_grad(), q.steps.active(q.steps.lookup(data.t)):
         before = float((q.model.mid.block_1(*data.args) - data.target).pow(2).mean())
-    log = train_unit(q, "mid.block_1", data, DistillConfig(iters=100, batch_size=16, lr_weight=1e-4, lr_quant=1e-4),
-                     seed=0)
+    cfg = DistillConfig(iters=100, batch_size=16, lr_weight=1e-4, lr_quant=1e-4)
+    log = train_unit(q, "mid.block_1", data, DistillObjective(cfg), cfg, seed=0)
     assert log["loss_before"] == pytest.approx(before, rel=1e-5)
     assert log["loss_after"] < 0.95 * before and not log["kept_initial"]
 
@@ -52,7 +52,8 @@ def test_a_unit_made_worse_by_training_keeps_its_initial_state(tiny_unet, calib)
     q = w4a4(tiny_unet, calib)
     data = cache_unit_io(q, tiny_unet, "conv_out", calib, 16)
     initial = {k: v.clone() for k, v in q.model.conv_out.state_dict().items()}
-    log = train_unit(q, "conv_out", data, DistillConfig(iters=30, batch_size=16, lr_weight=1.0, lr_quant=1.0), seed=0)
+    cfg = DistillConfig(iters=30, batch_size=16, lr_weight=1.0, lr_quant=1.0)
+    log = train_unit(q, "conv_out", data, DistillObjective(cfg), cfg, seed=0)
     assert log["kept_initial"] and log["loss_after"] == log["loss_before"]
     assert all(torch.equal(v, q.model.conv_out.state_dict()[k]) for k, v in initial.items())
 

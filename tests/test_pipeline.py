@@ -81,3 +81,15 @@ def test_quantized_model_refuses_other_sampling_schedule(tiny_task, tmp_path):
 def test_missing_fid_reference_is_a_clear_error(tiny_task, tmp_path):
     with pytest.raises(SystemExit, match="--ref"):
         run(tiny_task, tmp_path / "x", "--max_images", "2")
+
+
+def test_qdiff_runs_end_to_end_and_resumes_weights(tiny_task, tmp_path):
+    q = ["--ptq", "--quant_mode", "qdiff", "--weight_bit", "4", "--quant_act", "--act_bit", "8", "--split", "--a_sym",
+         "--cali_n", "4", "--cali_st", "3", "--cali_iters", "2", "--cali_iters_a", "2", "--distill_batch_size", "4",
+         "--no_fid"]
+    rec = run(tiny_task, tmp_path / "qd", *q)
+    assert rec["method"] == "qdiff" and (tmp_path / "qd" / "recon_w").is_dir() and (tmp_path / "qd" / "recon_a").is_dir()
+    again = run(tiny_task, tmp_path / "qd_w", *q, "--resume_w", "--cali_ckpt", str(tmp_path / "qd" / "quantized.pt"))
+    assert again["calib_seconds"] > 0 and not (tmp_path / "qd_w" / "recon_w").exists()
+    with pytest.raises(SystemExit, match="--cali_ckpt"):
+        run(tiny_task, tmp_path / "bad", *q, "--resume")
