@@ -11,7 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DILATEQUANT_CACHE", tempfile.mkdtemp(prefix="dq-test-cache-"))
 sys.path.insert(0, str(ROOT))
 
-from ddim import UNet, UNetConfig  # noqa: E402
+from ddim import UNet, UNetConfig, ddim_sample, make_betas, timestep_sequence  # noqa: E402
+from ddim.config import DiffusionConfig  # noqa: E402
+from quant.calib_data import Trajectories, collect_trajectories  # noqa: E402
+
+BETAS = make_betas(DiffusionConfig())
+TINY_SEQ = timestep_sequence(1000, 6, "quad")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -27,3 +32,10 @@ def tiny_unet_config(**kw) -> UNetConfig:
 def tiny_unet() -> UNet:
     torch.manual_seed(0)
     return UNet(tiny_unet_config()).eval()
+
+
+@pytest.fixture
+def tiny_trajectories(tiny_unet) -> Trajectories:
+    """Every (x_t, t) of 8 DDIM trajectories (6 quad steps) of the tiny model."""
+    x_T = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    return collect_trajectories(lambda x, on_step: ddim_sample(tiny_unet, x, TINY_SEQ, BETAS, on_step=on_step), x_T)

@@ -1,25 +1,22 @@
 import pytest
 import torch
 
-from ddim import ddim_sample, make_betas, timestep_sequence
-from ddim.config import DiffusionConfig
+from conftest import TINY_SEQ
+
 from quant import distill as distill_mod
-from quant.calib_data import collect_trajectories, random_over_steps
+from quant.calib_data import random_over_steps
 from quant.calibrate import calibrate
 from quant.distill import DistillConfig, DistillObjective, cache_unit_io, distill, train_unit
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
 from quant.model import QuantModel
 from quant.settings import QuantConfig
 
-BETAS = make_betas(DiffusionConfig())
-SEQ = timestep_sequence(1000, 6, "quad")
+SEQ = TINY_SEQ
 
 
 @pytest.fixture
-def calib(tiny_unet):
-    x_T = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    tr = collect_trajectories(lambda x, on_step: ddim_sample(tiny_unet, x, SEQ, BETAS, on_step=on_step), x_T)
-    return random_over_steps(tr, 32, torch.Generator().manual_seed(0))
+def calib(tiny_trajectories):
+    return random_over_steps(tiny_trajectories, 32, torch.Generator().manual_seed(0))
 
 
 def w4a4(tiny_unet, calib):

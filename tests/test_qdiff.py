@@ -1,12 +1,10 @@
 import pytest
 import torch
 
-from conftest import ROOT
-from ddim import ddim_sample, make_betas, timestep_sequence
-from ddim.config import DiffusionConfig
+from conftest import ROOT, TINY_SEQ
 from experiments.ddim_task import build_parser
 from quant import adaround
-from quant.calib_data import collect_trajectories, evenly_spaced_steps
+from quant.calib_data import evenly_spaced_steps
 from quant.checkpoint import load_quantized, save_quantized
 from quant.distill import DistillConfig, cache_unit_io, train_unit
 from quant.methods.qdiff import AdaRoundObjective, QDiffConfig, qdiff_config, quantize_qdiff
@@ -14,15 +12,12 @@ from quant.model import QuantModel, quant_enabled
 from quant.range_search import init_weight_quantizers
 from quant.settings import QuantConfig
 
-BETAS = make_betas(DiffusionConfig())
-SEQ = timestep_sequence(1000, 6, "quad")
+SEQ = TINY_SEQ
 
 
 @pytest.fixture
-def calib(tiny_unet):
-    x_T = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    tr = collect_trajectories(lambda x, on_step: ddim_sample(tiny_unet, x, SEQ, BETAS, on_step=on_step), x_T)
-    return evenly_spaced_steps(tr, 8, 3, torch.Generator().manual_seed(0))
+def calib(tiny_trajectories):
+    return evenly_spaced_steps(tiny_trajectories, 8, 3, torch.Generator().manual_seed(0))
 
 
 def on_grid(layer) -> bool:
