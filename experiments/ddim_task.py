@@ -17,6 +17,7 @@ from experiments.runtime import peak_memory_mb, reset_peak_memory, save_args, ti
 from quant.calib_data import CalibSet, collect_trajectories, evenly_spaced_steps, random_over_steps
 from quant.checkpoint import load_quantized, save_quantized
 from quant.methods import QuantMode
+from quant.dilation import Scaling
 from quant.distill import DistillConfig
 from quant.methods.baseline import quantize_baseline
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--wd", action=argparse.BooleanOptionalAction, default=True, help="Weight Dilation")
     d.add_argument("--tpq", action=argparse.BooleanOptionalAction, default=True, help="Temporal Parallel Quantizer")
     d.add_argument("--bkd", action=argparse.BooleanOptionalAction, default=True, help="Block-wise Knowledge Distillation")
+    d.add_argument("--scaling", default=Scaling.WEIGHT_DILATION.value, choices=[m.value for m in Scaling],
+                   help="equivalent scaling rule for --wd (Table 9: wd, smoothquant, awq)")
     d.add_argument("--cali_iters", type=int, default=DistillConfig.iters,
                    help="iterations per block: distillation (dilatequant) or AdaRound (qdiff)")
     d.add_argument("--distill_batch_size", type=int, default=DistillConfig.batch_size)
@@ -86,7 +89,8 @@ def quant_config(args) -> QuantConfig:
 def dilatequant_config(args) -> DilateQuantConfig:
     distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
                             lr_quant=args.lr_quant, seed=args.seed)
-    return DilateQuantConfig(weight_dilation=args.wd, temporal=args.tpq, distillation=args.bkd, distill=distill)
+    return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
+                             distillation=args.bkd, distill=distill)
 
 
 def qdiff_settings(args) -> QDiffConfig:
@@ -96,9 +100,12 @@ def qdiff_settings(args) -> QDiffConfig:
 
 def method_name(args) -> str:
     """'dilatequant', or e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row."""
-    if args.quant_mode != QuantMode.DILATEQUANT.value or (args.wd and args.tpq and args.bkd):
+    if args.quant_mode != QuantMode.DILATEQUANT.value:
         return args.quant_mode
-    parts = [n for n, on in (("wd", args.wd), ("tpq", args.tpq), ("bkd", args.bkd)) if on]
+    if args.wd and args.tpq and args.bkd and args.scaling == Scaling.WEIGHT_DILATION.value:
+        return args.quant_mode
+    scaling = "wd" if args.scaling == Scaling.WEIGHT_DILATION.value else args.scaling
+    parts = [n for n, on in ((scaling, args.wd), ("tpq", args.tpq), ("bkd", args.bkd)) if on]
     return f"dilatequant[{','.join(parts) or 'none'}]"
 
 

@@ -1,17 +1,37 @@
-"""Weight Dilation (paper §4.1, eq. 5, 12-14; SPEC §3): Y = (X/s)(s·W) with s >= 1 from the weights alone.
+"""Equivalent scaling Y = (X/s)(s·W) (paper eq. 5): Weight Dilation and the alternatives of Table 9.
 
-For each out-channel o the in-channels holding its max and its min form the protected set A (s = 1).
-Every other in-channel k is dilated as far as all out-channels allow:
+Weight Dilation (paper §4.1, eq. 12-14; SPEC §3) takes s >= 1 from the weights alone. For each out-channel
+o the in-channels holding its max and its min form the protected set A (s = 1). Every other in-channel k
+is dilated as far as all out-channels allow:
     s_k = min( min_{o: W[o,k]>0} Wmax_o / W[o,k],  min_{o: W[o,k]<0} Wmin_o / W[o,k] )
 so every out-channel's max and min, hence its min-max Δ_w, are unchanged while X/s shrinks.
+
+Alternatives (`Scaling`), which need activation statistics from calibration data:
+- SMOOTHQUANT: s_k = max|X_k|^α / max|W_k|^(1-α), α = 0.5 (Xiao et al. 2023), on every channel;
+- AWQ: s_k = mean|X_k|^α on the top 1% most salient channels (by mean|X_k|), 1 elsewhere, α from a grid
+  minimising the group's weight-quantized output error (Lin et al. 2024).
 """
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from quant.calib_data import CalibSet
 from quant.layers import QuantLayer
-from quant.model import QuantModel
+from quant.model import QuantModel, quant_enabled
+from quant.quantizer import fake_quant, range_to_params
+
+
+class Scaling(Enum):
+    WEIGHT_DILATION = "wd"
+    SMOOTHQUANT = "smoothquant"
+    AWQ = "awq"
+
+
+NEEDS_DATA = {Scaling.SMOOTHQUANT, Scaling.AWQ}
 
 
 def dilation_scale(w: torch.Tensor) -> torch.Tensor:
@@ -31,20 +51,108 @@ def dilation_scale(w: torch.Tensor) -> torch.Tensor:
     return s.clamp_min(1.0).to(torch.float32)
 
 
+def smoothquant_scale(w: torch.Tensor, x_absmax: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """s_k = max|X_k|^α / max_o |W[o,k]|^(1-α)  ([C_out, C_in, ...], [C_in] -> [C_in])."""
+    w_absmax = w.detach().transpose(0, 1).flatten(1).abs().amax(1)
+    s = x_absmax.clamp_min(1e-5) ** alpha / w_absmax.clamp_min(1e-5) ** (1 - alpha)
+    return s.clamp_min(1e-5).float()
+
+
+def _weight_quant_error(layers: list[QuantLayer], x: torch.Tensor, s: torch.Tensor) -> float:
+    """Σ over the group of ||op(x/s, Q(s·W)) - op(x, W)||² with per-out-channel min-max Q at the layer's bits."""
+    err = 0.0
+    for layer in layers:
+        shape = (1, -1) + (1,) * (layer.weight.dim() - 2)
+        ws = layer.weight * s.view(shape)
+        flat = ws.flatten(1)
+        delta, zero = range_to_params(flat.amin(1), flat.amax(1), layer.w_quant.spec)
+        view = (-1,) + (1,) * (ws.dim() - 1)
+        wq = fake_quant(ws, delta.view(view), zero.view(view), layer.w_quant.spec.qmin, layer.w_quant.spec.qmax)
+        xs = x / s.view((1, -1, 1, 1) if layer.conv_args else (-1,))
+        if layer.conv_args:
+            y, ref = F.conv2d(xs, wq, None, **layer.conv_args), F.conv2d(x, layer.weight, None, **layer.conv_args)
+        else:
+            y, ref = F.linear(xs, wq), F.linear(x, layer.weight)
+        err += float((y - ref).pow(2).sum())
+    return err
+
+
+def awq_scale(layers: list[QuantLayer], x: torch.Tensor, x_absmean: torch.Tensor, top: float = 0.01,
+              grid: int = 11) -> torch.Tensor:
+    """Scale only the most salient in-channels by mean|X_k|^α, α from a grid (α = 0 is no scaling)."""
+    k = max(1, round(top * len(x_absmean)))
+    salient = x_absmean.topk(k).indices
+    best, best_err = torch.ones_like(x_absmean), _weight_quant_error(layers, x, torch.ones_like(x_absmean))
+    for alpha in torch.linspace(0.1, 1.0, grid - 1).tolist():
+        s = torch.ones_like(x_absmean)
+        s[salient] = x_absmean[salient].clamp_min(1e-5) ** alpha
+        s = s / s[salient].mean().sqrt()                     # keep the scaled channels around unit size
+        err = _weight_quant_error(layers, x, s)
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+@torch.no_grad()
+def layer_input_stats(qmodel: QuantModel, calib: CalibSet, batch_size: int = 64,
+                      keep: int = 64) -> dict[str, dict[str, torch.Tensor]]:
+    """Per QuantLayer: per-in-channel max|X| and mean|X| over `calib`, and the inputs of the first `keep`
+    samples (for searches). Inputs are FP activations (quantization off)."""
+    stats, hooks = {}, []
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach()
+            dims = [d for d in range(x.dim()) if d != (1 if mod.conv_args else x.dim() - 1)]
+            st = stats.setdefault(name, {"absmax": 0, "abssum": 0, "count": 0, "x": []})
+            st["absmax"] = torch.maximum(torch.as_tensor(st["absmax"]), x.abs().amax(dims))
+            st["abssum"] = st["abssum"] + x.abs().sum(dims)
+            st["count"] += x.numel() // x.shape[1 if mod.conv_args else -1]
+            if sum(len(v) for v in st["x"]) < keep:
+                st["x"].append(x[:keep])
+        return fn
+
+    for name, layer in qmodel.quant_layers():
+        hooks.append(layer.register_forward_pre_hook(hook(name)))
+    try:
+        with quant_enabled(qmodel, weight=False, act=False):
+            for x, t in calib.batches(batch_size):
+                qmodel(x, t)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: {"absmax": st["absmax"], "absmean": st["abssum"] / st["count"], "x": torch.cat(st["x"])[:keep]}
+            for n, st in stats.items()}
+
+
 def _fold_into_norm(norm: nn.GroupNorm | nn.LayerNorm, s: torch.Tensor) -> None:
     """norm(x)/s exactly: the affine weight and bias of each channel are divided by s."""
     norm.weight.div_(s)
     norm.bias.div_(s)
 
 
+def group_scale(method: Scaling, layers: list[QuantLayer], stats: dict | None) -> torch.Tensor:
+    """s [C_in] for layers sharing one input (their weights stacked over out-channels)."""
+    w = torch.cat([layer.weight for layer in layers], dim=0)
+    if method is Scaling.WEIGHT_DILATION:
+        return dilation_scale(w)
+    if method is Scaling.SMOOTHQUANT:
+        return smoothquant_scale(w, stats["absmax"])
+    return awq_scale(layers, stats["x"], stats["absmean"])
+
+
 @torch.no_grad()
-def dilate(qmodel: QuantModel) -> dict[str, torch.Tensor]:
-    """Apply WD to every QuantLayer of qmodel (FP weights, before calibration); returns s per layer.
+def dilate(qmodel: QuantModel, method: Scaling = Scaling.WEIGHT_DILATION,
+           calib: CalibSet | None = None) -> dict[str, torch.Tensor]:
+    """Apply equivalent scaling to every QuantLayer of qmodel (FP weights, before calibration); returns s.
 
     Layers reading one tensor (adapter.shared_inputs, e.g. q/k/v) share one s computed on their
     concatenated weights; where the adapter names the affine norm producing that tensor, 1/s is folded
     into it, otherwise X/s happens inside the layer's activation quantizer (QuantLayer.in_scale).
     """
+    if method in NEEDS_DATA and calib is None:
+        raise ValueError(f"--scaling {method.value} needs calibration data (activation statistics)")
+    stats = layer_input_stats(qmodel, calib) if method in NEEDS_DATA else {}
     layers = dict(qmodel.quant_layers())
     groups = {g: None for g in qmodel.adapter.shared_inputs(qmodel.model)}
     producers = qmodel.adapter.norm_producers(qmodel.model)
@@ -52,11 +160,10 @@ def dilate(qmodel: QuantModel) -> dict[str, torch.Tensor]:
     groups.update({(name,): None for name in layers if name not in grouped})
     scales = {}
     for group in groups:
-        w = torch.cat([layers[n].weight for n in group], dim=0)          # shared input: stack out-channels
-        s = dilation_scale(w)
+        s = group_scale(method, [layers[n] for n in group], stats.get(group[0]))
         producer = producers.get(group)
         if producer is not None:
-            _fold_into_norm(qmodel.model.get_submodule(producer), s.to(w))
+            _fold_into_norm(qmodel.model.get_submodule(producer), s.to(layers[group[0]].weight))
         for name in group:
             layer = layers[name]
             shape = (1, -1) + (1,) * (layer.weight.dim() - 2)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from quant.dilation import dilate, dilation_scale
+from quant.dilation import Scaling, dilate, dilation_scale
 from quant.model import QuantModel, quant_enabled
 from quant.settings import QuantConfig
 
@@ -74,3 +74,32 @@ def test_qkv_share_one_scale_folded_into_the_norm(tiny_unet):
     torch.testing.assert_close(q.model.mid.attn_1.norm.weight, norm_w / scales[f"{a}.q"])
     assert torch.equal(q.model.mid.attn_1.q.in_scale, torch.ones(16))     # folded, not in the quantizer
     assert (q.model.mid.block_1.conv1.in_scale == scales["mid.block_1.conv1"]).all()
+
+
+@pytest.fixture
+def calib(tiny_trajectories):
+    from quant.calib_data import random_over_steps
+    return random_over_steps(tiny_trajectories, 24, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", [Scaling.SMOOTHQUANT, Scaling.AWQ])
+def test_table9_alternatives_keep_fp_outputs(tiny_unet, calib, method):
+    q = QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4))
+    scales = dilate(q, method, calib)
+    assert all(torch.isfinite(s).all() and (s > 0).all() for s in scales.values())
+    x, t = calib.x[:4], calib.t[:4]
+    with torch.no_grad(), quant_enabled(q, weight=False, act=False):
+        torch.testing.assert_close(q(x, t), tiny_unet(x, t), rtol=1e-4, atol=1e-5)
+
+
+def test_smoothquant_scales_every_channel_and_awq_only_salient_ones(tiny_unet, calib):
+    sq = dilate(QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4)), Scaling.SMOOTHQUANT, calib)
+    awq = dilate(QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4)), Scaling.AWQ, calib)
+    name = "mid.block_1.conv1"                                     # 16 in-channels: 1% -> 1 salient channel
+    assert (sq[name] != 1).all()
+    assert len(torch.unique(awq[name])) <= 2
+
+
+def test_data_driven_scaling_needs_calibration_data(tiny_unet):
+    with pytest.raises(ValueError, match="calibration data"):
+        dilate(QuantModel(tiny_unet, QuantConfig(weight_bit=4)), Scaling.SMOOTHQUANT)

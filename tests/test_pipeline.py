@@ -93,3 +93,10 @@ def test_qdiff_runs_end_to_end_and_resumes_weights(tiny_task, tmp_path):
     assert again["calib_seconds"] > 0 and not (tmp_path / "qd_w" / "recon_w").exists()
     with pytest.raises(SystemExit, match="--cali_ckpt"):
         run(tiny_task, tmp_path / "bad", *q, "--resume")
+
+
+def test_table9_scaling_is_one_flag(tiny_task, tmp_path):
+    q = ["--ptq", "--quant_mode", "dilatequant", "--scaling", "smoothquant", "--no-bkd", "--weight_bit", "4",
+         "--quant_act", "--act_bit", "4", "--cali_n", "16", "--no_fid"]
+    rec = run(tiny_task, tmp_path / "sq", *q)
+    assert rec["method"] == "dilatequant[smoothquant,tpq]"

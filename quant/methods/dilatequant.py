@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from quant.calib_data import CalibSet
 from quant.calibrate import calibrate
-from quant.dilation import dilate
+from quant.dilation import Scaling, dilate
 from quant.distill import DistillConfig, distill
 from quant.model import QuantModel
 from quant.settings import QuantConfig
@@ -22,6 +22,7 @@ from quant.settings import QuantConfig
 @dataclass(frozen=True)
 class DilateQuantConfig:
     weight_dilation: bool = True
+    scaling: Scaling = Scaling.WEIGHT_DILATION   # Table 9: the equivalent-scaling rule used for "WD"
     temporal: bool = True
     distillation: bool = True
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -31,7 +32,7 @@ def quantize_dilatequant(fp_model: nn.Module, config: QuantConfig, schedule: Seq
                          dq: DilateQuantConfig, run_dir: Path, batch_size: int = 64, seed: int = 0) -> QuantModel:
     qmodel = QuantModel(fp_model, replace(config, temporal=dq.temporal), schedule if dq.temporal else None)
     if dq.weight_dilation:
-        dilate(qmodel)
+        dilate(qmodel, dq.scaling, calib)
     calibrate(qmodel, calib, batch_size=batch_size, seed=seed)
     if dq.distillation:
         if calib is None:
