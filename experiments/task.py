@@ -46,9 +46,9 @@ def load_task(path: Path, preset: str | None) -> dict:
 
 def run_argv(task: dict, name: str, out: Path, extra: list[str]) -> list[str]:
     """Flags of one run: the task's common settings, then the run's own (a quant_mode makes it a PTQ run)."""
-    run = task["runs"][name] or {}
-    quant = {"ptq": True, "quant_act": "act_bit" in run} if "quant_mode" in run else {}
-    return _flags(task["common"] | quant | run) + ["-l", str(out / name)] + extra
+    options = task["common"] | (task["runs"][name] or {})
+    quant = {"ptq": True, "quant_act": "act_bit" in options} if "quant_mode" in options else {}
+    return _flags(options | quant) + ["-l", str(out / name)] + extra
 
 
 def main(argv=None) -> Path:
