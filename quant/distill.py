@@ -27,7 +27,7 @@ from quant.model import QuantModel
 class DistillConfig:
     iters: int = 5000          # per unit (paper: 5K iterations, batch 32)
     batch_size: int = 32
-    lr_weight: float = 1e-5    # weights and biases
+    lr_weight: float = 1e-3    # weights and biases (paper: 1e-2; results/distill_sweep_w4a4.json)
     lr_quant: float = 1e-4     # Δ_w, Δ_x, z_x (paper: 1e-4)
     cache_batch_size: int = 64
     seed: int = 0
