@@ -114,10 +114,11 @@ def layer_input_stats(qmodel: QuantModel, calib: CalibSet, batch_size: int = 64,
 
     for name, layer in qmodel.quant_layers():
         hooks.append(layer.register_forward_pre_hook(hook(name)))
+    device = next(qmodel.parameters()).device
     try:
         with quant_enabled(qmodel, weight=False, act=False):
             for x, t in calib.batches(batch_size):
-                qmodel(x, t)
+                qmodel(x.to(device), t.to(device))
     finally:
         for h in hooks:
             h.remove()
