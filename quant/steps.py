@@ -20,9 +20,10 @@ class StepIndex:
     """Timestep values -> slot indices; shared (by reference) by all activation quantizers of a model."""
 
     def __init__(self, schedule: Sequence[int] | None):
-        self.schedule = None if schedule is None else torch.as_tensor(list(schedule), dtype=torch.long)
-        if self.schedule is not None and len(torch.unique(self.schedule)) != len(self.schedule):
-            raise ValueError("the calibration schedule has repeated timesteps")
+        # One slot per distinct timestep (sorted): a sampler may visit a timestep at several steps (the
+        # public DDIM `quad` schedule with 100 steps starts 0, 0, 0, 0, 1, ...); since the slot is looked
+        # up from the timestep value, those steps share it.
+        self.schedule = None if schedule is None else torch.unique(torch.as_tensor(list(schedule), dtype=torch.long))
         self._idx: torch.Tensor | None = None
 
     @property

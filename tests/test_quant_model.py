@@ -137,3 +137,9 @@ def test_quant_layer_rejects_unsupported_modules():
     from quant.steps import StepIndex
     with pytest.raises(TypeError, match="cannot quantize"):
         QuantLayer(torch.nn.Conv1d(2, 2, 1), QuantizerSpec(4), None, StepIndex(None))
+
+
+def test_tpq_model_on_the_100_step_quad_schedule(tiny_unet):
+    seq = timestep_sequence(1000, 100, "quad")
+    q = QuantModel(tiny_unet, QuantConfig(weight_bit=8, act_bit=8, temporal=True), schedule=seq)
+    assert q.model.conv_in.a_quant[0].delta.shape == (len(set(seq)),)

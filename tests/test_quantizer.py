@@ -142,3 +142,13 @@ def test_inference_path_computes_the_same_values_as_the_training_path():
         fast = fake_quant(x, delta, zero, 0, 15, s)
     slow = fake_quant(x, delta.requires_grad_(), zero, 0, 15, s)
     assert torch.equal(fast, slow.detach())
+
+
+def test_repeated_timesteps_of_the_quad_schedule_share_a_slot():
+    from ddim import timestep_sequence
+    seq = timestep_sequence(1000, 100, "quad")
+    assert len(set(seq)) < len(seq)                                   # the public definition repeats small t
+    steps = StepIndex(seq)
+    assert steps.num_slots == len(set(seq))
+    idx = steps.lookup(torch.tensor(seq))
+    assert torch.equal(steps.schedule[idx], torch.tensor(seq))
