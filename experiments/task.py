@@ -2,19 +2,22 @@
 
     python scripts/run_task.py --task configs/tasks/mnist.yml [--preset quick] [--only fp,dilatequant_w4a4]
 
-Each run lands in <out>/<run name>/ (results.json, samples, quantized.pt, distill/ units); a run whose
+Each run is its own process and lands in <out>/<run name>/ (results.json, samples, quantized.pt, distill/ units); a run whose
 results.json exists is skipped, so an interrupted task resumes. The table goes to results/<task>[_preset].md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
-from experiments import ddim_task
 from tools.results_table import write_report
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sample_diffusion_ddim.py"
 
 
 def _flags(options: dict) -> list[str]:
@@ -73,8 +76,10 @@ def main(argv=None) -> Path:
         if done.exists() and "sampling_seconds" in json.loads(done.read_text()):
             print(f"[task] {name}: done, skipping ({done})")
             continue
-        print(f"[task] {name}")
-        ddim_task.main(run_argv(task, name, out, extra))
+        print(f"[task] {name}", flush=True)
+        # one process per run: on CPU, peak memory is the process's peak resident set, which must not
+        # include earlier runs (or their FID Inception)
+        subprocess.run([sys.executable, str(SCRIPT), *run_argv(task, name, out, extra)], check=True)
     report = write_report(out, Path("results") / f"{label}.md", title=f"{label} ({path})")
     print(report.read_text())
     return report
