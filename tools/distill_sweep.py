@@ -16,35 +16,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddim import load_config, make_betas  # noqa: E402
-from ddim.checkpoint import load_unet  # noqa: E402
-from ddim.sampling import make_sampler  # noqa: E402
 from quant.distill import DistillConfig  # noqa: E402
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant  # noqa: E402
 from quant.settings import QuantConfig  # noqa: E402
-from tools.common import set_seed  # noqa: E402
-from tools.quant_report import draw, sqnr_db  # noqa: E402
+from tools.quant_report import add_setup_args, setup, sqnr_db  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/mnist.yml")
-    p.add_argument("--ckpt", default=None)
-    p.add_argument("--timesteps", type=int, default=100)
+    add_setup_args(p, cali_n=512)
     p.add_argument("--bits", default="4/4")
-    p.add_argument("--cali_n", type=int, default=512)
     p.add_argument("--cali_iters", type=int, default=200)
     p.add_argument("--lrs", nargs="+", default=["1e-5,1e-4", "1e-4,1e-4", "1e-3,1e-4", "1e-2,1e-4", "1e-5,1e-3"])
-    p.add_argument("--out", default=None)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    set_seed(args.seed)
-    cfg = load_config(args.config)
-    fp = load_unet(cfg, args.ckpt)
-    sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, "quad", 0.0)
-    shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    calib = draw(fp, sample, max(16, 2 * args.cali_n // args.timesteps), args.cali_n, 100 + args.seed, shape)
-    held = draw(fp, sample, max(8, 1024 // args.timesteps), 512, 200 + args.seed, shape)
+    fp, sample, calib, held = setup(args)
     w, a = (int(v) for v in args.bits.split("/"))
     rows = []
     for lrs in ["none"] + args.lrs:

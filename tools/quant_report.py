@@ -37,6 +37,29 @@ def draw(fp, sample, n_traj: int, n: int, seed: int, shape) -> CalibSet:
     return random_over_steps(traj, n, torch.Generator().manual_seed(seed))
 
 
+def add_setup_args(p: argparse.ArgumentParser, cali_n: int) -> None:
+    p.add_argument("--config", default="configs/mnist.yml")
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--timesteps", type=int, default=100)
+    p.add_argument("--skip_type", default="quad")
+    p.add_argument("--cali_n", type=int, default=cali_n)
+    p.add_argument("--out", default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def setup(args):
+    """(FP model, sampler, calibration set, held-out set): both sets drawn at random over all steps of
+    FP trajectories, from different noise seeds."""
+    set_seed(args.seed)
+    cfg = load_config(args.config)
+    fp = load_unet(cfg, args.ckpt)
+    sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, 0.0)
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    calib = draw(fp, sample, max(16, 2 * args.cali_n // args.timesteps), args.cali_n, 100 + args.seed, shape)
+    held = draw(fp, sample, max(8, 1024 // args.timesteps), 512, 200 + args.seed, shape)
+    return fp, sample, calib, held
+
+
 @torch.no_grad()
 def sqnr_db(fp, qmodel, data: CalibSet, batch: int = 128) -> float:
     sig = err = 0.0
@@ -105,23 +128,10 @@ def forward_times(fp, qmodel, x, t, repeats: int = 5) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/mnist.yml")
-    p.add_argument("--ckpt", default=None)
-    p.add_argument("--timesteps", type=int, default=100)
-    p.add_argument("--skip_type", default="quad")
-    p.add_argument("--cali_n", type=int, default=1024)
+    add_setup_args(p, cali_n=1024)
     p.add_argument("--bits", nargs="+", default=["8/8", "6/6", "4/4"])
-    p.add_argument("--out", default=None)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    set_seed(args.seed)
-    cfg = load_config(args.config)
-    fp = load_unet(cfg, args.ckpt)
-    sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, 0.0)
-    shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    n_traj = max(16, 2 * args.cali_n // args.timesteps)
-    calib = draw(fp, sample, n_traj, args.cali_n, 100 + args.seed, shape)
-    held = draw(fp, sample, max(8, 1024 // args.timesteps), 512, 200 + args.seed, shape)
+    fp, sample, calib, held = setup(args)
     report = {"config": args.config, "timesteps": args.timesteps, "cali_n": args.cali_n, "sqnr_db": {}}
     for bits in args.bits:
         w, a = (int(v) for v in bits.split("/"))

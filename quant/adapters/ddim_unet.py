@@ -10,25 +10,25 @@ def _levels(model: nn.Module, path: str):
     return [(f"{path}.{i}", level) for i, level in enumerate(getattr(model, path))]
 
 
+def _level_units(prefix: str, level: nn.Module, resampler: str) -> list[str]:
+    """block.j (each followed by attn.j when the level has attention), then the resampler if any."""
+    names = []
+    for j in range(len(level.block)):
+        names.append(f"{prefix}.block.{j}")
+        if len(level.attn):
+            names.append(f"{prefix}.attn.{j}")
+    return names + ([f"{prefix}.{resampler}"] if hasattr(level, resampler) else [])
+
+
 @register("ddim.model.UNet")
 class DDIMUNetAdapter:
     def units(self, model: nn.Module) -> list[str]:
         names = ["temb.dense.0", "temb.dense.1", "conv_in"]
         for prefix, level in _levels(model, "down"):
-            for j in range(len(level.block)):
-                names.append(f"{prefix}.block.{j}")
-                if len(level.attn):
-                    names.append(f"{prefix}.attn.{j}")
-            if hasattr(level, "downsample"):
-                names.append(f"{prefix}.downsample")
+            names += _level_units(prefix, level, "downsample")
         names += ["mid.block_1", "mid.attn_1", "mid.block_2"]
         for prefix, level in reversed(_levels(model, "up")):
-            for j in range(len(level.block)):
-                names.append(f"{prefix}.block.{j}")
-                if len(level.attn):
-                    names.append(f"{prefix}.attn.{j}")
-            if hasattr(level, "upsample"):
-                names.append(f"{prefix}.upsample")
+            names += _level_units(prefix, level, "upsample")
         return names + ["conv_out"]
 
     def edge_layers(self, model: nn.Module) -> tuple[str, str]:
