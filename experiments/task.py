@@ -80,6 +80,7 @@ def main(argv=None) -> Path:
         # one process per run: on CPU, peak memory is the process's peak resident set, which must not
         # include earlier runs (or their FID Inception)
         subprocess.run([sys.executable, str(SCRIPT), *run_argv(task, name, out, extra)], check=True)
-    report = write_report(out, Path("results") / f"{label}.md", title=f"{label} ({path})")
+    title = task.get("title", label) + (f", preset {args.preset}" if args.preset else "") + f" ({path})"
+    report = write_report(out, Path("results") / f"{label}.md", title=title)
     print(report.read_text())
     return report

@@ -30,3 +30,27 @@ def test_quick_preset_and_bad_names():
     assert list(task["runs"]) == ["fp", "baseline_w4a4", "dilatequant_w4a4"]
     with pytest.raises(SystemExit, match="unknown preset"):
         load_task(ROOT / "configs" / "tasks" / "mnist.yml", "nope")
+
+
+def test_report_keeps_archived_runs(tmp_path):
+    import json
+
+    import numpy as np
+
+    from tools.results_table import write_report
+
+    def run(root, name, fid):
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"method": "fp", "fid": fid}))
+        np.savez(d / "samples.npz", arr_0=np.zeros((20, 8, 8, 1), np.uint8))
+
+    out = tmp_path / "results" / "t.md"
+    out.parent.mkdir()
+    run(tmp_path / "day1", "fp", 3.0)
+    write_report(tmp_path / "day1", out, "t")
+    run(tmp_path / "day2", "other", 5.0)          # day1's run directory is gone by now
+    text = write_report(tmp_path / "day2", out, "t").read_text()
+    assert "| fp |" in text and "| other |" in text and "3.00" in text
+    assert np.load(tmp_path / "results" / "t_runs" / "fp.npz")["arr_0"].shape == (16, 8, 8, 1)
+    assert (tmp_path / "results" / "t.png").exists()

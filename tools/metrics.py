@@ -18,6 +18,7 @@ named real-image set (or of an `.npz` of real images) are cached under `cache/re
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -231,10 +232,17 @@ def reference_stats(ref: str, extractor: InceptionExtractor, batch_size: int = 5
     """Pool and spatial statistics of a reference set, computed on first use and cached."""
     path = stats_cache_path(ref, Path(cache_dir))
     stats = load_stats(path)
-    if stats is None:
-        images = load_reference_images(ref)
-        stats = feature_stats(extractor(images, batch_size, progress))
-        save_stats(path, stats, len(images))
+    if stats is not None:
+        return stats
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # runs started side by side wait for the first one's statistics instead of computing them twice
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stats = load_stats(path)
+        if stats is None:
+            images = load_reference_images(ref)
+            stats = feature_stats(extractor(images, batch_size, progress))
+            save_stats(path, stats, len(images))
     return stats
 
 

@@ -1,6 +1,10 @@
 """Gather <runs>/*/results.json into a markdown table and a sample-grid figure (FP vs methods).
 
     python tools/results_table.py runs/mnist --out results/mnist.md
+
+Every run's record and its first GRID_N samples are archived next to the table, in
+results/<table>_runs/<run>.json and .npz, and the table and figure are drawn from that archive: runs done
+on another day (or machine) stay in the table after their run directory is gone.
 """
 from __future__ import annotations
 
@@ -32,8 +36,22 @@ def row(name: str, r: dict) -> list[str]:
     return ["n/a" if v is None else fmt.format(v) for v, (_, fmt) in zip(values, COLUMNS)]
 
 
+GRID_N = 16
+
+
 def collect(runs: Path) -> list[tuple[str, dict]]:
     return [(p.parent.name, json.loads(p.read_text())) for p in sorted(runs.glob("*/results.json"))]
+
+
+def archive_runs(runs: Path, archive: Path) -> list[tuple[str, dict]]:
+    """Copy each run's results.json (and first GRID_N samples) into `archive`; -> every archived record."""
+    archive.mkdir(parents=True, exist_ok=True)
+    for name, record in collect(runs):
+        (archive / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        samples = runs / name / "samples.npz"
+        if samples.exists():
+            np.savez_compressed(archive / f"{name}.npz", arr_0=np.load(samples)["arr_0"][:GRID_N])
+    return [(p.stem, json.loads(p.read_text())) for p in sorted(archive.glob("*.json"))]
 
 
 def markdown(results: list[tuple[str, dict]], title: str) -> str:
@@ -45,14 +63,14 @@ def markdown(results: list[tuple[str, dict]], title: str) -> str:
     return "\n".join([f"## {title}", "", head, sep, *body, "", note, ""])
 
 
-def grid_figure(runs: Path, names: list[str], out: Path, n: int = 16) -> None:
-    """One labelled column of the first n samples per run (same seeds: image i starts from the same noise)."""
+def grid_figure(archive: Path, names: list[str], out: Path) -> None:
+    """One labelled grid of the archived first samples per run (same seeds: image i starts from the same noise)."""
     cols = []
     for name in names:
-        path = runs / name / "samples.npz"
+        path = archive / f"{name}.npz"
         if not path.exists():
             continue
-        g = make_grid(np.load(path)["arr_0"][:n]).convert("RGB")
+        g = make_grid(np.load(path)["arr_0"][:GRID_N]).convert("RGB")
         canvas = Image.new("RGB", (max(g.width, 8 * len(name)), g.height + 14), "white")
         canvas.paste(g, (0, 14))
         ImageDraw.Draw(canvas).text((2, 1), name, fill="black")
@@ -67,10 +85,12 @@ def grid_figure(runs: Path, names: list[str], out: Path, n: int = 16) -> None:
 
 
 def write_report(runs: Path, out: Path, title: str) -> Path:
-    results = collect(runs)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """results/<table>.md and .png from the archive results/<table>_runs/, after adding the runs in `runs`."""
+    archive = out.with_name(out.stem + "_runs")
+    results = archive_runs(runs, archive)
     out.write_text(markdown(results, title))
-    grid_figure(runs, [n for n, _ in results], out.with_suffix(".png"))
+    fp_first = sorted((n for n, _ in results), key=lambda n: not n.startswith("fp"))
+    grid_figure(archive, fp_first, out.with_suffix(".png"))
     return out
 
 
