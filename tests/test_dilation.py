@@ -103,3 +103,16 @@ def test_smoothquant_scales_every_channel_and_awq_only_salient_ones(tiny_unet, c
 def test_data_driven_scaling_needs_calibration_data(tiny_unet):
     with pytest.raises(ValueError, match="calibration data"):
         dilate(QuantModel(tiny_unet, QuantConfig(weight_bit=4)), Scaling.SMOOTHQUANT)
+
+
+def test_table8_statistics_explain_the_range_change(tiny_unet, tiny_trajectories):
+    from quant.calib_data import random_over_steps
+    from tools.quant_report import dilation_stats
+
+    data = random_over_steps(tiny_trajectories, 32, torch.Generator().manual_seed(0))
+    stats = dilation_stats(tiny_unet, QuantConfig(weight_bit=4, act_bit=4), data)
+    for row in stats["layers"]:
+        assert row["range_ratio"] <= 1 + 1e-6                    # X/s with s >= 1 never widens the range
+        if row["range_ch_protected"]:                            # the channels setting max and min keep s = 1
+            assert row["range_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert 0 < stats["mean"]["frac_s_gt_1"] < 1

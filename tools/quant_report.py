@@ -70,13 +70,18 @@ def sqnr_db(fp, qmodel, data: CalibSet, batch: int = 128) -> float:
     return 10 * torch.log10(torch.tensor(sig / err)).item()
 
 
+def _channels_first(x: torch.Tensor, conv: bool) -> torch.Tensor:
+    """[C_in, m]: the in-channel dim (1 for convs, last for linears) first, the rest flattened."""
+    return x.transpose(0, 1 if conv else x.dim() - 1).reshape(x.shape[1 if conv else -1], -1)
+
+
 @torch.no_grad()
 def layer_inputs(qmodel: QuantModel, data: CalibSet) -> dict[str, torch.Tensor]:
-    """X/s as each QuantLayer's activation quantizer sees it, on one batch, flattened to [1, m]."""
+    """X/s as each QuantLayer's activation quantizer sees it, on one batch, as [C_in, m]."""
     seen, hooks = {}, []
     for name, layer in qmodel.quant_layers():
         hooks.append(layer.register_forward_pre_hook(
-            lambda m, a, name=name: seen.__setitem__(name, m.scaled_input(a[0]).flatten()[None])))
+            lambda m, a, name=name: seen.__setitem__(name, _channels_first(m.scaled_input(a[0]), bool(m.conv_args)))))
     with quant_enabled(qmodel, weight=False, act=False):
         qmodel(data.x, data.t)
     for h in hooks:
@@ -85,8 +90,8 @@ def layer_inputs(qmodel: QuantModel, data: CalibSet) -> dict[str, torch.Tensor]:
 
 
 def clip_stats(x: torch.Tensor, config: QuantConfig) -> tuple[float, float]:
-    """(Δ_x, E_clip) of an MSE-searched per-tensor quantizer on x [1, m]; E_clip = sum of squared clipping."""
-    spec = config.act_spec()
+    """(Δ_x, E_clip) of an MSE-searched per-tensor quantizer on x [C, m]; E_clip = sum of squared clipping."""
+    x, spec = x.flatten()[None], config.act_spec()
     lo, hi = init_range(x, spec)
     delta, zero = range_to_params(lo, hi, spec)
     lo_q, hi_q = delta * (spec.qmin - zero), delta * (spec.qmax - zero)
@@ -95,7 +100,11 @@ def clip_stats(x: torch.Tensor, config: QuantConfig) -> tuple[float, float]:
 
 
 def dilation_stats(fp, config: QuantConfig, data: CalibSet) -> dict:
-    """Table 8: Δ'_w/Δ_w, E'_clip/E_clip, fraction of in-channels with s > 1, Δ'_x/Δ_x (means over layers)."""
+    """Table 8: Δ'_w/Δ_w, E'_clip/E_clip, fraction of in-channels with s > 1, Δ'_x/Δ_x (means over layers).
+
+    Why Δ_x moves little: a per-tensor range shrinks only if the in-channels holding the tensor's max and
+    min are dilated. `range_ch_protected` is the fraction of layers where both have s = 1 (set A or no
+    room), `range_ratio` the min-max range of X/s over that of X."""
     plain, dilated = QuantModel(fp, config), QuantModel(fp, config)
     scales = dilate(dilated)
     init_weight_quantizers(plain)
@@ -103,12 +112,17 @@ def dilation_stats(fp, config: QuantConfig, data: CalibSet) -> dict:
     x_plain, x_dil = layer_inputs(plain, data), layer_inputs(dilated, data)
     rows = []
     for (name, a), (_, b) in zip(plain.quant_layers(), dilated.quant_layers()):
-        (dx, ec), (dx2, ec2) = clip_stats(x_plain[name], config), clip_stats(x_dil[name], config)
+        x, s = x_plain[name], scales[name]
+        (dx, ec), (dx2, ec2) = clip_stats(x, config), clip_stats(x_dil[name], config)
+        k_max, k_min = int(x.amax(1).argmax()), int(x.amin(1).argmin())
         rows.append({"layer": name, "dw_ratio": float((b.w_quant.delta / a.w_quant.delta).mean()),
-                     "eclip_ratio": ec2 / ec if ec > 0 else float("nan"), "frac_s_gt_1": float((scales[name] > 1).float().mean()),
-                     "dx_ratio": dx2 / dx})
+                     "eclip_ratio": ec2 / ec if ec > 0 else float("nan"), "frac_s_gt_1": float((s > 1).float().mean()),
+                     "dx_ratio": dx2 / dx, "range_ratio": float((x_dil[name].max() - x_dil[name].min()) / (x.max() - x.min())),
+                     "s_at_max_ch": float(s[k_max]), "s_at_min_ch": float(s[k_min]),
+                     "range_ch_protected": float(s[k_max] == 1 and s[k_min] == 1)})
     mean = lambda k: float(torch.tensor([r[k] for r in rows]).nanmean())  # noqa: E731
-    return {"mean": {k: mean(k) for k in ("dw_ratio", "eclip_ratio", "frac_s_gt_1", "dx_ratio")}, "layers": rows}
+    keys = ("dw_ratio", "eclip_ratio", "frac_s_gt_1", "dx_ratio", "range_ratio", "range_ch_protected")
+    return {"mean": {k: mean(k) for k in keys}, "layers": rows}
 
 
 @torch.no_grad()
