@@ -72,12 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tpq", action=argparse.BooleanOptionalAction, default=True, help="Temporal Parallel Quantizer")
     d.add_argument("--bkd", action=argparse.BooleanOptionalAction, default=True, help="Block-wise Knowledge Distillation")
     d.add_argument("--scaling", default=Scaling.WEIGHT_DILATION.value, choices=[m.value for m in Scaling],
-                   help="equivalent scaling rule for --wd (Table 9: wd, smoothquant, awq)")
+                   help="equivalent scaling rule for --wd (Table 9: wd, smoothquant, awq, osplus, learnable)")
     d.add_argument("--cali_iters", type=int, default=DistillConfig.iters,
                    help="iterations per block: distillation (dilatequant) or AdaRound (qdiff)")
     d.add_argument("--distill_batch_size", type=int, default=DistillConfig.batch_size)
     d.add_argument("--lr_weight", type=float, default=DistillConfig.lr_weight)
     d.add_argument("--lr_quant", type=float, default=DistillConfig.lr_quant)
+    d.add_argument("--lr_scale", type=float, default=DistillConfig.lr_scale, help="--scaling learnable factors")
     return p
 
 
@@ -88,7 +89,7 @@ def quant_config(args) -> QuantConfig:
 
 def dilatequant_config(args) -> DilateQuantConfig:
     distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
-                            lr_quant=args.lr_quant, seed=args.seed)
+                            lr_quant=args.lr_quant, lr_scale=args.lr_scale, seed=args.seed)
     return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
                              distillation=args.bkd, distill=distill)
 

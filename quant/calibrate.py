@@ -66,7 +66,7 @@ class SlotObserver:
 def _observed_inputs(module: nn.Module, args: tuple) -> list[torch.Tensor]:
     """What each of the module's activation quantizers sees, in `a_quant` order."""
     if isinstance(module, QuantLayer):
-        x = module.scaled_input(args[0])
+        x = module.quantizer_input(args[0])
         return [x[:, :module.split], x[:, module.split:]] if module.split else [x]
     return [args[0], args[1]]
 

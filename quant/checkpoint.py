@@ -31,6 +31,11 @@ def load_quantized(path: str | Path, fp_model: nn.Module) -> tuple[QuantModel, d
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a quantized checkpoint of this repo (format {FORMAT})")
     qmodel = QuantModel(fp_model, QuantConfig.from_dict(payload["config"]), payload["schedule"] or None)
+    for name, layer in qmodel.quant_layers():                 # optional scaling tensors (Table 9 alternatives)
+        if f"model.{name}.in_shift" in payload["state_dict"]:
+            layer.set_shift(torch.zeros_like(layer.in_scale))
+        if f"model.{name}.in_gain" in payload["state_dict"]:
+            layer.make_scale_learnable()
     load_strict(qmodel, payload["state_dict"], str(path),
                 "It was calibrated for another model, config or bit setting: check --config/--ckpt/--split.")
     return qmodel, payload

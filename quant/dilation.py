@@ -9,7 +9,12 @@ so every out-channel's max and min, hence its min-max Δ_w, are unchanged while 
 Alternatives (`Scaling`), which need activation statistics from calibration data:
 - SMOOTHQUANT: s_k = max|X_k|^α / max|W_k|^(1-α), α = 0.5 (Xiao et al. 2023), on every channel;
 - AWQ: s_k = mean|X_k|^α on the top 1% most salient channels (by mean|X_k|), 1 elsewhere, α from a grid
-  minimising the group's weight-quantized output error (Lin et al. 2024).
+  minimising the group's weight-quantized output error (Lin et al. 2024);
+- OSPLUS: channel-wise shift z_k = (max X_k + min X_k)/2 and scale s_k = max(1, (max X_k - min X_k)/(2t))
+  on every channel, the threshold t from a grid minimising the group's weight- and activation-quantized
+  output error (Wei et al. 2023); X - z is quantized and z added back (QuantLayer.in_shift);
+- LEARNABLE: the SmoothQuant s times a per-layer factor r (init 1) that distillation trains at
+  DistillConfig.lr_scale, 1e-5 as in the paper's Table 9 (OmniQuant-like; QuantLayer.in_gain).
 """
 from __future__ import annotations
 
@@ -29,9 +34,11 @@ class Scaling(Enum):
     WEIGHT_DILATION = "wd"
     SMOOTHQUANT = "smoothquant"
     AWQ = "awq"
+    OSPLUS = "osplus"
+    LEARNABLE = "learnable"
 
 
-NEEDS_DATA = {Scaling.SMOOTHQUANT, Scaling.AWQ}
+NEEDS_DATA = {Scaling.SMOOTHQUANT, Scaling.AWQ, Scaling.OSPLUS, Scaling.LEARNABLE}
 
 
 def dilation_scale(w: torch.Tensor) -> torch.Tensor:
@@ -58,8 +65,19 @@ def smoothquant_scale(w: torch.Tensor, x_absmax: torch.Tensor, alpha: float = 0.
     return s.clamp_min(1e-5).float()
 
 
-def _weight_quant_error(layers: list[QuantLayer], x: torch.Tensor, s: torch.Tensor) -> float:
-    """Σ over the group of ||op(x/s, Q(s·W)) - op(x, W)||² with per-out-channel min-max Q at the layer's bits."""
+def _quant_input(x: torch.Tensor, shift: torch.Tensor, layer: QuantLayer) -> torch.Tensor:
+    """Q(x - z) + z with a per-tensor min-max quantizer at the layer's activation bits (x [N, C, ...])."""
+    spec = layer.a_quant[0].spec
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    xc = x - shift.view(view)
+    delta, zero = range_to_params(xc.min(), xc.max(), spec)
+    return fake_quant(xc, delta, zero, spec.qmin, spec.qmax) + shift.view(view)
+
+
+def _quant_error(layers: list[QuantLayer], x: torch.Tensor, s: torch.Tensor, shift: torch.Tensor | None = None) -> float:
+    """Σ over the group of ||op(x/s, Q(s·W)) - op(x, W)||² with per-out-channel min-max Q at the layer's bits;
+    with `shift`, x/s is also quantized (per tensor, around the shift; layers without activation
+    quantizers keep it exact)."""
     err = 0.0
     for layer in layers:
         shape = (1, -1) + (1,) * (layer.weight.dim() - 2)
@@ -69,6 +87,8 @@ def _weight_quant_error(layers: list[QuantLayer], x: torch.Tensor, s: torch.Tens
         view = (-1,) + (1,) * (ws.dim() - 1)
         wq = fake_quant(ws, delta.view(view), zero.view(view), layer.w_quant.spec.qmin, layer.w_quant.spec.qmax)
         xs = x / s.view((1, -1, 1, 1) if layer.conv_args else (-1,))
+        if shift is not None and len(layer.a_quant):
+            xs = _quant_input(xs if layer.conv_args else xs.reshape(-1, xs.shape[-1]), shift / s, layer).view_as(xs)
         if layer.conv_args:
             y, ref = F.conv2d(xs, wq, None, **layer.conv_args), F.conv2d(x, layer.weight, None, **layer.conv_args)
         else:
@@ -82,15 +102,28 @@ def awq_scale(layers: list[QuantLayer], x: torch.Tensor, x_absmean: torch.Tensor
     """Scale only the most salient in-channels by mean|X_k|^α, α from a grid (α = 0 is no scaling)."""
     k = max(1, round(top * len(x_absmean)))
     salient = x_absmean.topk(k).indices
-    best, best_err = torch.ones_like(x_absmean), _weight_quant_error(layers, x, torch.ones_like(x_absmean))
+    best, best_err = torch.ones_like(x_absmean), _quant_error(layers, x, torch.ones_like(x_absmean))
     for alpha in torch.linspace(0.1, 1.0, grid - 1).tolist():
         s = torch.ones_like(x_absmean)
         s[salient] = x_absmean[salient].clamp_min(1e-5) ** alpha
         s = s / s[salient].mean().sqrt()                     # keep the scaled channels around unit size
-        err = _weight_quant_error(layers, x, s)
+        err = _quant_error(layers, x, s)
         if err < best_err:
             best, best_err = s, err
     return best
+
+
+def osplus_transform(layers: list[QuantLayer], x: torch.Tensor, x_max: torch.Tensor, x_min: torch.Tensor,
+                     grid: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, z): shift every channel to centre its range, squeeze ranges above a threshold t found on a grid."""
+    shift, half = (x_max + x_min) / 2, ((x_max - x_min) / 2).clamp_min(1e-5)
+    best, best_err = None, float("inf")
+    for frac in torch.linspace(1.0 / grid, 1.0, grid).tolist():
+        s = (half / (frac * half.max())).clamp_min(1.0)
+        err = _quant_error(layers, x, s, shift)
+        if err < best_err:
+            best, best_err = s, err
+    return best, shift
 
 
 @torch.no_grad()
@@ -104,8 +137,10 @@ def layer_input_stats(qmodel: QuantModel, calib: CalibSet, batch_size: int = 64,
         def fn(mod, args):
             x = args[0].detach()
             dims = [d for d in range(x.dim()) if d != (1 if mod.conv_args else x.dim() - 1)]
-            st = stats.setdefault(name, {"absmax": 0, "abssum": 0, "count": 0, "x": []})
+            st = stats.setdefault(name, {"absmax": 0, "abssum": 0, "count": 0, "x": [],
+                                         "max": torch.tensor(-torch.inf), "min": torch.tensor(torch.inf)})
             st["absmax"] = torch.maximum(torch.as_tensor(st["absmax"]), x.abs().amax(dims))
+            st["max"], st["min"] = torch.maximum(st["max"], x.amax(dims)), torch.minimum(st["min"], x.amin(dims))
             st["abssum"] = st["abssum"] + x.abs().sum(dims)
             st["count"] += x.numel() // x.shape[1 if mod.conv_args else -1]
             if sum(len(v) for v in st["x"]) < keep:
@@ -122,8 +157,8 @@ def layer_input_stats(qmodel: QuantModel, calib: CalibSet, batch_size: int = 64,
     finally:
         for h in hooks:
             h.remove()
-    return {n: {"absmax": st["absmax"], "absmean": st["abssum"] / st["count"], "x": torch.cat(st["x"])[:keep]}
-            for n, st in stats.items()}
+    return {n: {"absmax": st["absmax"], "absmean": st["abssum"] / st["count"], "max": st["max"], "min": st["min"],
+                "x": torch.cat(st["x"])[:keep]} for n, st in stats.items()}
 
 
 def _fold_into_norm(norm: nn.GroupNorm | nn.LayerNorm, s: torch.Tensor) -> None:
@@ -132,14 +167,16 @@ def _fold_into_norm(norm: nn.GroupNorm | nn.LayerNorm, s: torch.Tensor) -> None:
     norm.bias.div_(s)
 
 
-def group_scale(method: Scaling, layers: list[QuantLayer], stats: dict | None) -> torch.Tensor:
-    """s [C_in] for layers sharing one input (their weights stacked over out-channels)."""
+def group_transform(method: Scaling, layers: list[QuantLayer], stats: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(s [C_in], shift [C_in] or None) for layers sharing one input (their weights stacked over out-channels)."""
     w = torch.cat([layer.weight for layer in layers], dim=0)
     if method is Scaling.WEIGHT_DILATION:
-        return dilation_scale(w)
-    if method is Scaling.SMOOTHQUANT:
-        return smoothquant_scale(w, stats["absmax"])
-    return awq_scale(layers, stats["x"], stats["absmean"])
+        return dilation_scale(w), None
+    if method in (Scaling.SMOOTHQUANT, Scaling.LEARNABLE):
+        return smoothquant_scale(w, stats["absmax"]), None
+    if method is Scaling.OSPLUS:
+        return osplus_transform(layers, stats["x"], stats["max"], stats["min"])
+    return awq_scale(layers, stats["x"], stats["absmean"]), None
 
 
 @torch.no_grad()
@@ -161,7 +198,7 @@ def dilate(qmodel: QuantModel, method: Scaling = Scaling.WEIGHT_DILATION,
     groups.update({(name,): None for name in layers if name not in grouped})
     scales = {}
     for group in groups:
-        s = group_scale(method, [layers[n] for n in group], stats.get(group[0]))
+        s, shift = group_transform(method, [layers[n] for n in group], stats.get(group[0]))
         producer = producers.get(group)
         if producer is not None:
             _fold_into_norm(qmodel.model.get_submodule(producer), s.to(layers[group[0]].weight))
@@ -171,5 +208,9 @@ def dilate(qmodel: QuantModel, method: Scaling = Scaling.WEIGHT_DILATION,
             layer.weight.mul_(s.to(layer.weight).view(shape))           # W' = s·W (per in-channel)
             if producer is None:
                 layer.in_scale.mul_(s.to(layer.in_scale))
+            if shift is not None:                                       # in the frame of the layer's input
+                layer.set_shift(shift if producer is None else shift / s)
+            if method is Scaling.LEARNABLE:
+                layer.make_scale_learnable()
             scales[name] = s
     return scales

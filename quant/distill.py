@@ -29,11 +29,12 @@ class DistillConfig:
     batch_size: int = 32
     lr_weight: float = 1e-3    # weights and biases (paper: 1e-2; results/distill_sweep_w4a4.json)
     lr_quant: float = 1e-4     # Δ_w, Δ_x, z_x (paper: 1e-4)
+    lr_scale: float = 1e-5     # learnable equivalent-scaling factors, --scaling learnable (paper Table 9: 1e-5)
     cache_batch_size: int = 64
     seed: int = 0
 
     def __post_init__(self):
-        if self.iters < 0 or self.batch_size <= 0 or self.lr_weight < 0 or self.lr_quant < 0:
+        if self.iters < 0 or self.batch_size <= 0 or min(self.lr_weight, self.lr_quant, self.lr_scale) < 0:
             raise ValueError(f"invalid DistillConfig: {self}")
 
 
@@ -102,15 +103,18 @@ class Objective(Protocol):
 
 
 def unit_param_groups(unit: nn.Module, cfg: DistillConfig) -> list[dict]:
-    """Weights/biases at lr_weight, quantizer parameters (Δ_w, z_w, Δ_x, z_x) at lr_quant."""
-    weights, quant = [], []
+    """Weights/biases at lr_weight, quantizer parameters (Δ_w, z_w, Δ_x, z_x) at lr_quant, learnable
+    scaling factors (if any) at lr_scale."""
+    weights, quant, scales = [], [], []
     for m in unit.modules():
         if isinstance(m, QuantLayer):
             weights += [p for p in (m.weight, m.bias) if p is not None]
+            scales += [m.in_gain] if m.in_gain is not None else []
             quant += [p for p in m.w_quant.parameters()]
         if isinstance(m, (QuantLayer, QuantMatMul)) and m.quant_act:
             quant += [p for q in m.a_quant for p in q.parameters()]
-    groups = [{"params": weights, "lr": cfg.lr_weight}, {"params": quant, "lr": cfg.lr_quant}]
+    groups = [{"params": weights, "lr": cfg.lr_weight}, {"params": quant, "lr": cfg.lr_quant},
+              {"params": scales, "lr": cfg.lr_scale}]
     return [g for g in groups if g["params"] and g["lr"] > 0]
 
 

@@ -16,6 +16,11 @@ class QuantLayer(nn.Module):
     `in_scale` (s, [C_in], ones unless Weight Dilation set it) realises X/s inside the activation
     quantizer (SPEC §3): W already holds s·W, so with quantization off the output equals the original.
     With `split > 0` the first `split` input channels and the rest get their own activation quantizers.
+
+    Two optional extras serve the scaling alternatives of the paper's Table 9 (None unless set):
+    `in_shift` z ([C_in], OS+-like) quantizes X - z and adds z back after dequantization,
+    Q((X - z)/s) + z/s, i.e. W·z is a bias term; `in_gain` r ([C_in], learnable, OmniQuant-like) is a
+    trained extra factor: the quantizer sees X/(s·r) and the weight is used as r·W.
     """
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, w_spec: QuantizerSpec, a_spec: QuantizerSpec | None,
@@ -37,34 +42,62 @@ class QuantLayer(nn.Module):
             raise ValueError(f"split {split} must be in [0, {c_in})")
         self.split = split
         self.register_buffer("in_scale", torch.ones(c_in))
+        self.register_buffer("in_shift", None)
+        self.in_gain: nn.Parameter | None = None
         self.w_quant = WeightQuantizer(self.weight.shape[0], w_spec)
         n_act = 0 if a_spec is None else (2 if split else 1)
         self.a_quant = nn.ModuleList([ActQuantizer(a_spec, steps) for _ in range(n_act)])
         self.quant_weight = True
         self.quant_act = n_act > 0
 
+    def set_shift(self, shift: torch.Tensor) -> None:
+        self.in_shift = shift.detach().to(self.in_scale).clone()
+
+    def make_scale_learnable(self) -> None:
+        self.in_gain = nn.Parameter(torch.ones_like(self.in_scale))
+
+    def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
+        """v [C] shaped to broadcast over the channel dim (dim 1 for conv, last dim for linear)."""
+        return v.view((1, -1, 1, 1) if self.conv_args else (-1,))
+
     def _scale(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """s[lo:hi] shaped to broadcast over the channel dim (dim 1 for conv, last dim for linear)."""
-        return self.in_scale[lo:hi].view((1, -1, 1, 1) if self.conv_args else (-1,))
+        s = self.in_scale if self.in_gain is None else self.in_scale * self.in_gain
+        return self._channel_view(s[lo:hi])
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Q(X/s) in one elementwise step per quantizer: round(x / (s·Δ_t)) (SPEC §3)."""
+        shift = None if self.in_shift is None else self._channel_view(self.in_shift)
+        if shift is not None:
+            x = x - shift
         if not self.split:
-            return self.a_quant[0](x, self._scale())
-        a, b = x[:, :self.split], x[:, self.split:]
-        return torch.cat([self.a_quant[0](a, self._scale(0, self.split)),
-                          self.a_quant[1](b, self._scale(self.split))], dim=1)
+            q = self.a_quant[0](x, self._scale())
+        else:
+            a, b = x[:, :self.split], x[:, self.split:]
+            q = torch.cat([self.a_quant[0](a, self._scale(0, self.split)),
+                           self.a_quant[1](b, self._scale(self.split))], dim=1)
+        return q if shift is None else q + shift / self._scale()
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the op uses before quantization: W, or r·W with a learnable gain."""
+        if self.in_gain is None:
+            return self.weight
+        return self.weight * self.in_gain.view((1, -1) + (1,) * (self.weight.dim() - 2))
 
     def scaled_input(self, x: torch.Tensor) -> torch.Tensor:
-        """X / s: what the activation quantizer quantizes."""
+        """X / s: the input the scaled weights expect (what replaces X when nothing is quantized)."""
         return x / self._scale()
+
+    def quantizer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(X - z) / s: what the activation quantizers quantize (z = 0 unless shifted)."""
+        return self.scaled_input(x if self.in_shift is None else x - self._channel_view(self.in_shift))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_act and len(self.a_quant):
             x = self.quantize_input(x)
         else:
             x = self.scaled_input(x)
-        w = self.w_quant(self.weight) if self.quant_weight else self.weight
+        w = self.effective_weight()
+        w = self.w_quant(w) if self.quant_weight else w
         if self.conv_args is None:
             return F.linear(x, w, self.bias)
         return F.conv2d(x, w, self.bias, **self.conv_args)

@@ -39,6 +39,6 @@ def init_range(x: torch.Tensor, spec: QuantizerSpec, lo: torch.Tensor | None = N
 def init_weight_quantizers(qmodel) -> None:
     """Per-out-channel ranges of every QuantLayer weight (explicit initialisation, no data needed)."""
     for _, layer in qmodel.quant_layers():
-        w = layer.weight.detach().flatten(1)                    # [C_out, C_in*kh*kw]
+        w = layer.effective_weight().detach().flatten(1)                    # [C_out, C_in*kh*kw]
         lo, hi = init_range(w, layer.w_quant.spec)
         layer.w_quant.set_range(lo, hi)

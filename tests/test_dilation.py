@@ -82,7 +82,7 @@ def calib(tiny_trajectories):
     return random_over_steps(tiny_trajectories, 24, torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("method", [Scaling.SMOOTHQUANT, Scaling.AWQ])
+@pytest.mark.parametrize("method", [Scaling.SMOOTHQUANT, Scaling.AWQ, Scaling.OSPLUS, Scaling.LEARNABLE])
 def test_table9_alternatives_keep_fp_outputs(tiny_unet, calib, method):
     q = QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4))
     scales = dilate(q, method, calib)
@@ -116,3 +116,55 @@ def test_table8_statistics_explain_the_range_change(tiny_unet, tiny_trajectories
         if row["range_ch_protected"]:                            # the channels setting max and min keep s = 1
             assert row["range_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert 0 < stats["mean"]["frac_s_gt_1"] < 1
+
+
+def test_osplus_quantizes_centred_channels_and_adds_the_shift_back(tiny_unet, calib):
+    from quant.calibrate import calibrate
+
+    q = QuantModel(tiny_unet, QuantConfig(weight_bit=8, act_bit=8))
+    dilate(q, Scaling.OSPLUS, calib)
+    layer = q.model.mid.block_1.conv1
+    seen = {}
+    layer.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    with torch.no_grad(), quant_enabled(q, weight=False, act=False):
+        q(calib.x, calib.t)
+    xq = layer.quantizer_input(seen["x"]).transpose(0, 1).flatten(1)      # [C, m], over the stats data
+    torch.testing.assert_close(xq.amax(1), -xq.amin(1), rtol=1e-4, atol=1e-5)   # each channel centred on 0
+    calibrate(q, calib)
+    x, t = calib.x[:4], calib.t[:4]
+    with torch.no_grad():
+        err = (q(x, t) - tiny_unet(x, t)).pow(2).mean() / tiny_unet(x, t).pow(2).mean()
+    assert err < 1e-2                                                      # W8A8 through the shifted path
+
+
+def test_learnable_scaling_is_trained_and_saved(tiny_unet, calib, tmp_path):
+    from quant.calibrate import calibrate
+    from quant.checkpoint import load_quantized, save_quantized
+    from quant.distill import DistillConfig, distill
+
+    q = QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4))
+    dilate(q, Scaling.LEARNABLE, calib)
+    calibrate(q, calib)
+    distill(q, tiny_unet, calib, DistillConfig(iters=20, batch_size=8, lr_scale=1e-2), tmp_path / "d")
+    gains = [m.in_gain for _, m in q.quant_layers()]
+    assert all(g is not None for g in gains) and any((g != 1).any() for g in gains)
+    save_quantized(tmp_path / "q.pt", q, "dilatequant[learnable]")
+    back, _ = load_quantized(tmp_path / "q.pt", tiny_unet)
+    x, t = calib.x[:4], calib.t[:4]
+    with torch.no_grad():
+        assert torch.equal(back(x, t), q(x, t))
+
+
+def test_shifted_model_reloads_identically(tiny_unet, calib, tmp_path):
+    from quant.calibrate import calibrate
+    from quant.checkpoint import load_quantized, save_quantized
+
+    q = QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4))
+    dilate(q, Scaling.OSPLUS, calib)
+    calibrate(q, calib)
+    save_quantized(tmp_path / "q.pt", q, "dilatequant[osplus]")
+    back, _ = load_quantized(tmp_path / "q.pt", tiny_unet)
+    assert back.model.mid.block_1.conv1.in_shift is not None
+    x, t = calib.x[:4], calib.t[:4]
+    with torch.no_grad():
+        assert torch.equal(back(x, t), q(x, t))

@@ -81,7 +81,7 @@ def layer_inputs(qmodel: QuantModel, data: CalibSet) -> dict[str, torch.Tensor]:
     seen, hooks = {}, []
     for name, layer in qmodel.quant_layers():
         hooks.append(layer.register_forward_pre_hook(
-            lambda m, a, name=name: seen.__setitem__(name, _channels_first(m.scaled_input(a[0]), bool(m.conv_args)))))
+            lambda m, a, name=name: seen.__setitem__(name, _channels_first(m.quantizer_input(a[0]), bool(m.conv_args)))))
     with quant_enabled(qmodel, weight=False, act=False):
         qmodel(data.x, data.t)
     for h in hooks:
@@ -115,7 +115,7 @@ def dilation_stats(fp, config: QuantConfig, data: CalibSet) -> dict:
         x, s = x_plain[name], scales[name]
         (dx, ec), (dx2, ec2) = clip_stats(x, config), clip_stats(x_dil[name], config)
         k_max, k_min = int(x.amax(1).argmax()), int(x.amin(1).argmin())
-        rows.append({"layer": name, "dw_ratio": float((b.w_quant.delta / a.w_quant.delta).mean()),
+        rows.append({"layer": name, "dw_ratio": float((b.w_quant.delta / a.w_quant.delta).mean().detach()),
                      "eclip_ratio": ec2 / ec if ec > 0 else float("nan"), "frac_s_gt_1": float((s > 1).float().mean()),
                      "dx_ratio": dx2 / dx, "range_ratio": float((x_dil[name].max() - x_dil[name].min()) / (x.max() - x.min())),
                      "s_at_max_ch": float(s[k_max]), "s_at_min_ch": float(s[k_min]),
