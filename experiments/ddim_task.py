@@ -5,7 +5,6 @@ Flags follow Q-Diffusion's `scripts/sample_diffusion_ddim.py` (seed 003), plus `
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from ddim import load_config, make_betas
 from ddim.checkpoint import load_unet
 from ddim.sampling import SAMPLE_TYPES, generate, initial_noise, make_sampler, save_samples
 from experiments.runtime import peak_memory_mb, reset_peak_memory, save_args, timer
-from quant.calib_data import CalibSet, collect_trajectories, evenly_spaced_steps, random_over_steps
+from quant.calib_data import CalibSet, collect_trajectories, evenly_spaced_steps, random_over_steps, trajectories_for
 from quant.checkpoint import load_quantized, save_quantized
 from quant.methods import QuantMode
 from quant.dilation import Scaling
@@ -116,7 +115,7 @@ def calibration_set(fp, sample, args, logdir: Path, device) -> CalibSet:
     if path.exists():
         return CalibSet.load(path)
     mode = QuantMode(args.quant_mode)
-    n_traj = args.cali_n if mode is QuantMode.QDIFF else max(16, math.ceil(2 * args.cali_n / args.timesteps))
+    n_traj = args.cali_n if mode is QuantMode.QDIFF else trajectories_for(args.cali_n, args.timesteps)
     x_T = initial_noise(n_traj, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution), args.seed + 7)
     traj = collect_trajectories(lambda x, on_step: sample(fp, x.to(device), on_step=on_step), x_T)
     gen = torch.Generator().manual_seed(args.seed)

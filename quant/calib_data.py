@@ -7,6 +7,8 @@ calibration set from it:
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -52,6 +54,12 @@ def collect_trajectories(sample_fn: Callable, x_T: torch.Tensor) -> Trajectories
 
     sample_fn(x_T, on_step=on_step)
     return Trajectories(torch.stack(xs), torch.tensor(ts))
+
+
+def trajectories_for(n: int, steps: int) -> int:
+    """FP trajectories to run for `n` samples drawn at random over `steps` steps: twice the samples
+    needed (so draws rarely share a trajectory and step), at least 16."""
+    return max(16, math.ceil(2 * n / steps))
 
 
 def random_over_steps(tr: Trajectories, n: int, generator: torch.Generator) -> CalibSet:
