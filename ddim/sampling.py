@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -40,14 +41,33 @@ def make_sampler(betas: torch.Tensor, steps: int, skip_type: str, eta: float, sa
 
 @torch.no_grad()
 def generate(model: Callable, sample, n: int, shape: tuple[int, ...], batch_size: int, seed: int,
-             device: torch.device) -> np.ndarray:
-    """n images as uint8 NHWC; batch b uses noise images [b*bs, (b+1)*bs) of `seed`."""
+             device: torch.device, cache: Path | None = None) -> tuple[np.ndarray, float]:
+    """n images as uint8 NHWC and the seconds spent sampling them. Batch b uses noise images
+    [b*bs, (b+1)*bs) of `seed` and its own sampler-noise generator (eta > 0), so it depends on nothing
+    but b. With `cache`, each finished batch is kept there (images and seconds) and reused, so an
+    interrupted run resumes at the first missing batch; the caller clears `cache` when the model or the
+    settings change."""
     noise = initial_noise(n, shape, seed)
-    gen = torch.Generator(device=device).manual_seed(seed + 1)  # sampler noise (eta > 0)
-    out = []
-    for i in tqdm(range(0, n, batch_size), desc="sample", dynamic_ncols=True):
-        out.append(to_uint8(sample(model, noise[i:i + batch_size].to(device), generator=gen)))
-    return np.concatenate(out)
+    out, seconds = [], 0.0
+    for b, i in enumerate(tqdm(range(0, n, batch_size), desc="sample", dynamic_ncols=True)):
+        path = cache / f"batch_{b:04d}.npz" if cache is not None else None
+        if path is not None and path.exists():
+            done = np.load(path)
+            out.append(done["images"])
+            seconds += float(done["seconds"])
+            continue
+        gen = torch.Generator(device=device).manual_seed(seed + 1 + b)
+        start = time.perf_counter()
+        images = to_uint8(sample(model, noise[i:i + batch_size].to(device), generator=gen))
+        elapsed = time.perf_counter() - start
+        out.append(images)
+        seconds += elapsed
+        if path is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.stem + ".tmp.npz")
+            np.savez(tmp, images=images, seconds=elapsed)
+            tmp.replace(path)
+    return np.concatenate(out), seconds
 
 
 def save_samples(logdir: Path, images: np.ndarray, max_pngs: int | None = None) -> None:

@@ -5,6 +5,7 @@ Flags follow Q-Diffusion's `scripts/sample_diffusion_ddim.py` (seed 003), plus `
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from ddim import load_config, make_betas
 from ddim.checkpoint import load_unet
 from ddim.sampling import SAMPLE_TYPES, generate, initial_noise, make_sampler, save_samples
-from experiments.runtime import peak_memory_mb, reset_peak_memory, save_args, timer
+from experiments.runtime import load_stage, peak_memory_mb, reset_peak_memory, save_args, save_stage, timer
 from quant.calib_data import CalibSet, collect_trajectories, evenly_spaced_steps, random_over_steps, trajectories_for
 from quant.checkpoint import load_quantized, save_quantized
 from quant.methods import QuantMode
@@ -98,6 +99,30 @@ def qdiff_settings(args) -> QDiffConfig:
                        running_stat=args.running_stat, batch_size=args.distill_batch_size, seed=args.seed)
 
 
+# Settings that change neither the quantized model nor (beyond SAMPLING_ONLY) the sampled images: a finished
+# stage made with other values of these is still reused.
+NOT_RESULT = ("logdir", "device", "ref", "no_fid")
+SAMPLING_ONLY = NOT_RESULT + ("max_images", "batch_size")
+UNIT_DIRS = ("distill", "recon_w", "recon_a")                 # per-unit reconstruction checkpoints
+CALIB_SETTINGS = ("config", "ckpt", "timesteps", "skip_type", "eta", "sample_type", "seed", "cali_n", "cali_st")
+
+
+def stage_key(args, ignore: tuple[str, ...]) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ignore}
+
+
+def sample_cache(logdir: Path, args, device) -> Path:
+    """<logdir>/sample_batches: finished sampling batches of this model and these settings. Emptied when
+    the settings (or, through --ptq settings and quantize.json, the calibrated model) differ."""
+    cache, key = logdir / "sample_batches", stage_key(args, NOT_RESULT) | {"device": device.type}
+    if args.cali_ckpt:
+        key["cali_ckpt_mtime_ns"] = Path(args.cali_ckpt).stat().st_mtime_ns
+    if load_stage(cache / "key.json", key) is None:
+        shutil.rmtree(cache, ignore_errors=True)
+        save_stage(cache / "key.json", key, {})
+    return cache
+
+
 def method_name(args) -> str:
     """'dilatequant', or e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row."""
     if args.quant_mode != QuantMode.DILATEQUANT.value:
@@ -110,11 +135,17 @@ def method_name(args) -> str:
 
 
 def calibration_set(fp, sample, args, logdir: Path, device) -> CalibSet:
-    """Cached in <logdir>/calib.pt: drawn from FP trajectories started from their own noise seed."""
-    path = Path(args.cali_data_path) if args.cali_data_path else logdir / "calib.pt"
-    if path.exists():
-        return CalibSet.load(path)
+    """--cali_data_path, or <logdir>/calib.pt made with the same settings (calib.json), or drawn anew from FP
+    trajectories started from their own noise seed and cached there."""
+    if args.cali_data_path:
+        if not Path(args.cali_data_path).is_file():
+            raise SystemExit(f"--cali_data_path {args.cali_data_path}: no such file (a calib.pt of an earlier run)")
+        return CalibSet.load(args.cali_data_path)
     mode = QuantMode(args.quant_mode)
+    path, stage = logdir / "calib.pt", logdir / "calib.json"
+    key = {k: getattr(args, k) for k in CALIB_SETTINGS} | {"evenly_spaced": mode is QuantMode.QDIFF}
+    if path.exists() and load_stage(stage, key) is not None:
+        return CalibSet.load(path)
     n_traj = args.cali_n if mode is QuantMode.QDIFF else trajectories_for(args.cali_n, args.timesteps)
     x_T = initial_noise(n_traj, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution), args.seed + 7)
     traj = collect_trajectories(lambda x, on_step: sample(fp, x.to(device), on_step=on_step), x_T)
@@ -124,6 +155,7 @@ def calibration_set(fp, sample, args, logdir: Path, device) -> CalibSet:
     else:
         calib = random_over_steps(traj, args.cali_n, gen)
     calib.save(path)
+    save_stage(stage, key, {"samples": len(calib.t)})
     return calib
 
 
@@ -138,6 +170,17 @@ def quantize(fp, sample, args, logdir: Path, device):
     if args.cali_ckpt and not args.resume_w:
         qmodel, _ = load_quantized(args.cali_ckpt, fp.cpu())
         return qmodel.to(device).eval(), record | {"calib_seconds": None, "peak_mem_mb": None}
+    stage, key = logdir / "quantize.json", stage_key(args, SAMPLING_ONLY)
+    done = load_stage(stage, key)
+    if done and (logdir / "quantized.pt").exists():
+        print(f"[resume] {logdir / 'quantized.pt'} was calibrated with these settings: reusing it")
+        qmodel, _ = load_quantized(logdir / "quantized.pt", fp.cpu())
+        return qmodel.to(device).eval(), record | done
+    if done is None and stage.exists():                       # units of other settings: start over
+        print(f"[settings changed] {logdir}: earlier calibration units are removed")
+        for unit_dir in UNIT_DIRS:
+            shutil.rmtree(logdir / unit_dir, ignore_errors=True)
+    save_stage(stage, key, {})                                # started; units written from here belong to it
     config, mode = quant_config(args), QuantMode(args.quant_mode)
     needs_data = config.quant_act or mode is QuantMode.QDIFF or (mode is QuantMode.DILATEQUANT and args.bkd)
     reset_peak_memory(device)
@@ -155,7 +198,10 @@ def quantize(fp, sample, args, logdir: Path, device):
             qmodel = quantize_qdiff(fp, config, calib, qdiff_settings(args), logdir, batch_size=args.cali_batch_size)
     save_quantized(logdir / "quantized.pt", qmodel, record["method"], timesteps=args.timesteps,
                    skip_type=args.skip_type)
-    return qmodel.eval(), record | {"calib_seconds": t["seconds"], "peak_mem_mb": peak_memory_mb(device)}
+    cost = {"calib_seconds": t["seconds"], "peak_mem_mb": peak_memory_mb(device)}
+    save_stage(stage, key, cost)
+    shutil.rmtree(logdir / "sample_batches", ignore_errors=True)    # samples of an earlier model
+    return qmodel.eval(), record | cost
 
 
 def main(argv=None) -> dict:
@@ -174,11 +220,11 @@ def main(argv=None) -> dict:
         model, record = quantize(fp, sample, args, logdir, device)
 
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    with timer() as t:
-        images = generate(model, sample, args.max_images, shape, args.batch_size, args.seed, device)
+    images, seconds = generate(model, sample, args.max_images, shape, args.batch_size, args.seed, device,
+                               cache=sample_cache(logdir, args, device))
     save_samples(logdir, images)
     record |= {"n_samples": len(images), "steps": args.timesteps, "skip_type": args.skip_type, "eta": args.eta,
-               "seed": args.seed, "config": str(args.config), "sampling_seconds": t["seconds"]}
+               "seed": args.seed, "config": str(args.config), "sampling_seconds": seconds}
     ref = args.ref or ("mnist" if cfg.name == "mnist" else None)
     if not args.no_fid:
         if ref is None:

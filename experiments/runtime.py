@@ -40,3 +40,24 @@ def save_args(logdir: Path, args) -> None:
     """The resolved settings of a run, next to its results."""
     logdir.mkdir(parents=True, exist_ok=True)
     (logdir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+
+
+def _canonical(key: dict) -> dict:
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def load_stage(path: Path, key: dict) -> dict | None:
+    """The record a finished stage saved at `path` with save_stage, if it was made with the same `key`
+    (the settings it depends on); None when it is missing or was made with other settings."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["record"] if saved.get("key") == _canonical(key) else None
+
+
+def save_stage(path: Path, key: dict, record: dict) -> None:
+    """Mark a stage finished: its settings and its record (e.g. the seconds it took), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"key": _canonical(key), "record": record}, indent=2, default=str) + "\n")
+    tmp.replace(path)

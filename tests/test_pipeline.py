@@ -66,6 +66,13 @@ def test_dilatequant_runs_end_to_end_and_resumes(tiny_task, tmp_path):
     again = run(tiny_task, tmp_path / "dq", *q)                          # every unit reloaded from disk
     a = np.load(tmp_path / "dq" / "samples.npz")["arr_0"]
     assert again["method"] == "dilatequant" and a.shape == (12, 28, 28, 1)
+    first_unit = tmp_path / "dq" / "distill" / "unit_00.pt"
+    made = first_unit.stat().st_mtime_ns
+    (tmp_path / "dq" / "quantized.pt").unlink()                          # as if interrupted after distilling
+    run(tiny_task, tmp_path / "dq", *q)
+    assert first_unit.stat().st_mtime_ns == made                         # units of these settings: kept
+    run(tiny_task, tmp_path / "dq", *q[:-5], "--cali_iters", "2", *q[-3:])
+    assert first_unit.stat().st_mtime_ns > made                          # other settings: redistilled
 
 
 def test_quantized_model_refuses_other_sampling_schedule(tiny_task, tmp_path):
@@ -100,3 +107,33 @@ def test_table9_scaling_is_one_flag(tiny_task, tmp_path):
          "--quant_act", "--act_bit", "4", "--cali_n", "16", "--no_fid"]
     rec = run(tiny_task, tmp_path / "sq", *q)
     assert rec["method"] == "dilatequant[smoothquant,tpq]"
+
+
+def test_rerun_reuses_finished_stages_and_redoes_changed_ones(tiny_task, tmp_path, monkeypatch):
+    import experiments.ddim_task as task
+    q = ["--ptq", "--quant_mode", "baseline", "--weight_bit", "8", "--quant_act", "--act_bit", "8",
+         "--cali_n", "16", "--no_fid"]
+    first = run(tiny_task, tmp_path / "q", *q)
+    a = np.load(tmp_path / "q" / "samples.npz")["arr_0"]
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(task, "quantize_baseline", must_not_run)
+    again = run(tiny_task, tmp_path / "q", *q)                      # calibration and sampling reused
+    assert again["calib_seconds"] == first["calib_seconds"]
+    assert again["sampling_seconds"] == first["sampling_seconds"]
+    assert np.array_equal(np.load(tmp_path / "q" / "samples.npz")["arr_0"], a)
+    with pytest.raises(AssertionError, match="finished stage"):      # other bits: a new model
+        run(tiny_task, tmp_path / "q", *q[:-6], "--act_bit", "6", *q[-3:])
+
+
+def test_calibration_set_is_redrawn_when_its_settings_change(tiny_task, tmp_path):
+    q = ["--ptq", "--quant_mode", "baseline", "--weight_bit", "8", "--quant_act", "--act_bit", "8", "--no_fid",
+         "--max_images", "2"]
+    run(tiny_task, tmp_path / "q", *q, "--cali_n", "16")
+    assert len(torch.load(tmp_path / "q" / "calib.pt")["t"]) == 16
+    run(tiny_task, tmp_path / "q", *q, "--cali_n", "24")
+    assert len(torch.load(tmp_path / "q" / "calib.pt")["t"]) == 24
+    with pytest.raises(SystemExit, match="no such file"):
+        run(tiny_task, tmp_path / "r", *q, "--cali_data_path", str(tmp_path / "missing.pt"))

@@ -73,3 +73,31 @@ def test_on_step_sees_every_network_call(tiny_unet):
     seq = timestep_sequence(1000, 7, "quad")
     ddim_sample(tiny_unet, torch.randn(2, 1, 16, 16), seq, BETAS, on_step=lambda x, t: seen.append(int(t[0])))
     assert seen == list(reversed(seq))
+
+
+def test_interrupted_generation_resumes_to_the_same_images(tiny_unet, tmp_path):
+    from ddim.sampling import generate, make_sampler
+    sample = make_sampler(BETAS, 3, "uniform", eta=0.5)          # eta > 0: sampler noise must resume too
+    shape = (tiny_unet.cfg.in_channels, tiny_unet.cfg.resolution, tiny_unet.cfg.resolution)
+    whole, _ = generate(tiny_unet, sample, 6, shape, 2, 0, torch.device("cpu"))
+    calls = []
+
+    def dies_in_second_batch(x, t):
+        calls.append(len(x))
+        if len(calls) == len(sample.seq) + 1:                        # first call of the second batch
+            raise KeyboardInterrupt
+        return tiny_unet(x, t)
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(dies_in_second_batch, sample, 6, shape, 2, 0, torch.device("cpu"), cache=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["batch_0000.npz"]
+    resumed_calls = []
+
+    def counted(x, t):
+        resumed_calls.append(len(x))
+        return tiny_unet(x, t)
+
+    resumed, seconds = generate(counted, sample, 6, shape, 2, 0, torch.device("cpu"), cache=tmp_path)
+    assert np.array_equal(resumed, whole) and seconds > 0
+    assert len(resumed_calls) == 2 * len(sample.seq)                 # batch 0 came from the cache
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"batch_{b:04d}.npz" for b in range(3)]
