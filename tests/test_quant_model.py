@@ -91,6 +91,22 @@ def test_w8a8_baseline_is_close_to_fp(tiny_unet, trajectories):
     assert sqnr_db(ref, out) > sqnr_db(ref, out4) + 10
 
 
+def test_quant_report_diagnostics(tiny_unet, trajectories):
+    from tools.quant_report import one_quantizer_at_a_time, sample_sqnr_db, sqnr_by_t
+    calib = random_over_steps(trajectories, 64, torch.Generator().manual_seed(0))
+    q = quantize_baseline(tiny_unet, QuantConfig(weight_bit=8, act_bit=4), calib, batch_size=16)
+    bands = sqnr_by_t(tiny_unet, q, calib)
+    assert len(bands) >= 2 and all(v == v for v in bands.values())               # several bands, no nan
+    rows = one_quantizer_at_a_time(tiny_unet, q, calib, top=100)
+    assert len(rows) == len(list(q.act_quant_modules()))
+    assert [r["sqnr_db"] for r in rows] == sorted(r["sqnr_db"] for r in rows)
+    assert all(m.quant_act for _, m in q.act_quant_modules())                      # state restored
+    sample = lambda model, x: ddim_sample(model, x, SEQ, make_betas(DiffusionConfig()))  # noqa: E731
+    x_T = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    q8 = quantize_baseline(tiny_unet, QuantConfig(weight_bit=8, act_bit=8), calib, batch_size=16)
+    assert sample_sqnr_db(tiny_unet, q8, sample, x_T) > sample_sqnr_db(tiny_unet, q, sample, x_T)
+
+
 def test_save_load_is_bit_identical_without_a_dummy_forward(tiny_unet, trajectories, tmp_path):
     q = QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=6, temporal=True, split=True), schedule=SEQ)
     calibrate(q, random_over_steps(trajectories, 32, torch.Generator().manual_seed(0)), batch_size=16)
