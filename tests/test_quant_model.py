@@ -159,3 +159,18 @@ def test_tpq_model_on_the_100_step_quad_schedule(tiny_unet):
     seq = timestep_sequence(1000, 100, "quad")
     q = QuantModel(tiny_unet, QuantConfig(weight_bit=8, act_bit=8, temporal=True), schedule=seq)
     assert q.model.conv_in.a_quant[0].delta.shape == (len(set(seq)),)
+
+
+def test_sample_drift_measures_a_saved_checkpoint(tiny_unet, trajectories, tmp_path, monkeypatch):
+    import tools.sample_drift as sd
+    calib = random_over_steps(trajectories, 32, torch.Generator().manual_seed(0))
+    q = quantize_baseline(tiny_unet, QuantConfig(weight_bit=8, act_bit=4), calib, batch_size=16)
+    save_quantized(tmp_path / "q.pt", q, "baseline", timesteps=8, skip_type="quad")
+    monkeypatch.setattr(sd, "load_config", lambda _: type("C", (), {"channels": 1, "image_size": 16,
+                                                                     "diffusion": DiffusionConfig()})())
+    monkeypatch.setattr(sd, "load_unet", lambda cfg, ckpt: tiny_unet)
+    report = sd.main([str(tmp_path / "q.pt"), "--n", "2"])
+    row = report["runs"][str(tmp_path / "q.pt")]
+    assert row["method"] == "baseline"
+    assert row["weights only"]["sample_sqnr_db"] > row["as saved"]["sample_sqnr_db"]    # A4 costs more than W8
+    assert 0 <= row["as saved"]["black_share"] <= 1
