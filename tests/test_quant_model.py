@@ -92,7 +92,7 @@ def test_w8a8_baseline_is_close_to_fp(tiny_unet, trajectories):
 
 
 def test_quant_report_diagnostics(tiny_unet, trajectories):
-    from tools.quant_report import one_quantizer_at_a_time, sample_sqnr_db, sqnr_by_t
+    from tools.quant_report import one_quantizer_at_a_time, sqnr_by_t, tensor_sqnr_db
     calib = random_over_steps(trajectories, 64, torch.Generator().manual_seed(0))
     q = quantize_baseline(tiny_unet, QuantConfig(weight_bit=8, act_bit=4), calib, batch_size=16)
     bands = sqnr_by_t(tiny_unet, q, calib)
@@ -104,7 +104,9 @@ def test_quant_report_diagnostics(tiny_unet, trajectories):
     sample = lambda model, x: ddim_sample(model, x, SEQ, make_betas(DiffusionConfig()))  # noqa: E731
     x_T = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     q8 = quantize_baseline(tiny_unet, QuantConfig(weight_bit=8, act_bit=8), calib, batch_size=16)
-    assert sample_sqnr_db(tiny_unet, q8, sample, x_T) > sample_sqnr_db(tiny_unet, q, sample, x_T)
+    with torch.no_grad():
+        ref = sample(tiny_unet, x_T)
+        assert tensor_sqnr_db(ref, sample(q8, x_T)) > tensor_sqnr_db(ref, sample(q, x_T))
 
 
 def test_save_load_is_bit_identical_without_a_dummy_forward(tiny_unet, trajectories, tmp_path):
@@ -169,8 +171,10 @@ def test_sample_drift_measures_a_saved_checkpoint(tiny_unet, trajectories, tmp_p
     monkeypatch.setattr(sd, "load_config", lambda _: type("C", (), {"channels": 1, "image_size": 16,
                                                                      "diffusion": DiffusionConfig()})())
     monkeypatch.setattr(sd, "load_unet", lambda cfg, ckpt: tiny_unet)
-    report = sd.main([str(tmp_path / "q.pt"), "--n", "2"])
+    calib.save(tmp_path / "calib.pt")
+    report = sd.main([str(tmp_path / "q.pt"), "--n", "2", "--research_acts"])
     row = report["runs"][str(tmp_path / "q.pt")]
     assert row["method"] == "baseline"
     assert row["weights only"]["sample_sqnr_db"] > row["as saved"]["sample_sqnr_db"]    # A4 costs more than W8
-    assert 0 <= row["as saved"]["black_share"] <= 1
+    assert 0 <= row["as saved"]["zero_share"] <= 1 and 0 <= row["as saved"]["faint_share"] <= 1
+    assert row["saved / re-searched step"]["min"] > 0 and "activation ranges re-searched" in row

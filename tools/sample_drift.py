@@ -1,11 +1,13 @@
 """How calibrated models' samples differ from FP's, image by image (same noise): SQNR, and the intensity
-statistics FID is sensitive to on MNIST (mean pixel, share of near-black background pixels).
+statistics FID is sensitive to on MNIST (mean pixel, shares of pure-black and faint background pixels).
 
-    python tools/sample_drift.py runs/mnist/qdiff_w8a8/quantized.pt runs/mnist/baseline_w8a8/quantized.pt \\
-        --n 48 --out results/mnist_sample_drift.json
+    python tools/sample_drift.py runs/mnist/{baseline_w8a8,qdiff_w8a8,qdiff_w4a8,qdiff_w4a4}/quantized.pt \\
+        --research_acts --npz results/mnist_runs/*.npz --n 48 --out results/mnist_sample_drift.json
 
-Each checkpoint is measured as saved and with its activation quantizers off (weights only); the sampling
-schedule is the one stored in the checkpoint.
+Each checkpoint is measured as saved, with its activation quantizers off (weights only) and, with
+--research_acts, with its activation ranges re-searched on its run's calib.pt (the state before any
+learned steps). The sampling schedule is the one stored in the checkpoint. --npz adds pixel statistics of
+saved sample sets beside the real digits'.
 """
 from __future__ import annotations
 
@@ -16,26 +18,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ddim import load_config, make_betas  # noqa: E402
+from ddim.data import mnist_uint8, to_uint8  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
 from ddim.sampling import initial_noise, make_sampler  # noqa: E402
+from quant.calib_data import CalibSet  # noqa: E402
+from quant.calibrate import calibrate_activations  # noqa: E402
 from quant.checkpoint import load_quantized  # noqa: E402
 from quant.model import quant_enabled  # noqa: E402
+from tools.quant_report import tensor_sqnr_db  # noqa: E402
 
-BLACK = 20      # pixel values (0-255) below this count as background
+FAINT = 20      # pixel values 1..FAINT (0-255) count as faint background
 
 
-def pixel_stats(x: torch.Tensor) -> dict:
-    """x in [-1, 1] -> mean pixel (0-255) and the share of pixels below BLACK."""
-    u = (x.clamp(-1, 1) + 1) * 127.5
-    return {"mean_px": u.mean().item(), "black_share": (u < BLACK).float().mean().item()}
+def pixel_stats(images: np.ndarray) -> dict:
+    """uint8 images -> mean pixel, share of pure-black pixels, share of faint (1..FAINT) pixels."""
+    u = images.astype(np.int64)
+    return {"mean_px": float(u.mean()), "zero_share": float((u == 0).mean()),
+            "faint_share": float(((u > 0) & (u <= FAINT)).mean())}
 
 
 def drift(ref: torch.Tensor, out: torch.Tensor) -> dict:
-    sqnr = 10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean()).item()
-    return {"sample_sqnr_db": sqnr} | pixel_stats(out)
+    return {"sample_sqnr_db": tensor_sqnr_db(ref, out)} | pixel_stats(to_uint8(out))
+
+
+def step_ratios(qmodel, searched: dict) -> dict:
+    """Range of (saved Δ_x) / (re-searched Δ_x) over activation quantizers."""
+    r = [float((q.delta / s).mean()) for n, m in qmodel.act_quant_modules() for q, s in zip(m.a_quant, searched[n])]
+    return {"min": min(r), "max": max(r), "median": float(np.median(r))}
 
 
 @torch.no_grad()
@@ -46,22 +59,38 @@ def main(argv=None) -> dict:
     p.add_argument("--ckpt", default=None, help="FP weights (default: the config's)")
     p.add_argument("--n", type=int, default=48)
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--research_acts", action="store_true",
+                   help="also measure each checkpoint with its activation ranges re-searched on its run's calib.pt")
+    p.add_argument("--npz", nargs="*", default=[], help="sample files (samples.npz, results/*_runs/*.npz): pixel stats")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     fp = load_unet(cfg, args.ckpt)
     x_T = initial_noise(args.n, (cfg.channels, cfg.image_size, cfg.image_size), args.seed)
     report, refs = {"n": args.n, "seed": args.seed, "runs": {}}, {}
+    report["pixel stats"] = {"real (mnist_uint8, 5,000)": pixel_stats(mnist_uint8())}
+    for path in args.npz:
+        images = np.load(path)["arr_0"]
+        report["pixel stats"][f"{path} ({len(images)})"] = pixel_stats(images)
+    print(json.dumps(report["pixel stats"], indent=1), flush=True)
     for path in args.checkpoints:
         qmodel, payload = load_quantized(path, fp)
         key = (payload["meta"]["timesteps"], payload["meta"]["skip_type"])
         sample = make_sampler(make_betas(cfg.diffusion), *key, eta=0.0)
         if key not in refs:
             refs[key] = sample(fp, x_T)
-            report[f"fp {key[0]} {key[1]}"] = pixel_stats(refs[key])
+            report[f"fp {key[0]} {key[1]}"] = pixel_stats(to_uint8(refs[key]))
         row = {"method": payload["method"], "as saved": drift(refs[key], sample(qmodel, x_T))}
         with quant_enabled(qmodel, weight=True, act=False):
             row["weights only"] = drift(refs[key], sample(qmodel, x_T))
+        calib = Path(path).parent / "calib.pt"
+        if args.research_acts and qmodel.config.quant_act and calib.exists():
+            saved = {n: [q.delta.detach().clone() for q in m.a_quant] for n, m in qmodel.act_quant_modules()}
+            calibrate_activations(qmodel, CalibSet.load(calib), 64, seed=0)
+            row["activation ranges re-searched"] = drift(refs[key], sample(qmodel, x_T))
+            searched = {n: [q.delta.detach().clone() for q in m.a_quant] for n, m in qmodel.act_quant_modules()}
+            qmodel.load_state_dict(payload["state_dict"])                # back to the saved steps
+            row["saved / re-searched step"] = step_ratios(qmodel, searched)
         report["runs"][str(path)] = row
         print(path, json.dumps(row), flush=True)
     if args.out:
