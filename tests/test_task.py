@@ -54,3 +54,6 @@ def test_report_keeps_archived_runs(tmp_path):
     assert "| fp |" in text and "| other |" in text and "3.00" in text
     assert np.load(tmp_path / "results" / "t_runs" / "fp.npz")["arr_0"].shape == (16, 8, 8, 1)
     assert (tmp_path / "results" / "t.png").exists()
+    record = {"method": "fp", "fid": 3.0, "source": "copied from the main table"}
+    (tmp_path / "results" / "t_runs" / "fp.json").write_text(json.dumps(record))
+    assert "fp: copied from the main table" in write_report(tmp_path / "day2", out, "t").read_text()

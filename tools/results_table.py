@@ -60,7 +60,8 @@ def markdown(results: list[tuple[str, dict]], title: str) -> str:
     body = ["| " + " | ".join(row(n, r)) + " |" for n, r in results]
     note = ("IS is n/a: it needs the real Inception classifier head, which no package here ships. "
             "peak MB: CUDA peak allocation, or on CPU the process's peak resident memory at the end of calibration.")
-    return "\n".join([f"## {title}", "", head, sep, *body, "", note, ""])
+    sources = [f"{n}: {r['source']}" for n, r in results if r.get("source")]   # rows not run by this task
+    return "\n".join([f"## {title}", "", head, sep, *body, "", *sources, note, ""])
 
 
 def grid_figure(archive: Path, names: list[str], out: Path) -> None:
