@@ -99,3 +99,26 @@ def test_dilatequant_pipeline_improves_on_w4a4_baseline(tiny_unet, calib, tmp_pa
         with torch.no_grad():
             errs[name] = float((q(held.x, held.t) - tiny_unet(held.x, held.t)).pow(2).mean())
     assert errs["dilatequant"] < errs["baseline"]
+
+
+def test_step_drift_compares_the_same_quantizers_before_and_after(tiny_unet, calib, tmp_path):
+    from quant.checkpoint import save_quantized
+    from tools.step_drift import drift_report
+
+    q = w4a4(tiny_unet, calib)
+    save_quantized(tmp_path / "before.pt", q, "dilatequant[tpq]")
+    calib.save(tmp_path / "calib.pt")
+    name, quantizer = next((n, m.a_quant[0]) for n, m in q.quant_layers() if len(m.a_quant))
+    with torch.no_grad():
+        quantizer.delta[0] *= 2.0                               # one slot of one quantizer doubles
+    save_quantized(tmp_path / "after.pt", q, "dilatequant[tpq]")
+    report = drift_report(str(tmp_path / "before.pt"), str(tmp_path / "after.pt"), str(tmp_path / "calib.pt"))
+    n_slots = quantizer.delta.numel()
+    assert report["per_quantizer_median_abs_log2"][name] == pytest.approx(0.0 if n_slots > 2 else 0.5)
+    assert report["all"]["moved_25pct"] == pytest.approx(1 / report["all"]["slots"])
+    assert sum(v["slots"] for k, v in report.items() if k.startswith("slots with")) == report["all"]["slots"]
+
+    shared = calibrate(QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4)), calib, batch_size=16)
+    save_quantized(tmp_path / "shared.pt", shared, "dilatequant[none]")
+    with pytest.raises(SystemExit, match="different activation quantizers"):
+        drift_report(str(tmp_path / "before.pt"), str(tmp_path / "shared.pt"))

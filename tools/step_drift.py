@@ -1,0 +1,101 @@
+"""How far training moved the activation step sizes Δ_x: a calibrated checkpoint before training vs after.
+
+    python tools/step_drift.py runs/mnist_ablation/tpq/quantized.pt runs/mnist_ablation/tpq_bkd/quantized.pt \\
+        --calib runs/mnist_ablation/tpq_bkd/calib.pt --out results/mnist_step_drift.json
+
+Both checkpoints must hold the same quantizers (e.g. a Table 3 row without BKD and the same row with BKD:
+same calibration set, same initialisation). Per activation quantizer and slot (a TPQ slot is one timestep;
+a shared quantizer has one slot), r = Δ_after / Δ_before. Reported: the share of slots moved by more than
+10% and 25%, quantiles of |log2 r|, and, with --calib, the same split by how many calibration samples
+the slot's timestep had (a TPQ slot learns only from the samples of its timestep in each batch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from quant.checkpoint import FORMAT  # noqa: E402
+
+SUFFIX = ".a_quant.0.delta"
+
+
+def _load(path: str) -> dict:
+    if not Path(path).is_file():
+        raise SystemExit(f"checkpoint {path} not found")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise SystemExit(f"{path} is not a quantized checkpoint of this repo (format {FORMAT})")
+    return payload
+
+
+def step_ratios(before: dict, after: dict) -> dict[str, torch.Tensor]:
+    """{quantizer name: Δ_after / Δ_before per slot} over the activation quantizers of both checkpoints."""
+    a, b = before["state_dict"], after["state_dict"]
+    names = sorted(k for k in a if k.endswith(SUFFIX))
+    if names != sorted(k for k in b if k.endswith(SUFFIX)) or any(a[k].shape != b[k].shape for k in names):
+        raise SystemExit("the checkpoints hold different activation quantizers: compare runs with the same "
+                         "--tpq/--split/bit settings")
+    return {k[len("model."):-len(SUFFIX)]: b[k] / a[k] for k in names}
+
+
+def summary(logr: torch.Tensor) -> dict:
+    """Drift statistics of a flat tensor of |log2 r|."""
+    q = torch.quantile(logr, torch.tensor([0.5, 0.9, 0.99]))
+    return {"slots": logr.numel(), "moved_10pct": float((logr > torch.log2(torch.tensor(1.1))).float().mean()),
+            "moved_25pct": float((logr > torch.log2(torch.tensor(1.25))).float().mean()),
+            "abs_log2_median": float(q[0]), "abs_log2_p90": float(q[1]), "abs_log2_p99": float(q[2])}
+
+
+def slot_counts(schedule: list[int], calib_path: str) -> torch.Tensor:
+    """Calibration samples per slot (slots: the distinct timesteps of the schedule, sorted)."""
+    t = torch.load(calib_path, map_location="cpu", weights_only=False)["t"].long()
+    slots = torch.unique(torch.as_tensor(schedule, dtype=torch.long))
+    return (t[:, None] == slots[None, :]).sum(0)
+
+
+def drift_report(before_path: str, after_path: str, calib_path: str | None = None) -> dict:
+    before, after = _load(before_path), _load(after_path)
+    ratios = step_ratios(before, after)
+    logr = {n: r.log2().abs() for n, r in ratios.items()}
+    report = {"before": before_path, "after": after_path, "all": summary(torch.cat(list(logr.values()))),
+              "per_quantizer_median_abs_log2": {n: float(v.median()) for n, v in logr.items()}}
+    slots = {v.numel() for v in logr.values()}
+    if calib_path and slots != {1}:
+        counts = slot_counts(after["schedule"], calib_path)
+        stacked = torch.stack(list(logr.values()))           # [quantizers, slots]
+        cut = int(counts.float().median())
+        report["calib_samples_per_slot"] = {"min": int(counts.min()), "median": cut, "max": int(counts.max())}
+        report[f"slots with <= {cut} calibration samples"] = summary(stacked[:, counts <= cut].flatten())
+        report[f"slots with > {cut} calibration samples"] = summary(stacked[:, counts > cut].flatten())
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pairs", nargs="+", help="BEFORE AFTER [BEFORE AFTER ...] quantized.pt checkpoints")
+    p.add_argument("--calib", nargs="*", default=None, help="calib.pt per pair (slot sample counts)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if len(args.pairs) % 2:
+        raise SystemExit("give checkpoints in BEFORE AFTER pairs")
+    pairs = list(zip(args.pairs[::2], args.pairs[1::2]))
+    calibs = args.calib or [None] * len(pairs)
+    if len(calibs) != len(pairs):
+        raise SystemExit(f"--calib needs one calib.pt per pair ({len(pairs)})")
+    reports = [drift_report(b, a, c) for (b, a), c in zip(pairs, calibs)]
+    for r in reports:
+        print(f"{r['before']} -> {r['after']}:",
+              json.dumps({k: v for k, v in r.items() if k not in ("before", "after", "per_quantizer_median_abs_log2")}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(reports, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
