@@ -22,14 +22,20 @@ def save_quantized(path: str | Path, qmodel: QuantModel, method: str, **meta) ->
     path.with_suffix(".tmp").replace(path)
 
 
-def load_quantized(path: str | Path, fp_model: nn.Module) -> tuple[QuantModel, dict]:
-    """Rebuild the QuantModel of `fp_model` with the saved settings, then load its state strictly."""
+def read_quantized(path: str | Path) -> dict:
+    """The saved payload (format, method, config, schedule, meta, state_dict) of a quantized checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"quantized checkpoint {path} not found; calibrate first or fix --cali_ckpt")
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a quantized checkpoint of this repo (format {FORMAT})")
+    return payload
+
+
+def load_quantized(path: str | Path, fp_model: nn.Module) -> tuple[QuantModel, dict]:
+    """Rebuild the QuantModel of `fp_model` with the saved settings, then load its state strictly."""
+    payload = read_quantized(path)
     qmodel = QuantModel(fp_model, QuantConfig.from_dict(payload["config"]), payload["schedule"] or None)
     for name, layer in qmodel.quant_layers():                 # optional scaling tensors (Table 9 alternatives)
         if f"model.{name}.in_shift" in payload["state_dict"]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,28 +21,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from quant.checkpoint import FORMAT  # noqa: E402
+from quant.calib_data import CalibSet  # noqa: E402
+from quant.checkpoint import read_quantized  # noqa: E402
+from quant.steps import StepIndex  # noqa: E402
 
-SUFFIX = ".a_quant.0.delta"
+ACT_STEP = re.compile(r"^model\.(.+\.a_quant\.\d+)\.delta$")     # every activation quantizer's Δ_x
 
 
 def _load(path: str) -> dict:
-    if not Path(path).is_file():
-        raise SystemExit(f"checkpoint {path} not found")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise SystemExit(f"{path} is not a quantized checkpoint of this repo (format {FORMAT})")
-    return payload
+    try:
+        return read_quantized(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def step_ratios(before: dict, after: dict) -> dict[str, torch.Tensor]:
     """{quantizer name: Δ_after / Δ_before per slot} over the activation quantizers of both checkpoints."""
     a, b = before["state_dict"], after["state_dict"]
-    names = sorted(k for k in a if k.endswith(SUFFIX))
-    if names != sorted(k for k in b if k.endswith(SUFFIX)) or any(a[k].shape != b[k].shape for k in names):
+    names = sorted(k for k in a if ACT_STEP.match(k))
+    if names != sorted(k for k in b if ACT_STEP.match(k)) or any(a[k].shape != b[k].shape for k in names):
         raise SystemExit("the checkpoints hold different activation quantizers: compare runs with the same "
                          "--tpq/--split/bit settings")
-    return {k[len("model."):-len(SUFFIX)]: b[k] / a[k] for k in names}
+    return {ACT_STEP.match(k).group(1): b[k] / a[k] for k in names}
 
 
 def summary(logr: torch.Tensor) -> dict:
@@ -53,10 +54,9 @@ def summary(logr: torch.Tensor) -> dict:
 
 
 def slot_counts(schedule: list[int], calib_path: str) -> torch.Tensor:
-    """Calibration samples per slot (slots: the distinct timesteps of the schedule, sorted)."""
-    t = torch.load(calib_path, map_location="cpu", weights_only=False)["t"].long()
-    slots = torch.unique(torch.as_tensor(schedule, dtype=torch.long))
-    return (t[:, None] == slots[None, :]).sum(0)
+    """Calibration samples per TPQ slot of a model calibrated for `schedule`."""
+    steps = StepIndex(schedule)
+    return torch.bincount(steps.lookup(CalibSet.load(Path(calib_path)).t), minlength=steps.num_slots)
 
 
 def drift_report(before_path: str, after_path: str, calib_path: str | None = None) -> dict:
