@@ -13,6 +13,7 @@ import torch
 
 from ddim.data import mnist_uint8
 from tools import fid as fid_cli
+from tools import fidelity
 from tools import metrics
 from tools.metrics import (IS_WEIGHT_FILES, SPATIAL_DIM, InceptionExtractor, ISUnavailable, Stats,
                            evaluate, frechet_distance, inception_features, inception_score, reference_stats,
@@ -203,3 +204,48 @@ def test_fid_and_sfid_separate_real_digits_from_noise(digits, tmp_path, no_hub_w
     for key in ("fid", "sfid"):
         # At n=50 both values carry a large small-sample bias; real digits still sit several times closer.
         assert noise_vs_real[key] > 3 * real_vs_real[key] > 0
+
+
+# ---- tools/fidelity.py: runs against the FP model's own samples ---------------------------------------
+
+def test_paired_psnr_is_per_image_and_infinite_where_equal():
+    ref = np.zeros((3, 4, 4, 1), np.uint8)
+    images = ref.copy()
+    images[1] = 255                      # MSE 255^2 -> 0 dB
+    images[2, 0, 0, 0] = 16              # MSE 16^2 / 16 = 16 -> 10 log10(255^2 / 16)
+    psnr = fidelity.paired_psnr_db(ref, images)
+    assert np.isinf(psnr[0]) and psnr[1] == pytest.approx(0.0)
+    assert psnr[2] == pytest.approx(10 * np.log10(255.0 ** 2 / 16))
+    with pytest.raises(ValueError, match="same --max_images and seed"):
+        fidelity.paired_psnr_db(ref, images[:2])
+
+
+def test_fidelity_cli_ranks_runs_by_distance_to_fp(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    fp = rng.integers(0, 256, size=(32, 4, 4, 1), dtype=np.uint8)
+    near = (fp.astype(int) + rng.integers(-2, 3, size=fp.shape)).clip(0, 255).astype(np.uint8)
+    far = (fp // 4).astype(np.uint8)
+    for name, images in (("fp", fp), ("near", near), ("far", far)):
+        np.savez(tmp_path / f"{name}.npz", images)
+    (tmp_path / "far.json").write_text(json.dumps({"method": "m", "fid": 9.5, "sfid": 1.5}))
+
+    class FakeExtractor:                 # 4-d "features": the first pixels of each image
+        def __init__(self, device):
+            pass
+
+        def __call__(self, images, batch_size):
+            feats = images.reshape(len(images), -1)[:, :4].astype(np.float64)
+            return metrics.Features(pool=feats, spatial=feats[:, :3])
+
+    monkeypatch.setattr(fidelity, "InceptionExtractor", FakeExtractor)
+    out = tmp_path / "fidelity.json"
+    report = fidelity.main([str(tmp_path / "fp.npz")] + [str(tmp_path / f"{n}.npz") for n in ("fp", "near", "far")]
+                           + ["--out", str(out)])
+    near_row, far_row = report["rows"]                     # fp itself skipped
+    assert (near_row["run"], far_row["run"]) == ("near", "far")
+    assert near_row["fid_to_fp"] < far_row["fid_to_fp"] and near_row["psnr_median_db"] > far_row["psnr_median_db"]
+    assert (far_row["method"], far_row["fid_to_real"], near_row["fid_to_real"]) == ("m", 9.5, None)
+    assert json.loads(out.read_text())["n"] == 32
+    np.savez(tmp_path / "short.npz", fp[:8])
+    with pytest.raises(ValueError, match="same --max_images and seed"):
+        fidelity.main([str(tmp_path / "fp.npz"), str(tmp_path / "short.npz")])

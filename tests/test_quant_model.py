@@ -3,7 +3,7 @@ import torch
 
 from ddim import ddim_sample, make_betas, timestep_sequence
 from ddim.config import DiffusionConfig
-from quant.calib_data import collect_trajectories, evenly_spaced_steps, random_over_steps
+from quant.calib_data import CalibSet, collect_trajectories, evenly_spaced_steps, random_over_steps
 from quant.calibrate import calibrate
 from quant.checkpoint import load_quantized, save_quantized
 from quant.layers import QuantLayer, QuantMatMul
@@ -172,9 +172,25 @@ def test_sample_drift_measures_a_saved_checkpoint(tiny_unet, trajectories, tmp_p
                                                                      "diffusion": DiffusionConfig()})())
     monkeypatch.setattr(sd, "load_unet", lambda cfg, ckpt: tiny_unet)
     calib.save(tmp_path / "calib.pt")
-    report = sd.main([str(tmp_path / "q.pt"), "--n", "2", "--research_acts"])
+    report = sd.main([str(tmp_path / "q.pt"), "--n", "2", "--research_acts", "--eps_bias"])
     row = report["runs"][str(tmp_path / "q.pt")]
+    assert sum(band["n"] for band in row["eps bias on calib.pt"].values()) == 32
     assert row["method"] == "baseline"
     assert row["weights only"]["sample_sqnr_db"] > row["as saved"]["sample_sqnr_db"]    # A4 costs more than W8
     assert 0 <= row["as saved"]["zero_share"] <= 1 and 0 <= row["as saved"]["faint_share"] <= 1
     assert row["saved / re-searched step"]["min"] > 0 and "activation ranges re-searched" in row
+
+
+def test_eps_bias_separates_a_constant_shift_from_noise():
+    import tools.sample_drift as sd
+    x, t = torch.randn(64, 1, 4, 4), torch.arange(64) * 15           # t from 0 to 945, every band
+    a_bar = torch.linspace(0.999, 0.01, 1000)
+    fp = lambda x, t: x                                                # noqa: E731
+    shifted = sd.eps_bias(fp, lambda x, t: x + 0.1, CalibSet(x, t), a_bar, batch=16)
+    for band in shifted.values():
+        assert band["eps_mean_err"] == pytest.approx(0.1) and band["bias_share"] == pytest.approx(1.0)
+        assert band["x0_shift_px"] < 0                                 # eps too large -> x_0 predicted darker
+    small_t = shifted["t in [0, 10)"]                                  # t = 0 only: a_bar = 0.999
+    assert small_t["x0_shift_px"] == pytest.approx(-0.1 * 127.5 * (0.001 / 0.999) ** 0.5, rel=1e-4)
+    noisy = sd.eps_bias(fp, lambda x, t: x + 0.1 * torch.randn_like(x), CalibSet(x, t), a_bar)
+    assert all(band["bias_share"] < 0.3 for band in noisy.values())

@@ -7,7 +7,9 @@ statistics FID is sensitive to on MNIST (mean pixel, shares of pure-black and fa
 Each checkpoint is measured as saved, with its activation quantizers off (weights only) and, with
 --research_acts, with its activation ranges re-searched on its run's calib.pt (the state before any
 learned steps). The sampling schedule is the one stored in the checkpoint. --npz adds pixel statistics of
-saved sample sets beside the real digits'.
+saved sample sets beside the real digits'. --eps_bias adds, on the run's calib.pt (FP-trajectory inputs), the
+signed mean of the eps error per timestep band, the x_0-prediction shift it implies in 0-255 pixel units, and
+the share of the eps error that is a per-image mean shift (a bias the sampler accumulates, not noise).
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ from ddim import load_config, make_betas  # noqa: E402
 from ddim.data import mnist_uint8, to_uint8  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
 from ddim.sampling import initial_noise, make_sampler  # noqa: E402
+from ddim.schedule import alphas_cumprod  # noqa: E402
 from quant.calib_data import CalibSet  # noqa: E402
 from quant.calibrate import calibrate_activations  # noqa: E402
 from quant.checkpoint import load_quantized  # noqa: E402
 from quant.model import quant_enabled  # noqa: E402
-from tools.quant_report import tensor_sqnr_db  # noqa: E402
+from tools.quant_report import T_BANDS, tensor_sqnr_db  # noqa: E402
 
 FAINT = 20      # pixel values 1..FAINT (0-255) count as faint background
 
@@ -43,6 +46,29 @@ def pixel_stats(images: np.ndarray) -> dict:
 
 def drift(ref: torch.Tensor, out: torch.Tensor) -> dict:
     return {"sample_sqnr_db": tensor_sqnr_db(ref, out)} | pixel_stats(to_uint8(out))
+
+
+@torch.no_grad()
+def eps_bias(fp, qmodel, data: CalibSet, a_bar: torch.Tensor, batch: int = 128) -> dict:
+    """Per timestep band: mean of eps_q - eps_fp; the mean x_0-prediction shift it implies,
+    -sqrt(1 - a_t) / sqrt(a_t) (eps_q - eps_fp), in 0-255 pixel units (x_0 in [-1, 1]; > 0 brightens);
+    and bias_share = E[per-image mean error^2] / E[error^2]."""
+    errs, shifts = [], []
+    for x, t in data.batches(batch):
+        err = (qmodel(x, t) - fp(x, t)).flatten(1)
+        a = a_bar[t].to(err)
+        errs.append(err)
+        shifts.append(-((1 - a) / a).sqrt()[:, None] * err * 127.5)
+    err, shift = torch.cat(errs), torch.cat(shifts)
+    out = {}
+    for lo, hi in T_BANDS:
+        sel = (data.t >= lo) & (data.t < hi)
+        if sel.any():
+            e = err[sel]
+            out[f"t in [{lo}, {hi if hi < 10 ** 9 else 'T'})"] = {
+                "eps_mean_err": float(e.mean()), "x0_shift_px": float(shift[sel].mean()),
+                "bias_share": float(e.mean(1).pow(2).mean() / e.pow(2).mean()), "n": int(sel.sum())}
+    return out
 
 
 def step_ratios(qmodel, searched: dict) -> dict:
@@ -61,6 +87,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--research_acts", action="store_true",
                    help="also measure each checkpoint with its activation ranges re-searched on its run's calib.pt")
+    p.add_argument("--eps_bias", action="store_true",
+                   help="also measure each checkpoint's eps bias on its run's calib.pt (see above)")
     p.add_argument("--npz", nargs="*", default=[], help="sample files (samples.npz, results/*_runs/*.npz): pixel stats")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -84,6 +112,9 @@ def main(argv=None) -> dict:
         with quant_enabled(qmodel, weight=True, act=False):
             row["weights only"] = drift(refs[key], sample(qmodel, x_T))
         calib = Path(path).parent / "calib.pt"
+        if args.eps_bias and calib.exists():
+            a_bar = alphas_cumprod(make_betas(cfg.diffusion)).float()
+            row["eps bias on calib.pt"] = eps_bias(fp, qmodel, CalibSet.load(calib), a_bar)
         if args.research_acts and qmodel.config.quant_act and calib.exists():
             saved = {n: [q.delta.detach().clone() for q in m.a_quant] for n, m in qmodel.act_quant_modules()}
             calibrate_activations(qmodel, CalibSet.load(calib), 64, seed=0)

@@ -1,0 +1,103 @@
+"""How faithfully each run reproduces the FP model: FID and sFID of its samples against the FP model's own
+samples, and the PSNR between paired samples (same seed, so the same x_T image by image; eta 0, so the same
+trajectory up to quantization).
+
+    python tools/fidelity.py results/mnist_ablation_runs/fp.npz results/mnist_ablation_runs/*.npz \\
+        --out results/mnist_ablation_fidelity.json
+
+FID against real images (tools/fid.py) scores sample quality, and so also rewards a quantization error that
+happens to move samples toward the data. FID against FP samples scores what quantization tries to keep,
+the FP model's output distribution; PSNR scores it image by image. The first file is the FP reference;
+a file equal to it is skipped. A `<name>.json` record beside a `<name>.npz` (results_table's archive
+layout) or a results.json beside a samples.npz (a run folder) supplies the FID against real images for the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from tools.metrics import InceptionExtractor, feature_stats, frechet_distance, load_images_npz  # noqa: E402
+
+
+def paired_psnr_db(ref: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """PSNR (dB, peak 255) of each image against the reference image at the same index; inf where equal."""
+    if ref.shape != images.shape:
+        raise ValueError(f"paired images must have the same shape, got {ref.shape} and {images.shape}: "
+                         "compare sample sets drawn with the same --max_images and seed")
+    err = (ref.astype(np.float64) - images.astype(np.float64)) ** 2
+    mse = err.reshape(len(err), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(255.0 ** 2 / mse)
+
+
+def run_record(npz: Path) -> dict:
+    """The run's results record beside its samples, if any."""
+    for path in (npz.with_suffix(".json"), npz.parent / "results.json"):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
+
+
+def name_of(npz: Path) -> str:
+    return npz.parent.name if npz.stem == "samples" else npz.stem
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("fp", help="npz of the FP model's samples (the reference)")
+    p.add_argument("runs", nargs="+", help="npz of quantized runs' samples, drawn with the same seed and count")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--out", default=None, help="JSON file for the rows")
+    args = p.parse_args(argv)
+
+    fp_path = Path(args.fp)
+    fp_images = load_images_npz(fp_path)
+    runs = [Path(r) for r in args.runs if Path(r).resolve() != fp_path.resolve()]
+    pairs = {r: load_images_npz(r) for r in runs}                # fail on a bad file before any Inception work
+    for r, images in pairs.items():
+        if images.shape != fp_images.shape:
+            raise ValueError(f"{r} holds {images.shape} images, {fp_path} {fp_images.shape}: "
+                             "compare sample sets drawn with the same --max_images and seed")
+    extractor = InceptionExtractor(args.device)
+    fp_stats = feature_stats(extractor(fp_images, args.batch_size))
+    rows = []
+    for r, images in pairs.items():
+        stats = feature_stats(extractor(images, args.batch_size))
+        psnr = paired_psnr_db(fp_images, images)
+        record = run_record(r)
+        finite = psnr[np.isfinite(psnr)]
+        rows.append({"run": name_of(r), "npz": str(r), "method": record.get("method"),
+                     "fid_to_fp": frechet_distance(stats["pool"], fp_stats["pool"]),
+                     "sfid_to_fp": frechet_distance(stats["spatial"], fp_stats["spatial"]),
+                     "psnr_median_db": float(np.median(psnr)), "psnr_mean_db": float(finite.mean()) if finite.size else float("inf"),
+                     "identical_images": int(np.isinf(psnr).sum()),
+                     "fid_to_real": record.get("fid"), "sfid_to_real": record.get("sfid")})
+        print(json.dumps(rows[-1]), flush=True)
+    print(markdown(rows, fp_path))
+    report = {"fp": str(fp_path), "n": len(fp_images), "rows": rows}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def markdown(rows: list[dict], fp_path: Path) -> str:
+    def num(v):
+        return "-" if v is None else f"{v:.2f}"
+    lines = [f"FP reference: {fp_path}", "",
+             "| run | FID to FP | sFID to FP | PSNR median dB | FID to real | sFID to real |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {num(r['fid_to_fp'])} | {num(r['sfid_to_fp'])} | {num(r['psnr_median_db'])} | "
+              f"{num(r['fid_to_real'])} | {num(r['sfid_to_real'])} |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
