@@ -246,6 +246,8 @@ def test_fidelity_cli_ranks_runs_by_distance_to_fp(tmp_path, monkeypatch):
     assert near_row["fid_to_fp"] < far_row["fid_to_fp"] and near_row["psnr_median_db"] > far_row["psnr_median_db"]
     assert (far_row["method"], far_row["fid_to_real"], near_row["fid_to_real"]) == ("m", 9.5, None)
     assert json.loads(out.read_text())["n"] == 32
+    quick = fidelity.main([str(tmp_path / "fp.npz"), str(tmp_path / "near.npz"), "--no_fid"])["rows"][0]
+    assert quick["fid_to_fp"] is None and quick["psnr_median_db"] == near_row["psnr_median_db"]
     np.savez(tmp_path / "short.npz", fp[:8])
     with pytest.raises(ValueError, match="same --max_images and seed"):
         fidelity.main([str(tmp_path / "fp.npz"), str(tmp_path / "short.npz")])

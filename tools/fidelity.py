@@ -54,6 +54,7 @@ def main(argv=None) -> dict:
     p.add_argument("runs", nargs="+", help="npz of quantized runs' samples, drawn with the same seed and count")
     p.add_argument("--device", default=None)
     p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--no_fid", action="store_true", help="paired PSNR only (no Inception: seconds instead of minutes)")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
 
@@ -65,23 +66,27 @@ def main(argv=None) -> dict:
         if images.shape != fp_images.shape:
             raise ValueError(f"{r} holds {images.shape} images, {fp_path} {fp_images.shape}: "
                              "compare sample sets drawn with the same --max_images and seed")
-    extractor = InceptionExtractor(args.device)
-    fp_stats = feature_stats(extractor(fp_images, args.batch_size))
+    if not args.no_fid:
+        extractor = InceptionExtractor(args.device)
+        fp_stats = feature_stats(extractor(fp_images, args.batch_size))
     rows = []
     for r, images in pairs.items():
-        stats = feature_stats(extractor(images, args.batch_size))
+        fid = {"fid_to_fp": None, "sfid_to_fp": None}
+        if not args.no_fid:
+            stats = feature_stats(extractor(images, args.batch_size))
+            fid = {"fid_to_fp": frechet_distance(stats["pool"], fp_stats["pool"]),
+                   "sfid_to_fp": frechet_distance(stats["spatial"], fp_stats["spatial"])}
         psnr = paired_psnr_db(fp_images, images)
         record = run_record(r)
         finite = psnr[np.isfinite(psnr)]
-        rows.append({"run": name_of(r), "npz": str(r), "method": record.get("method"),
-                     "fid_to_fp": frechet_distance(stats["pool"], fp_stats["pool"]),
-                     "sfid_to_fp": frechet_distance(stats["spatial"], fp_stats["spatial"]),
-                     "psnr_median_db": float(np.median(psnr)), "psnr_mean_db": float(finite.mean()) if finite.size else float("inf"),
-                     "identical_images": int(np.isinf(psnr).sum()),
-                     "fid_to_real": record.get("fid"), "sfid_to_real": record.get("sfid")})
+        rows.append({"run": name_of(r), "npz": str(r), "method": record.get("method")} | fid | {
+            "psnr_median_db": float(np.median(psnr)),
+            "psnr_mean_db": float(finite.mean()) if finite.size else float("inf"),
+            "identical_images": int(np.isinf(psnr).sum()), "mean_px": float(images.mean()),
+            "fid_to_real": record.get("fid"), "sfid_to_real": record.get("sfid")})
         print(json.dumps(rows[-1]), flush=True)
     print(markdown(rows, fp_path))
-    report = {"fp": str(fp_path), "n": len(fp_images), "rows": rows}
+    report = {"fp": str(fp_path), "n": len(fp_images), "fp_mean_px": float(fp_images.mean()), "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -92,10 +97,10 @@ def markdown(rows: list[dict], fp_path: Path) -> str:
     def num(v):
         return "-" if v is None else f"{v:.2f}"
     lines = [f"FP reference: {fp_path}", "",
-             "| run | FID to FP | sFID to FP | PSNR median dB | FID to real | sFID to real |",
-             "|---|---|---|---|---|---|"]
+             "| run | FID to FP | sFID to FP | PSNR median dB | mean pixel | FID to real | sFID to real |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {num(r['fid_to_fp'])} | {num(r['sfid_to_fp'])} | {num(r['psnr_median_db'])} | "
-              f"{num(r['fid_to_real'])} | {num(r['sfid_to_real'])} |" for r in rows]
+              f"{num(r['mean_px'])} | {num(r['fid_to_real'])} | {num(r['sfid_to_real'])} |" for r in rows]
     return "\n".join(lines)
 
 
