@@ -2,7 +2,7 @@
 samples, and the PSNR between paired samples (same seed, so the same x_T image by image; eta 0, so the same
 trajectory up to quantization).
 
-    python tools/fidelity.py results/mnist_ablation_runs/fp.npz results/mnist_ablation_runs/*.npz \\
+    python tools/fidelity.py runs/mnist/fp/samples.npz runs/mnist_ablation/*/samples.npz \\
         --out results/mnist_ablation_fidelity.json
 
 FID against real images (tools/fid.py) scores sample quality, and so also rewards a quantization error that
@@ -61,11 +61,13 @@ def main(argv=None) -> dict:
     fp_path = Path(args.fp)
     fp_images = load_images_npz(fp_path)
     runs = [Path(r) for r in args.runs if Path(r).resolve() != fp_path.resolve()]
-    pairs = {r: load_images_npz(r) for r in runs}                # fail on a bad file before any Inception work
+    pairs = {r: load_images_npz(r) for r in runs}
+    psnrs = {}                                                   # fail on a bad file before any Inception work
     for r, images in pairs.items():
-        if images.shape != fp_images.shape:
-            raise ValueError(f"{r} holds {images.shape} images, {fp_path} {fp_images.shape}: "
-                             "compare sample sets drawn with the same --max_images and seed")
+        try:
+            psnrs[r] = paired_psnr_db(fp_images, images)
+        except ValueError as e:
+            raise ValueError(f"{r} against {fp_path}: {e}") from None
     if not args.no_fid:
         extractor = InceptionExtractor(args.device)
         fp_stats = feature_stats(extractor(fp_images, args.batch_size))
@@ -76,7 +78,7 @@ def main(argv=None) -> dict:
             stats = feature_stats(extractor(images, args.batch_size))
             fid = {"fid_to_fp": frechet_distance(stats["pool"], fp_stats["pool"]),
                    "sfid_to_fp": frechet_distance(stats["spatial"], fp_stats["spatial"])}
-        psnr = paired_psnr_db(fp_images, images)
+        psnr = psnrs[r]
         record = run_record(r)
         finite = psnr[np.isfinite(psnr)]
         rows.append({"run": name_of(r), "npz": str(r), "method": record.get("method")} | fid | {

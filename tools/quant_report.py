@@ -80,15 +80,18 @@ def _channels_first(x: torch.Tensor, conv: bool) -> torch.Tensor:
 T_BANDS = ((0, 10), (10, 100), (100, 10 ** 9))
 
 
+def t_bands(t: torch.Tensor):
+    """(label, mask over t) for each band of T_BANDS that holds any of the timesteps `t`."""
+    for lo, hi in T_BANDS:
+        sel = (t >= lo) & (t < hi)
+        if sel.any():
+            yield f"t in [{lo}, {hi if hi < 10 ** 9 else 'T'})", sel
+
+
 def sqnr_by_t(fp, qmodel, data: CalibSet) -> dict[str, float]:
     """eps SQNR per timestep band: small t dominates the overall number, since eps = (x_t - sqrt(a_t) x_0) /
     sqrt(1 - a_t) turns an input error into an eps error 1/sqrt(1 - a_t) (~100 at t = 0) times larger."""
-    out = {}
-    for lo, hi in T_BANDS:
-        sel = (data.t >= lo) & (data.t < hi)
-        if sel.any():
-            out[f"t in [{lo}, {hi if hi < 10 ** 9 else 'T'})"] = sqnr_db(fp, qmodel, CalibSet(data.x[sel], data.t[sel]))
-    return out
+    return {label: sqnr_db(fp, qmodel, CalibSet(data.x[sel], data.t[sel])) for label, sel in t_bands(data.t)}
 
 
 def tensor_sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -32,7 +32,8 @@ from quant.calib_data import CalibSet  # noqa: E402
 from quant.calibrate import calibrate_activations  # noqa: E402
 from quant.checkpoint import load_quantized  # noqa: E402
 from quant.model import quant_enabled  # noqa: E402
-from tools.quant_report import T_BANDS, tensor_sqnr_db  # noqa: E402
+from tools.metrics import load_images_npz  # noqa: E402
+from tools.quant_report import t_bands, tensor_sqnr_db  # noqa: E402
 
 FAINT = 20      # pixel values 1..FAINT (0-255) count as faint background
 
@@ -60,15 +61,9 @@ def eps_bias(fp, qmodel, data: CalibSet, a_bar: torch.Tensor, batch: int = 128) 
         errs.append(err)
         shifts.append(-((1 - a) / a).sqrt()[:, None] * err * 127.5)
     err, shift = torch.cat(errs), torch.cat(shifts)
-    out = {}
-    for lo, hi in T_BANDS:
-        sel = (data.t >= lo) & (data.t < hi)
-        if sel.any():
-            e = err[sel]
-            out[f"t in [{lo}, {hi if hi < 10 ** 9 else 'T'})"] = {
-                "eps_mean_err": float(e.mean()), "x0_shift_px": float(shift[sel].mean()),
-                "bias_share": float(e.mean(1).pow(2).mean() / e.pow(2).mean()), "n": int(sel.sum())}
-    return out
+    return {label: {"eps_mean_err": float(err[sel].mean()), "x0_shift_px": float(shift[sel].mean()),
+                    "bias_share": float(err[sel].mean(1).pow(2).mean() / err[sel].pow(2).mean()),
+                    "n": int(sel.sum())} for label, sel in t_bands(data.t)}
 
 
 def step_ratios(qmodel, searched: dict) -> dict:
@@ -96,9 +91,10 @@ def main(argv=None) -> dict:
     fp = load_unet(cfg, args.ckpt)
     x_T = initial_noise(args.n, (cfg.channels, cfg.image_size, cfg.image_size), args.seed)
     report, refs = {"n": args.n, "seed": args.seed, "runs": {}}, {}
+    a_bar = alphas_cumprod(make_betas(cfg.diffusion)).float()
     report["pixel stats"] = {"real (mnist_uint8, 5,000)": pixel_stats(mnist_uint8())}
     for path in args.npz:
-        images = np.load(path)["arr_0"]
+        images = load_images_npz(path)
         report["pixel stats"][f"{path} ({len(images)})"] = pixel_stats(images)
     print(json.dumps(report["pixel stats"], indent=1), flush=True)
     for path in args.checkpoints:
@@ -111,13 +107,12 @@ def main(argv=None) -> dict:
         row = {"method": payload["method"], "as saved": drift(refs[key], sample(qmodel, x_T))}
         with quant_enabled(qmodel, weight=True, act=False):
             row["weights only"] = drift(refs[key], sample(qmodel, x_T))
-        calib = Path(path).parent / "calib.pt"
-        if args.eps_bias and calib.exists():
-            a_bar = alphas_cumprod(make_betas(cfg.diffusion)).float()
-            row["eps bias on calib.pt"] = eps_bias(fp, qmodel, CalibSet.load(calib), a_bar)
-        if args.research_acts and qmodel.config.quant_act and calib.exists():
-            saved = {n: [q.delta.detach().clone() for q in m.a_quant] for n, m in qmodel.act_quant_modules()}
-            calibrate_activations(qmodel, CalibSet.load(calib), 64, seed=0)
+        calib_path = Path(path).parent / "calib.pt"
+        calib = CalibSet.load(calib_path) if (args.eps_bias or args.research_acts) and calib_path.exists() else None
+        if args.eps_bias and calib is not None:
+            row["eps bias on calib.pt"] = eps_bias(fp, qmodel, calib, a_bar)
+        if args.research_acts and qmodel.config.quant_act and calib is not None:
+            calibrate_activations(qmodel, calib, 64, seed=0)
             row["activation ranges re-searched"] = drift(refs[key], sample(qmodel, x_T))
             searched = {n: [q.delta.detach().clone() for q in m.a_quant] for n, m in qmodel.act_quant_modules()}
             qmodel.load_state_dict(payload["state_dict"])                # back to the saved steps
