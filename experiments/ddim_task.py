@@ -14,6 +14,7 @@ from ddim import load_config, make_betas
 from ddim.checkpoint import load_unet
 from ddim.sampling import SAMPLE_TYPES, generate, initial_noise, make_sampler, save_samples
 from experiments.runtime import load_stage, peak_memory_mb, reset_peak_memory, save_args, save_stage, timer
+from quant.bias_correction import correct_eps_bias
 from quant.calib_data import CalibSet, collect_trajectories, evenly_spaced_steps, random_over_steps, trajectories_for
 from quant.checkpoint import load_quantized, save_quantized
 from quant.methods import QuantMode
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cali_st", type=int, default=20, help="qdiff: number of evenly spaced calibration steps")
     q.add_argument("--cali_batch_size", type=int, default=64)
     q.add_argument("--cali_data_path", default=None, help="a saved calibration set (calib.pt) to use")
+    q.add_argument("--eps_correction", type=int, default=0, metavar="N",
+                   help="beyond the paper, any method: subtract the per-timestep mean eps error, estimated on N "
+                        "trajectories of the quantized model (quant/bias_correction.py); 0 = off")
     r = p.add_argument_group("qdiff (BRECQ reconstruction with AdaRound)")
     r.add_argument("--cali_iters_a", type=int, default=QDiffConfig.act_iters, help="activation-step iterations per block")
     r.add_argument("--cali_lr", type=float, default=QDiffConfig.act_lr, help="activation-step learning rate")
@@ -124,14 +128,15 @@ def sample_cache(logdir: Path, args, device) -> Path:
 
 
 def method_name(args) -> str:
-    """'dilatequant', or e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row."""
+    """'dilatequant', e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row; '+epsbc' with --eps_correction."""
+    suffix = "+epsbc" if args.eps_correction else ""
     if args.quant_mode != QuantMode.DILATEQUANT.value:
-        return args.quant_mode
+        return args.quant_mode + suffix
     if args.wd and args.tpq and args.bkd and args.scaling == Scaling.WEIGHT_DILATION.value:
-        return args.quant_mode
+        return args.quant_mode + suffix
     scaling = "wd" if args.scaling == Scaling.WEIGHT_DILATION.value else args.scaling
     parts = [n for n, on in ((scaling, args.wd), ("tpq", args.tpq), ("bkd", args.bkd)) if on]
-    return f"dilatequant[{','.join(parts) or 'none'}]"
+    return f"dilatequant[{','.join(parts) or 'none'}]{suffix}"
 
 
 def calibration_set(fp, sample, args, logdir: Path, device) -> CalibSet:
@@ -159,17 +164,35 @@ def calibration_set(fp, sample, args, logdir: Path, device) -> CalibSet:
     return calib
 
 
+def eps_correction(qmodel, fp, sample, args, device) -> dict:
+    """--eps_correction N: estimate and install the per-timestep eps-mean correction on N quantized-model
+    trajectories started from their own noise seed (not the evaluation's)."""
+    x_T = initial_noise(args.eps_correction, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution),
+                        args.seed + 11)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 12)
+    return correct_eps_bias(qmodel.to(device), fp.to(device), sample, x_T.to(device), args.cali_batch_size, gen)
+
+
 def quantize(fp, sample, args, logdir: Path, device):
     """Load --cali_ckpt, or calibrate by --quant_mode and save <logdir>/quantized.pt. -> (model, record)."""
     record = {"method": method_name(args), "weight_bit": args.weight_bit,
               "act_bit": args.act_bit if args.quant_act else None}
+    if args.eps_correction < 0:
+        raise SystemExit(f"--eps_correction {args.eps_correction}: give a number of trajectories >= 0 (0 = off)")
     if args.resume and not args.cali_ckpt:
         raise SystemExit("--resume needs --cali_ckpt (the calibrated checkpoint to resume from)")
     if args.resume_w and not (args.cali_ckpt and args.quant_mode == QuantMode.QDIFF.value):
         raise SystemExit("--resume_w needs --quant_mode qdiff and --cali_ckpt")
     if args.cali_ckpt and not args.resume_w:
         qmodel, _ = load_quantized(args.cali_ckpt, fp.cpu())
-        return qmodel.to(device).eval(), record | {"calib_seconds": None, "peak_mem_mb": None}
+        qmodel = qmodel.to(device).eval()
+        if not args.eps_correction:
+            return qmodel, record | {"calib_seconds": None, "peak_mem_mb": None}
+        with timer() as t:                                    # the correction alone, on the loaded model
+            stats = eps_correction(qmodel, fp, sample, args, device)
+        save_quantized(logdir / "quantized.pt", qmodel, record["method"], timesteps=args.timesteps,
+                       skip_type=args.skip_type, cali_ckpt=str(args.cali_ckpt))
+        return qmodel, record | stats | {"calib_seconds": t["seconds"], "peak_mem_mb": None}
     stage, key = logdir / "quantize.json", stage_key(args, SAMPLING_ONLY)
     done = load_stage(stage, key)
     if done and (logdir / "quantized.pt").exists():
@@ -196,9 +219,10 @@ def quantize(fp, sample, args, logdir: Path, device):
             reconstruct_activations(qmodel.to(device), fp, calib, qdiff_settings(args), logdir, args.cali_batch_size)
         else:
             qmodel = quantize_qdiff(fp, config, calib, qdiff_settings(args), logdir, batch_size=args.cali_batch_size)
+        stats = eps_correction(qmodel, fp, sample, args, device) if args.eps_correction else {}
     save_quantized(logdir / "quantized.pt", qmodel, record["method"], timesteps=args.timesteps,
                    skip_type=args.skip_type)
-    cost = {"calib_seconds": t["seconds"], "peak_mem_mb": peak_memory_mb(device)}
+    cost = stats | {"calib_seconds": t["seconds"], "peak_mem_mb": peak_memory_mb(device)}
     save_stage(stage, key, cost)
     shutil.rmtree(logdir / "sample_batches", ignore_errors=True)    # samples of an earlier model
     return qmodel.eval(), record | cost

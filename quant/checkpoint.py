@@ -42,6 +42,8 @@ def load_quantized(path: str | Path, fp_model: nn.Module) -> tuple[QuantModel, d
             layer.set_shift(torch.zeros_like(layer.in_scale))
         if f"model.{name}.in_gain" in payload["state_dict"]:
             layer.make_scale_learnable()
+    if "eps_bias" in payload["state_dict"]:                   # optional eps-mean correction (--eps_correction)
+        qmodel.set_eps_bias(payload["state_dict"]["eps_bias_t"], payload["state_dict"]["eps_bias"])
     load_strict(qmodel, payload["state_dict"], str(path),
                 "It was calibrated for another model, config or bit setting: check --config/--ckpt/--split.")
     return qmodel, payload

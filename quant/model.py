@@ -36,6 +36,9 @@ class QuantModel(nn.Module):
         self.model = copy.deepcopy(model)
         self.steps = StepIndex(list(schedule) if config.temporal else None)
         self.register_buffer("schedule", torch.as_tensor(list(schedule or []), dtype=torch.long))
+        self.register_buffer("eps_bias_t", None)               # optional eps-mean correction [S] and [S, C]
+        self.register_buffer("eps_bias", None)                 # (quant/bias_correction.py; off unless set)
+        self._bias_index: StepIndex | None = None
         self._wrap()
 
     def _wrap(self) -> None:
@@ -54,10 +57,30 @@ class QuantModel(nn.Module):
                 specs = [cfg.softmax_spec() if sm == i else cfg.act_spec() for i in (0, 1)]
                 _set_submodule(self.model, name, QuantMatMul(*specs, self.steps))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    def raw_eps(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """The quantized network's output, without the eps-mean correction."""
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         with self.steps.active(self.steps.lookup(t)):
             return self.model(x, t, **cond)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        eps = self.raw_eps(x, t, **cond)                       # [B, C, ...]
+        if self.eps_bias is None:
+            return eps
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        bias = self.eps_bias[self._bias_index.lookup(t)]       # [B, C]
+        return eps - bias.view(*bias.shape, *([1] * (eps.dim() - 2)))
+
+    def set_eps_bias(self, timesteps: torch.Tensor, bias: torch.Tensor) -> None:
+        """Install b_t: forward then returns eps - b_t for t in `timesteps` [S] (bias [S, C]); any other
+        timestep is an UncalibratedTimestepError."""
+        order = torch.argsort(timesteps)
+        if len(torch.unique(timesteps)) != len(timesteps) or bias.dim() != 2 or len(bias) != len(timesteps):
+            raise ValueError("eps bias needs distinct timesteps [S] and a bias [S, C]")
+        device = self.schedule.device
+        self.eps_bias_t = timesteps[order].long().to(device)
+        self.eps_bias = bias[order].float().to(device)
+        self._bias_index = StepIndex(self.eps_bias_t.tolist())
 
     def quant_layers(self) -> Iterator[tuple[str, QuantLayer]]:
         return ((n, m) for n, m in self.model.named_modules() if isinstance(m, QuantLayer))

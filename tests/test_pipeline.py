@@ -137,3 +137,19 @@ def test_calibration_set_is_redrawn_when_its_settings_change(tiny_task, tmp_path
     assert len(torch.load(tmp_path / "q" / "calib.pt")["t"]) == 24
     with pytest.raises(SystemExit, match="no such file"):
         run(tiny_task, tmp_path / "r", *q, "--cali_data_path", str(tmp_path / "missing.pt"))
+
+
+def test_eps_correction_is_one_flag_on_a_fresh_or_a_loaded_model(tiny_task, tmp_path):
+    q = ["--ptq", "--quant_mode", "baseline", "--weight_bit", "4", "--quant_act", "--act_bit", "4",
+         "--cali_n", "16", "--no_fid"]
+    plain = run(tiny_task, tmp_path / "plain", *q)
+    fresh = run(tiny_task, tmp_path / "fresh", *q, "--eps_correction", "5")
+    assert plain["method"] == "baseline" and fresh["method"] == "baseline+epsbc"
+    assert fresh["eps_correction_trajectories"] == 5 and fresh["eps_bias_abs_max"] > 0
+    loaded = run(tiny_task, tmp_path / "loaded", *q, "--eps_correction", "5",
+                 "--cali_ckpt", str(tmp_path / "plain" / "quantized.pt"))
+    images = {n: np.load(tmp_path / n / "samples.npz")["arr_0"] for n in ("plain", "fresh", "loaded")}
+    assert np.array_equal(images["fresh"], images["loaded"]) and not np.array_equal(images["plain"], images["fresh"])
+    assert loaded["calib_seconds"] > 0
+    with pytest.raises(SystemExit, match="eps_correction"):
+        run(tiny_task, tmp_path / "bad", *q, "--eps_correction", "-1")
