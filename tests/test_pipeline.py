@@ -150,6 +150,7 @@ def test_eps_correction_is_one_flag_on_a_fresh_or_a_loaded_model(tiny_task, tmp_
                  "--cali_ckpt", str(tmp_path / "plain" / "quantized.pt"))
     images = {n: np.load(tmp_path / n / "samples.npz")["arr_0"] for n in ("plain", "fresh", "loaded")}
     assert np.array_equal(images["fresh"], images["loaded"]) and not np.array_equal(images["plain"], images["fresh"])
-    assert loaded["calib_seconds"] > 0
+    assert loaded["calib_seconds"] == loaded["eps_correction_seconds"] > 0
+    assert 0 < fresh["eps_correction_seconds"] < fresh["calib_seconds"]
     with pytest.raises(SystemExit, match="eps_correction"):
         run(tiny_task, tmp_path / "bad", *q, "--eps_correction", "-1")
