@@ -57,3 +57,34 @@ def test_report_keeps_archived_runs(tmp_path):
     record = {"method": "fp", "fid": 3.0, "source": "copied from the main table"}
     (tmp_path / "results" / "t_runs" / "fp.json").write_text(json.dumps(record))
     assert "fp: copied from the main table" in write_report(tmp_path / "day2", out, "t").read_text()
+
+
+def test_report_psnr_to_fp_pairs_only_matching_runs(tmp_path):
+    import json
+
+    import numpy as np
+
+    from tools.results_table import write_report
+
+    rng = np.random.default_rng(0)
+    fp_images = rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
+
+    def run(name, record, images):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"n_samples": len(images), "steps": 10, "seed": 1} | record))
+        np.savez(d / "samples.npz", arr_0=images)
+
+    noisy = np.clip(fp_images.astype(int) + 4, 0, 255).astype(np.uint8)   # every pixel off by <= 4
+    run("fp", {"method": "fp"}, fp_images)
+    run("q", {"method": "baseline"}, noisy)
+    run("q_other_steps", {"method": "baseline", "steps": 20}, noisy)
+    run("q_other_seed", {"method": "baseline", "seed": 2}, noisy)
+    write_report(tmp_path / "runs", tmp_path / "t.md", "t")
+    records = {n: json.loads((tmp_path / "t_runs" / f"{n}.json").read_text()) for n in ("fp", "q", "q_other_steps", "q_other_seed")}
+    expected = float(np.median(10 * np.log10(255.0 ** 2 / ((noisy.astype(float) - fp_images) ** 2)
+                                             .reshape(12, -1).mean(1))))
+    assert records["q"]["psnr_to_fp_db"] == pytest.approx(expected) and records["q"]["psnr_ref"] == "fp"
+    assert 35 < expected < 60
+    assert all("psnr_to_fp_db" not in records[n] for n in ("fp", "q_other_steps", "q_other_seed"))
+    assert "PSNR to FP dB" in (tmp_path / "t.md").read_text()

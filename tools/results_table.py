@@ -19,8 +19,10 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddim.sampling import make_grid  # noqa: E402
+from tools.fidelity import paired_psnr_db  # noqa: E402
 
-COLUMNS = [("run", "{}"), ("method", "{}"), ("W/A", "{}"), ("FID", "{:.2f}"), ("sFID", "{:.2f}"), ("IS", "{:.2f}"),
+COLUMNS = [("run", "{}"), ("method", "{}"), ("W/A", "{}"), ("FID", "{:.2f}"), ("sFID", "{:.2f}"),
+           ("PSNR to FP dB", "{:.2f}"), ("IS", "{:.2f}"),
            ("calib s", "{:.0f}"), ("peak MB", "{:.0f}"), ("sampling s", "{:.0f}"), ("n", "{}"), ("steps", "{}")]
 
 
@@ -31,7 +33,7 @@ def _bits(r: dict) -> str:
 
 
 def row(name: str, r: dict) -> list[str]:
-    values = [name, r.get("method"), _bits(r), r.get("fid"), r.get("sfid"), r.get("is"), r.get("calib_seconds"),
+    values = [name, r.get("method"), _bits(r), r.get("fid"), r.get("sfid"), r.get("psnr_to_fp_db"), r.get("is"), r.get("calib_seconds"),
               r.get("peak_mem_mb"), r.get("sampling_seconds"), r.get("n_samples"), r.get("steps")]
     return ["n/a" if v is None else fmt.format(v) for v, (_, fmt) in zip(values, COLUMNS)]
 
@@ -43,10 +45,27 @@ def collect(runs: Path) -> list[tuple[str, dict]]:
     return [(p.parent.name, json.loads(p.read_text())) for p in sorted(runs.glob("*/results.json"))]
 
 
+PAIRING = ("n_samples", "steps", "skip_type", "eta", "seed", "config")
+
+
+def add_psnr_to_fp(runs: Path, results: list[tuple[str, dict]]) -> None:
+    """Give each quantized run `psnr_to_fp_db`: the median over images of the PSNR between its sample and the FP
+    run's sample from the same noise, where an FP run with the same count, steps, sampler and seed is in `runs`."""
+    fps = [(n, r) for n, r in results if r.get("method") == "fp" and (runs / n / "samples.npz").exists()]
+    for name, record in results:
+        ref = next((n for n, r in fps if all(r.get(k) == record.get(k) for k in PAIRING)), None)
+        if record.get("method") == "fp" or ref is None or not (runs / name / "samples.npz").exists():
+            continue
+        psnr = paired_psnr_db(np.load(runs / ref / "samples.npz")["arr_0"], np.load(runs / name / "samples.npz")["arr_0"])
+        record["psnr_to_fp_db"], record["psnr_ref"] = float(np.median(psnr)), ref
+
+
 def archive_runs(runs: Path, archive: Path) -> list[tuple[str, dict]]:
     """Copy each run's results.json (and first GRID_N samples) into `archive`; -> every archived record."""
     archive.mkdir(parents=True, exist_ok=True)
-    for name, record in collect(runs):
+    results = collect(runs)
+    add_psnr_to_fp(runs, results)
+    for name, record in results:
         (archive / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
         samples = runs / name / "samples.npz"
         if samples.exists():
@@ -58,7 +77,9 @@ def markdown(results: list[tuple[str, dict]], title: str) -> str:
     head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
     sep = "|" + "---|" * len(COLUMNS)
     body = ["| " + " | ".join(row(n, r)) + " |" for n, r in results]
-    note = ("IS is n/a: it needs the real Inception classifier head, which no package here ships. "
+    note = ("PSNR to FP: median over images of the PSNR between a run's sample and the FP run's sample from the same "
+            "noise (what quantization keeps; n/a where no paired FP run was in the same run folder). "
+            "IS is n/a: it needs the real Inception classifier head, which no package here ships. "
             "peak MB: CUDA peak allocation, or on CPU the process's peak resident memory at the end of calibration.")
     sources = [f"{n}: {r['source']}" for n, r in results if r.get("source")]   # rows not run by this task
     return "\n".join([f"## {title}", "", head, sep, *body, "", *sources, note, ""])
@@ -88,10 +109,9 @@ def grid_figure(archive: Path, names: list[str], out: Path) -> None:
 def write_report(runs: Path, out: Path, title: str) -> Path:
     """results/<table>.md and .png from the archive results/<table>_runs/, after adding the runs in `runs`."""
     archive = out.with_name(out.stem + "_runs")
-    results = archive_runs(runs, archive)
+    results = sorted(archive_runs(runs, archive), key=lambda nr: nr[1].get("method") != "fp")   # FP rows first
     out.write_text(markdown(results, title))
-    fp_first = sorted((n for n, _ in results), key=lambda n: not n.startswith("fp"))
-    grid_figure(archive, fp_first, out.with_suffix(".png"))
+    grid_figure(archive, [n for n, _ in results], out.with_suffix(".png"))
     return out
 
 
