@@ -154,3 +154,20 @@ def test_eps_correction_is_one_flag_on_a_fresh_or_a_loaded_model(tiny_task, tmp_
     assert 0 < fresh["eps_correction_seconds"] < fresh["calib_seconds"]
     with pytest.raises(SystemExit, match="eps_correction"):
         run(tiny_task, tmp_path / "bad", *q, "--eps_correction", "-1")
+
+
+def test_bench_calibration_times_runs_side_by_side(tiny_task, tmp_path):
+    from tools.bench_calibration import main as bench
+
+    task = {"common": {"config": str(tiny_task / "tiny.yml"), "ckpt": str(tiny_task / "tiny.ckpt"), "timesteps": 4,
+                       "seed": 3, "cali_n": 16, "cali_batch_size": 8},
+            "runs": {"base": {"quant_mode": "baseline", "weight_bit": 8, "act_bit": 8},
+                     "dq": {"quant_mode": "dilatequant", "weight_bit": 4, "act_bit": 4, "cali_iters": 2}}}
+    (tmp_path / "t.yml").write_text(yaml.safe_dump(task))
+    spec = str(tmp_path / "t.yml")
+    rows = bench([f"{spec}:base", f"{spec}:dq", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "c.json")])
+    assert [r["run"] for r in rows] == ["base", "dq"] and [r["method"] for r in rows] == ["baseline", "dilatequant"]
+    assert rows[0]["time_ratio"] == 1.0 and all(r["calib_seconds"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
+    assert json.loads((tmp_path / "c.json").read_text())["rows"] == rows
+    with pytest.raises(SystemExit, match="has no run 'nope'"):
+        bench([f"{spec}:nope"])
