@@ -15,11 +15,11 @@ from ddim.checkpoint import load_unet
 from ddim.sampling import SAMPLE_TYPES, generate, initial_noise, make_sampler, save_samples
 from experiments.runtime import load_stage, peak_memory_mb, reset_peak_memory, save_args, save_stage, timer
 from quant.bias_correction import correct_eps_bias
-from quant.calib_data import CalibSet, collect_trajectories, evenly_spaced_steps, random_over_steps, trajectories_for
+from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
 from quant.checkpoint import load_quantized, save_quantized
 from quant.methods import QuantMode
 from quant.dilation import Scaling
-from quant.distill import DistillConfig
+from quant.distill import DistillConfig, LRSchedule
 from quant.methods.baseline import quantize_baseline
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
 from quant.methods.qdiff import QDiffConfig, quantize_qdiff, reconstruct_activations
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration samples: total, drawn at random over all steps (baseline, dilatequant); "
                         "per step (qdiff)")
     q.add_argument("--cali_st", type=int, default=20, help="qdiff: number of evenly spaced calibration steps")
+    q.add_argument("--cali_per_traj", type=int, default=1,
+                   help="baseline, dilatequant: calibration samples taken from each FP trajectory (distinct random "
+                        "steps); 1 = every sample from its own trajectory, --cali_n trajectories")
     q.add_argument("--cali_batch_size", type=int, default=64)
     q.add_argument("--cali_data_path", default=None, help="a saved calibration set (calib.pt) to use")
     q.add_argument("--eps_correction", type=int, default=0, metavar="N",
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr_weight", type=float, default=DistillConfig.lr_weight)
     d.add_argument("--lr_quant", type=float, default=DistillConfig.lr_quant)
     d.add_argument("--lr_scale", type=float, default=DistillConfig.lr_scale, help="--scaling learnable factors")
+    d.add_argument("--lr_schedule", default=DistillConfig.lr_schedule.value, choices=[m.value for m in LRSchedule],
+                   help="learning rate over each unit's iterations: distillation (dilatequant) and the activation "
+                        "steps (qdiff); cosine anneals to 0")
     return p
 
 
@@ -93,14 +99,16 @@ def quant_config(args) -> QuantConfig:
 
 def dilatequant_config(args) -> DilateQuantConfig:
     distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
-                            lr_quant=args.lr_quant, lr_scale=args.lr_scale, seed=args.seed)
+                            lr_quant=args.lr_quant, lr_scale=args.lr_scale, lr_schedule=LRSchedule(args.lr_schedule),
+                            seed=args.seed)
     return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
                              distillation=args.bkd, distill=distill)
 
 
 def qdiff_settings(args) -> QDiffConfig:
     return QDiffConfig(weight_iters=args.cali_iters, act_iters=args.cali_iters_a, act_lr=args.cali_lr, lp=args.cali_p,
-                       running_stat=args.running_stat, batch_size=args.distill_batch_size, seed=args.seed)
+                       act_lr_schedule=LRSchedule(args.lr_schedule), running_stat=args.running_stat,
+                       batch_size=args.distill_batch_size, seed=args.seed)
 
 
 # Settings that change neither the quantized model nor (beyond SAMPLING_ONLY) the sampled images: a finished
@@ -108,7 +116,8 @@ def qdiff_settings(args) -> QDiffConfig:
 NOT_RESULT = ("logdir", "device", "ref", "no_fid")
 SAMPLING_ONLY = NOT_RESULT + ("max_images", "batch_size")
 UNIT_DIRS = ("distill", "recon_w", "recon_a")                 # per-unit reconstruction checkpoints
-CALIB_SETTINGS = ("config", "ckpt", "timesteps", "skip_type", "eta", "sample_type", "seed", "cali_n", "cali_st")
+CALIB_SETTINGS = ("config", "ckpt", "timesteps", "skip_type", "eta", "sample_type", "seed", "cali_n", "cali_st",
+                  "cali_per_traj")
 
 
 def stage_key(args, ignore: tuple[str, ...]) -> dict:
@@ -151,14 +160,15 @@ def calibration_set(fp, sample, args, logdir: Path, device) -> CalibSet:
     key = {k: getattr(args, k) for k in CALIB_SETTINGS} | {"evenly_spaced": mode is QuantMode.QDIFF}
     if path.exists() and load_stage(stage, key) is not None:
         return CalibSet.load(path)
-    n_traj = args.cali_n if mode is QuantMode.QDIFF else trajectories_for(args.cali_n, args.timesteps)
+    n_traj = args.cali_n if mode is QuantMode.QDIFF else trajectories_for(args.cali_n, args.cali_per_traj)
     x_T = initial_noise(n_traj, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution), args.seed + 7)
-    traj = collect_trajectories(lambda x, on_step: sample(fp, x.to(device), on_step=on_step), x_T)
+    fp_sample = lambda x, on_step: sample(fp, x.to(device), on_step=on_step)  # noqa: E731
     gen = torch.Generator().manual_seed(args.seed)
     if mode is QuantMode.QDIFF:
-        calib = evenly_spaced_steps(traj, args.cali_n, args.cali_st, gen)
+        calib = evenly_spaced_steps(collect_trajectories(fp_sample, x_T), args.cali_n, args.cali_st, gen)
     else:
-        calib = random_over_steps(traj, args.cali_n, gen)
+        calib = draw_over_steps(fp_sample, x_T, args.cali_n, len(sample.seq), args.cali_per_traj, gen,
+                                batch_size=args.batch_size)
     calib.save(path)
     save_stage(stage, key, {"samples": len(calib.t)})
     return calib

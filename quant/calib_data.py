@@ -1,9 +1,13 @@
 """Calibration data from the FP model's own sampling trajectories (data-free; SPEC §4, §5).
 
-`collect_trajectories` runs the sampler once and keeps every network input (x_t, t). Two ways to draw a
-calibration set from it:
-- `random_over_steps` (DilateQuant): n samples drawn uniformly over all (step, trajectory) pairs;
-- `evenly_spaced_steps` (Q-Diffusion `--cali_st/--cali_n`): n samples from each of `st` evenly spaced steps.
+- `draw_over_steps` (DilateQuant's random sampling strategy, and the baseline PTQ): n samples at steps drawn
+  uniformly at random, `per_traj` of them (distinct steps) from each FP trajectory, so n samples come from
+  ceil(n / per_traj) trajectories. Each trajectory runs only until its last chosen step and only the chosen
+  inputs are kept. How many trajectories matters: distillation trains weights, and calibration sets drawn
+  from a few trajectories (a few images) are overfitted (see README, "Calibration data").
+- `collect_trajectories` keeps every network input (x_t, t) of a set of trajectories;
+  `evenly_spaced_steps` (Q-Diffusion `--cali_st/--cali_n`) takes n samples from each of `st` evenly spaced
+  steps of them; `random_over_steps` takes n distinct (step, trajectory) pairs of them (tests, tools).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -56,14 +61,69 @@ def collect_trajectories(sample_fn: Callable, x_T: torch.Tensor) -> Trajectories
     return Trajectories(torch.stack(xs), torch.tensor(ts))
 
 
-def trajectories_for(n: int, steps: int) -> int:
-    """FP trajectories to run for `n` samples drawn at random over `steps` steps: twice the samples
-    needed (so draws rarely share a trajectory and step), at least 16."""
-    return max(16, math.ceil(2 * n / steps))
+def trajectories_for(n: int, per_traj: int) -> int:
+    """FP trajectories that `draw_over_steps` runs for n samples, per_traj from each."""
+    if n < 1 or per_traj < 1:
+        raise ValueError(f"need n >= 1 calibration samples and >= 1 per trajectory, got {n} and {per_traj}")
+    return math.ceil(n / per_traj)
+
+
+def plan_steps(n: int, n_steps: int, per_traj: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """For each of trajectories_for(n, per_traj) trajectories, the sorted sampler-call indices to keep:
+    per_traj distinct steps drawn uniformly from [0, n_steps) (the last trajectory takes the remainder)."""
+    if per_traj > n_steps:
+        raise ValueError(f"--cali_per_traj {per_traj} exceeds the {n_steps} sampling steps of a trajectory")
+    counts = [per_traj] * (n // per_traj) + ([n % per_traj] if n % per_traj else [])
+    return [torch.randperm(n_steps, generator=generator)[:k].sort().values for k in counts]
+
+
+class _Done(Exception):
+    """Raised by on_step once a batch of trajectories has reached its last needed step."""
+
+
+@torch.no_grad()
+def draw_over_steps(sample_fn: Callable, x_T: torch.Tensor, n: int, n_steps: int, per_traj: int,
+                    generator: torch.Generator, batch_size: int = 256) -> CalibSet:
+    """DilateQuant's random sampling strategy over fresh FP trajectories (module docstring).
+
+    sample_fn(x_T, on_step=...) runs the FP sampler (n_steps network calls); x_T [n_traj, ...] holds one
+    initial noise per trajectory, n_traj = trajectories_for(n, per_traj). Trajectories are run in batches
+    ordered by their last needed step, and each batch stops there: about half the cost of full
+    trajectories for per_traj = 1. Returns the n samples in a random order.
+    """
+    plan = plan_steps(n, n_steps, per_traj, generator)
+    if len(x_T) != len(plan):
+        raise ValueError(f"x_T holds {len(x_T)} trajectories; {n} samples at {per_traj} per trajectory need {len(plan)}")
+    order = sorted(range(len(plan)), key=lambda i: int(plan[i][-1]))
+    xs, ts = [], []
+    for lo in tqdm(range(0, len(order), batch_size), desc=f"calibration data ({len(plan)} FP trajectories)",
+                   dynamic_ncols=True):
+        rows = order[lo:lo + batch_size]
+        wanted = [plan[i] for i in rows]
+        last = max(int(w[-1]) for w in wanted)
+        call = [0]
+
+        def on_step(x, t):
+            k = call[0]
+            keep = [r for r, w in enumerate(wanted) if bool((w == k).any())]
+            if keep:
+                xs.append(x[keep].detach().cpu())
+                ts.append(t[keep].detach().cpu())
+            call[0] += 1
+            if k == last:
+                raise _Done
+
+        try:
+            sample_fn(x_T[rows], on_step=on_step)
+        except _Done:
+            pass
+    x, t = torch.cat(xs), torch.cat(ts).long()
+    perm = torch.randperm(len(t), generator=generator)
+    return CalibSet(x[perm], t[perm])
 
 
 def random_over_steps(tr: Trajectories, n: int, generator: torch.Generator) -> CalibSet:
-    """DilateQuant's random sampling strategy: n distinct (step, trajectory) pairs, uniformly."""
+    """n distinct (step, trajectory) pairs of collected trajectories, uniformly."""
     s, b = tr.xs.shape[:2]
     if n > s * b:
         raise ValueError(f"asked for {n} calibration samples but the trajectories hold only {s * b}; "

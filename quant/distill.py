@@ -9,6 +9,7 @@ Only one unit's graph lives at a time; its inputs and targets are cached on the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +24,13 @@ from quant.layers import QuantLayer, QuantMatMul
 from quant.model import QuantModel
 
 
+class LRSchedule(Enum):
+    """Learning rate over a unit's iterations. COSINE anneals every group from its lr to 0, as the
+    BRECQ-family reconstructions do for learned steps (the paper does not say); CONSTANT keeps it."""
+    COSINE = "cosine"
+    CONSTANT = "constant"
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     iters: int = 5000          # per unit (paper: 5K iterations, batch 32)
@@ -30,6 +38,7 @@ class DistillConfig:
     lr_weight: float = 1e-3    # weights and biases (paper: 1e-2; results/distill_sweep_w4a4.json)
     lr_quant: float = 1e-4     # Δ_w, Δ_x, z_x (paper: 1e-4)
     lr_scale: float = 1e-5     # learnable equivalent-scaling factors, --scaling learnable (paper Table 9: 1e-5)
+    lr_schedule: LRSchedule = LRSchedule.COSINE
     cache_batch_size: int = 64
     seed: int = 0
 
@@ -148,7 +157,8 @@ def unit_loss(qmodel: QuantModel, module: nn.Module, data: UnitData, batch_size:
 
 def train_unit(qmodel: QuantModel, unit: str, data: UnitData, objective: Objective, cfg: DistillConfig, seed: int,
                desc: str = "") -> dict:
-    """Adam on `objective` for cfg.iters mixed-timestep batches of the unit's cached data.
+    """Adam on `objective` for cfg.iters mixed-timestep batches of the unit's cached data, the learning rates
+    following cfg.lr_schedule.
 
     Returns the MSE over all cached samples before and after. If the unit ends worse than it started
     (too high a learning rate for it, say), its initial state is restored and `kept_initial` is set.
@@ -160,6 +170,8 @@ def train_unit(qmodel: QuantModel, unit: str, data: UnitData, objective: Objecti
     if groups and cfg.iters > 0:
         device = next(qmodel.parameters()).device
         opt = torch.optim.Adam(groups)
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=0.0)
+                 if cfg.lr_schedule is LRSchedule.COSINE else None)
         gen = torch.Generator().manual_seed(seed)
         bar = tqdm(range(cfg.iters), desc=desc, dynamic_ncols=True, leave=False)
         for it in bar:
@@ -170,6 +182,8 @@ def train_unit(qmodel: QuantModel, unit: str, data: UnitData, objective: Objecti
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             if it % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3e}")
     objective.finish(module)

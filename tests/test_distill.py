@@ -6,7 +6,7 @@ from conftest import TINY_SEQ
 from quant import distill as distill_mod
 from quant.calib_data import random_over_steps
 from quant.calibrate import calibrate
-from quant.distill import DistillConfig, DistillObjective, cache_unit_io, distill, train_unit
+from quant.distill import DistillConfig, DistillObjective, LRSchedule, cache_unit_io, distill, train_unit
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
 from quant.model import QuantModel
 from quant.settings import QuantConfig
@@ -43,6 +43,30 @@ def test_distilling_one_block_lowers_its_loss(tiny_unet, calib):
     log = train_unit(q, "mid.block_1", data, DistillObjective(cfg), cfg, seed=0)
     assert log["loss_before"] == pytest.approx(before, rel=1e-5)
     assert log["loss_after"] < 0.95 * before and not log["kept_initial"]
+
+
+@pytest.mark.parametrize("schedule", list(LRSchedule))
+def test_learning_rates_follow_the_schedule(tiny_unet, calib, schedule, monkeypatch):
+    """Cosine anneals every group from its lr to 0 over the unit's iterations; constant keeps it."""
+    q = w4a4(tiny_unet, calib)
+    data = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16)
+    seen, real_step = [], torch.optim.Adam.step
+
+    def spy(opt, *args, **kwargs):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return real_step(opt, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    cfg = DistillConfig(iters=10, batch_size=8, lr_weight=1e-3, lr_quant=1e-4, lr_schedule=schedule)
+    train_unit(q, "mid.block_1", data, DistillObjective(cfg), cfg, seed=0)
+    lrs = torch.tensor(seen, dtype=torch.float64)                        # [iters, groups]
+    assert lrs.shape[0] == 10 and lrs[0].tolist() == pytest.approx([1e-3, 1e-4])
+    if schedule is LRSchedule.CONSTANT:
+        assert torch.all(lrs == lrs[0])
+    else:
+        want = 0.5 * (1 + torch.cos(torch.pi * torch.arange(10) / 10))
+        assert torch.allclose(lrs / lrs[0], want[:, None].double().expand_as(lrs), atol=1e-6)
+        assert lrs[-1, 0] < 0.03 * lrs[0, 0]
 
 
 def test_a_unit_made_worse_by_training_keeps_its_initial_state(tiny_unet, calib):
@@ -122,3 +146,17 @@ def test_step_drift_compares_the_same_quantizers_before_and_after(tiny_unet, cal
     save_quantized(tmp_path / "shared.pt", shared, "dilatequant[none]")
     with pytest.raises(SystemExit, match="different activation quantizers"):
         drift_report(str(tmp_path / "before.pt"), str(tmp_path / "shared.pt"))
+
+
+def test_distill_sweep_variants_and_generalisation_gap(tiny_unet, calib):
+    from tools.distill_sweep import Variant, unit_gaps
+
+    base = Variant(per_traj=1, schedule=LRSchedule.COSINE, iters=200, lr_w=1e-3, lr_q=1e-4)
+    v = Variant.parse("per_traj=49,schedule=constant,iters=800", base)
+    assert (v.per_traj, v.schedule, v.iters, v.lr_w) == (49, LRSchedule.CONSTANT, 800, 1e-3)
+    with pytest.raises(SystemExit, match="unknown variant key"):
+        Variant.parse("lr=1e-3", base)
+    q = w4a4(tiny_unet, calib)
+    rows = unit_gaps(q, tiny_unet, calib, calib)                 # held-out = calibration: no gap at all
+    assert [r["unit"] for r in rows] == q.adapter.units(q.model)
+    assert all(r["held_over_calib"] == pytest.approx(1.0) for r in rows)

@@ -6,7 +6,7 @@ from experiments.ddim_task import build_parser
 from quant import adaround
 from quant.calib_data import evenly_spaced_steps
 from quant.checkpoint import load_quantized, save_quantized
-from quant.distill import DistillConfig, cache_unit_io, train_unit
+from quant.distill import DistillConfig, LRSchedule, cache_unit_io, train_unit
 from quant.methods.qdiff import AdaRoundObjective, QDiffConfig, qdiff_config, quantize_qdiff
 from quant.model import QuantModel, quant_enabled
 from quant.range_search import init_weight_quantizers
@@ -50,7 +50,8 @@ def test_adaround_ends_hard_and_on_the_grid(tiny_unet, calib):
         soft["h"] = torch.cat([r.h().detach().flatten() for r in objective.rounders])
         real_finish(unit)
     objective.finish = finish
-    log = train_unit(q, "mid.block_1", data, objective, DistillConfig(iters=300, batch_size=8), seed=0)
+    cfg = DistillConfig(iters=300, batch_size=8, lr_schedule=LRSchedule.CONSTANT)   # as reconstruct_weights
+    log = train_unit(q, "mid.block_1", data, objective, cfg, seed=0)
     assert not log["kept_initial"]
     undecided = ((soft["h"] > 0.01) & (soft["h"] < 0.99)).float().mean()
     assert undecided < 0.1                                         # the regulariser polarised h (~all undecided at start)

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from ddim import load_config, make_betas  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
 from ddim.sampling import initial_noise, make_sampler  # noqa: E402
-from quant.calib_data import CalibSet, collect_trajectories, random_over_steps, trajectories_for  # noqa: E402
+from quant.calib_data import CalibSet, draw_over_steps, trajectories_for  # noqa: E402
 from quant.calibrate import calibrate  # noqa: E402
 from quant.dilation import dilate  # noqa: E402
 from quant.layers import QuantLayer  # noqa: E402
@@ -34,9 +34,11 @@ from quant.settings import QuantConfig  # noqa: E402
 from tools.common import set_seed  # noqa: E402
 
 
-def draw(fp, sample, n_traj: int, n: int, seed: int, shape) -> CalibSet:
-    traj = collect_trajectories(lambda x, on_step: sample(fp, x, on_step=on_step), initial_noise(n_traj, shape, seed))
-    return random_over_steps(traj, n, torch.Generator().manual_seed(seed))
+def draw(fp, sample, n: int, seed: int, shape, per_traj: int = 1) -> CalibSet:
+    """n (x_t, t) at random steps of FP trajectories started from noise `seed`, per_traj from each."""
+    x_T = initial_noise(trajectories_for(n, per_traj), shape, seed)
+    return draw_over_steps(lambda x, on_step: sample(fp, x, on_step=on_step), x_T, n, len(sample.seq), per_traj,
+                           torch.Generator().manual_seed(seed))
 
 
 def add_setup_args(p: argparse.ArgumentParser, cali_n: int) -> None:
@@ -45,21 +47,27 @@ def add_setup_args(p: argparse.ArgumentParser, cali_n: int) -> None:
     p.add_argument("--timesteps", type=int, default=100)
     p.add_argument("--skip_type", default="quad")
     p.add_argument("--cali_n", type=int, default=cali_n)
+    p.add_argument("--cali_per_traj", type=int, default=1, help="calibration samples per FP trajectory")
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
 
 
-def setup(args):
-    """(FP model, sampler, calibration set, held-out set): both sets drawn at random over all steps of
-    FP trajectories, from different noise seeds."""
+def load_setup(args):
+    """(FP model, sampler, held-out set, image shape): 512 held-out samples at random steps of 512 FP
+    trajectories of their own noise seed."""
     set_seed(args.seed)
     cfg = load_config(args.config)
     fp = load_unet(cfg, args.ckpt)
     sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, 0.0)
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    calib = draw(fp, sample, trajectories_for(args.cali_n, args.timesteps), args.cali_n, 100 + args.seed, shape)
-    held = draw(fp, sample, max(8, 1024 // args.timesteps), 512, 200 + args.seed, shape)
-    return fp, sample, calib, held
+    return fp, sample, draw(fp, sample, 512, 200 + args.seed, shape), shape
+
+
+def setup(args):
+    """(FP model, sampler, calibration set, held-out set): both sets drawn at random over all steps of
+    FP trajectories, from different noise seeds."""
+    fp, sample, held, shape = load_setup(args)
+    return fp, sample, draw(fp, sample, args.cali_n, 100 + args.seed, shape, args.cali_per_traj), held
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from quant import adaround
 from quant.calib_data import CalibSet
 from quant.calibrate import calibrate_activations
-from quant.distill import DistillConfig, reconstruct
+from quant.distill import DistillConfig, LRSchedule, reconstruct
 from quant.layers import QuantLayer, QuantMatMul
 from quant.model import QuantModel, quant_enabled
 from quant.range_search import init_weight_quantizers
@@ -31,6 +31,7 @@ class QDiffConfig:
     weight_iters: int = 20000      # --cali_iters: AdaRound iterations per unit
     act_iters: int = 5000          # --cali_iters_a: activation-step iterations per unit
     act_lr: float = 4e-4           # --cali_lr
+    act_lr_schedule: LRSchedule = LRSchedule.COSINE  # --lr_schedule; AdaRound keeps a constant lr (as in Q-Diffusion)
     lp: float = 2.4                # --cali_p
     running_stat: bool = False     # --running_stat
     batch_size: int = 32
@@ -89,8 +90,8 @@ class ActStepObjective:
         pass
 
 
-def _recon_cfg(qd: QDiffConfig, iters: int) -> DistillConfig:
-    return DistillConfig(iters=iters, batch_size=qd.batch_size, seed=qd.seed)
+def _recon_cfg(qd: QDiffConfig, iters: int, schedule: LRSchedule) -> DistillConfig:
+    return DistillConfig(iters=iters, batch_size=qd.batch_size, lr_schedule=schedule, seed=qd.seed)
 
 
 def qdiff_config(config: QuantConfig, qd: QDiffConfig) -> QuantConfig:
@@ -103,8 +104,8 @@ def reconstruct_weights(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet
     init_weight_quantizers(qmodel)
     if qd.weight_iters:
         with quant_enabled(qmodel, weight=True, act=False):
-            reconstruct(qmodel, fp_model, calib, AdaRoundObjective(qd), _recon_cfg(qd, qd.weight_iters),
-                        run_dir / "recon_w")
+            reconstruct(qmodel, fp_model, calib, AdaRoundObjective(qd),
+                        _recon_cfg(qd, qd.weight_iters, LRSchedule.CONSTANT), run_dir / "recon_w")
 
 
 def reconstruct_activations(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, qd: QDiffConfig,
@@ -114,7 +115,8 @@ def reconstruct_activations(qmodel: QuantModel, fp_model: nn.Module, calib: Cali
         return
     calibrate_activations(qmodel, calib, batch_size, seed=qd.seed)
     if qd.act_iters:
-        reconstruct(qmodel, fp_model, calib, ActStepObjective(qd), _recon_cfg(qd, qd.act_iters), run_dir / "recon_a")
+        reconstruct(qmodel, fp_model, calib, ActStepObjective(qd), _recon_cfg(qd, qd.act_iters, qd.act_lr_schedule),
+                    run_dir / "recon_a")
 
 
 def quantize_qdiff(fp_model: nn.Module, config: QuantConfig, calib: CalibSet, qd: QDiffConfig, run_dir: Path,
