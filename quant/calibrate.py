@@ -19,15 +19,23 @@ from quant.settings import RangeInit
 
 class SlotObserver:
     """Per-slot exact min/max, running-average min/max (momentum `momentum` over batches) and a bounded
-    random subsample of the values an activation quantizer sees."""
+    random subsample of the values an activation quantizer sees.
 
-    def __init__(self, n_slots: int, max_values: int, generator: torch.Generator, momentum: float = 0.95):
-        self.n_slots, self.max_values, self.gen, self.momentum = n_slots, max_values, generator, momentum
-        self.lo = torch.full((n_slots,), float("inf"))
-        self.hi = torch.full((n_slots,), float("-inf"))
-        self.run_lo = torch.full((n_slots,), float("nan"))
-        self.run_hi = torch.full((n_slots,), float("nan"))
-        self.values: list[list[torch.Tensor]] = [[] for _ in range(n_slots)]
+    `samples_per_slot` [n_slots] says how many calibration samples each slot will see (known from the
+    calibration set); each sample keeps ceil(max_values / that) of its values, drawn at random. A slot's
+    subsample thus holds about max_values values however the samples fall on slots, every sample of a slot
+    is represented equally, and memory stays O(n_slots * max_values) for TPQ's many slots.
+    """
+
+    def __init__(self, samples_per_slot: torch.Tensor, max_values: int, generator: torch.Generator,
+                 momentum: float = 0.95):
+        self.n_slots, self.max_values, self.gen, self.momentum = len(samples_per_slot), max_values, generator, momentum
+        self.per_sample = torch.ceil(max_values / samples_per_slot.clamp_min(1).double()).long()
+        self.lo = torch.full((self.n_slots,), float("inf"))
+        self.hi = torch.full((self.n_slots,), float("-inf"))
+        self.run_lo = torch.full((self.n_slots,), float("nan"))
+        self.run_hi = torch.full((self.n_slots,), float("nan"))
+        self.values: list[list[torch.Tensor]] = [[] for _ in range(self.n_slots)]
 
     def _running(self, old: torch.Tensor, s: int, new: float) -> None:
         old[s] = new if torch.isnan(old[s]) else self.momentum * old[s] + (1 - self.momentum) * new
@@ -35,16 +43,23 @@ class SlotObserver:
     def _keep(self, v: torch.Tensor, k: int) -> torch.Tensor:
         return v if v.numel() <= k else v[torch.randint(0, v.numel(), (k,), generator=self.gen)]
 
-    def update(self, x: torch.Tensor, row_slots: torch.Tensor) -> None:
-        """x [N, ...]; row_slots [N]: the slot of each row."""
-        x = x.detach().float().cpu()
-        for s in torch.unique(row_slots).tolist():
-            v = x[row_slots.cpu() == s].flatten()
-            self.lo[s] = min(self.lo[s], v.min())
-            self.hi[s] = max(self.hi[s], v.max())
-            self._running(self.run_lo, s, float(v.min()))
-            self._running(self.run_hi, s, float(v.max()))
-            self.values[s].append(self._keep(v, self.max_values))
+    def update(self, x: torch.Tensor, sample_slots: torch.Tensor) -> None:
+        """x [B*h, ...]: h consecutive rows per sample (h = heads for attention operands, else 1);
+        sample_slots [B]: the slot of each sample."""
+        sample_slots = sample_slots.cpu()
+        x = x.detach().float().cpu().reshape(len(sample_slots), -1)            # [B, h*...]
+        for s in torch.unique(sample_slots).tolist():
+            rows = x[sample_slots == s]                                        # [r, n]
+            self.lo[s] = min(self.lo[s], rows.min())
+            self.hi[s] = max(self.hi[s], rows.max())
+            self._running(self.run_lo, s, float(rows.min()))
+            self._running(self.run_hi, s, float(rows.max()))
+            k = int(self.per_sample[s])
+            if k >= rows.shape[1]:                                             # small tensors: every value
+                self.values[s].append(rows.flatten())
+            else:
+                idx = torch.randint(0, rows.shape[1], (len(rows), k), generator=self.gen)
+                self.values[s].append(rows.gather(1, idx).flatten())
 
     def ranges(self, quantizer: ActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
         """Range per slot by the quantizer's init rule; unseen slots get the all-data range."""
@@ -78,13 +93,14 @@ def calibrate_activations(qmodel: QuantModel, calib: CalibSet, batch_size: int =
     gen = torch.Generator().manual_seed(seed)
     device = next(qmodel.parameters()).device
     observers, hooks = {}, []
+    samples_per_slot = torch.bincount(qmodel.steps.lookup(calib.t).cpu(), minlength=qmodel.steps.num_slots)
     for name, module in qmodel.act_quant_modules():
-        observers[name] = [SlotObserver(q.delta.numel(), max_values, gen) for q in module.a_quant]
+        observers[name] = [SlotObserver(samples_per_slot[:q.delta.numel()], max_values, gen) for q in module.a_quant]
 
         def hook(mod, args, name=name):
             slots = qmodel.steps.current()                      # [B] slot of each sample
             for obs, x in zip(observers[name], _observed_inputs(mod, args)):
-                obs.update(x, slots.repeat_interleave(x.shape[0] // slots.numel()))
+                obs.update(x, slots)
         hooks.append(module.register_forward_pre_hook(hook))
     try:
         with quant_enabled(qmodel, weight=True, act=False):
