@@ -160,3 +160,14 @@ def test_distill_sweep_variants_and_generalisation_gap(tiny_unet, calib):
     rows = unit_gaps(q, tiny_unet, calib, calib)                 # held-out = calibration: no gap at all
     assert [r["unit"] for r in rows] == q.adapter.units(q.model)
     assert all(r["held_over_calib"] == pytest.approx(1.0) for r in rows)
+
+
+def test_one_pass_unit_mse_equals_the_distillation_loss(tiny_unet, calib):
+    from quant.distill import unit_loss
+    from tools.distill_sweep import unit_mse
+
+    q = w4a4(tiny_unet, calib)
+    one_pass = unit_mse(q, tiny_unet, calib, batch_size=16)
+    for unit in ("conv_in", "mid.block_1", "mid.attn_1", "up.0.block.1", "conv_out"):
+        data = cache_unit_io(q, tiny_unet, unit, calib, 16)
+        assert one_pass[unit] == pytest.approx(unit_loss(q, q.model.get_submodule(unit), data, 16), rel=1e-5)

@@ -134,7 +134,12 @@ def test_calibration_set_is_redrawn_when_its_settings_change(tiny_task, tmp_path
     run(tiny_task, tmp_path / "q", *q, "--cali_n", "16")
     assert len(torch.load(tmp_path / "q" / "calib.pt")["t"]) == 16
     run(tiny_task, tmp_path / "q", *q, "--cali_n", "24")
-    assert len(torch.load(tmp_path / "q" / "calib.pt")["t"]) == 24
+    one_each = torch.load(tmp_path / "q" / "calib.pt")
+    assert len(one_each["t"]) == 24
+    run(tiny_task, tmp_path / "q", *q, "--cali_n", "24", "--cali_per_traj", "4")   # 6 trajectories, not 24
+    four_each = torch.load(tmp_path / "q" / "calib.pt")
+    assert len(four_each["t"]) == 24 and not torch.equal(four_each["x"], one_each["x"])
+    assert len(torch.unique(four_each["x"][:, :, :2, :2].flatten(1), dim=0)) == 24   # still distinct samples
     with pytest.raises(SystemExit, match="no such file"):
         run(tiny_task, tmp_path / "r", *q, "--cali_data_path", str(tmp_path / "missing.pt"))
 

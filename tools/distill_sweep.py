@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from ddim.data import to_uint8  # noqa: E402
 from ddim.sampling import initial_noise  # noqa: E402
-from quant.distill import DistillConfig, LRSchedule, cache_unit_io, unit_loss  # noqa: E402
+from quant.distill import DistillConfig, LRSchedule  # noqa: E402
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant  # noqa: E402
 from quant.settings import QuantConfig  # noqa: E402
 from tools.fidelity import paired_psnr_db  # noqa: E402
@@ -63,15 +63,34 @@ class Variant:
 
 
 @torch.no_grad()
+def unit_mse(q, fp, data, batch_size: int = 64) -> dict[str, float]:
+    """MSE of every unit against the FP unit's output, its input from the quantized chain (eq. 17), all units
+    in one quantized and one FP forward per batch."""
+    units = q.adapter.units(q.model)
+    err, count = dict.fromkeys(units, 0.0), dict.fromkeys(units, 0)
+    for x, t in data.batches(batch_size):
+        ins, outs = {}, {}
+        hooks = [q.model.get_submodule(u).register_forward_pre_hook(lambda m, a, u=u: ins.__setitem__(u, a))
+                 for u in units]
+        hooks += [fp.get_submodule(u).register_forward_hook(lambda m, a, o, u=u: outs.__setitem__(u, o)) for u in units]
+        try:
+            q(x, t)
+            fp(x, t)
+        finally:
+            for h in hooks:
+                h.remove()
+        with q.steps.active(q.steps.lookup(t)):
+            for u in units:
+                diff = q.model.get_submodule(u)(*ins[u]) - outs[u]
+                err[u] += float(diff.pow(2).sum())
+                count[u] += diff.numel()
+    return {u: err[u] / count[u] for u in units}
+
+
 def unit_gaps(q, fp, calib, held) -> list[dict]:
     """Per unit: MSE to the FP unit output on calibration and held-out data, through the final quantized chain."""
-    rows = []
-    for unit in q.adapter.units(q.model):
-        module = q.model.get_submodule(unit)
-        cal = unit_loss(q, module, cache_unit_io(q, fp, unit, calib, 64), 64)
-        out = unit_loss(q, module, cache_unit_io(q, fp, unit, held, 64), 64)
-        rows.append({"unit": unit, "calib_mse": cal, "held_mse": out, "held_over_calib": out / cal})
-    return rows
+    cal, out = unit_mse(q, fp, calib), unit_mse(q, fp, held)
+    return [{"unit": u, "calib_mse": cal[u], "held_mse": out[u], "held_over_calib": out[u] / cal[u]} for u in cal]
 
 
 def main(argv=None):
