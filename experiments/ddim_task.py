@@ -5,6 +5,7 @@ Flags follow Q-Diffusion's `scripts/sample_diffusion_ddim.py` (seed 003), plus `
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -148,30 +149,35 @@ def method_name(args) -> str:
     return f"dilatequant[{','.join(parts) or 'none'}]{suffix}"
 
 
-def calibration_set(fp, sample, args, logdir: Path, device) -> CalibSet:
+def calibration_set(fp, sample, args, logdir: Path, device) -> tuple[CalibSet, float | None, bool]:
     """--cali_data_path, or <logdir>/calib.pt made with the same settings (calib.json), or drawn anew from FP
-    trajectories started from their own noise seed and cached there."""
+    trajectories started from their own noise seed and cached there. -> (calibration set, seconds its draw
+    took (None if not recorded), whether it was reused rather than drawn by this call)."""
     if args.cali_data_path:
         if not Path(args.cali_data_path).is_file():
             raise SystemExit(f"--cali_data_path {args.cali_data_path}: no such file (a calib.pt of an earlier run)")
-        return CalibSet.load(args.cali_data_path)
+        stage = Path(args.cali_data_path).with_name("calib.json")
+        drawn = json.loads(stage.read_text())["record"].get("seconds") if stage.exists() else None
+        return CalibSet.load(args.cali_data_path), drawn, True
     mode = QuantMode(args.quant_mode)
     path, stage = logdir / "calib.pt", logdir / "calib.json"
     key = {k: getattr(args, k) for k in CALIB_SETTINGS} | {"evenly_spaced": mode is QuantMode.QDIFF}
-    if path.exists() and load_stage(stage, key) is not None:
-        return CalibSet.load(path)
+    done = load_stage(stage, key)
+    if path.exists() and done is not None:
+        return CalibSet.load(path), done.get("seconds"), True
     n_traj = args.cali_n if mode is QuantMode.QDIFF else trajectories_for(args.cali_n, args.cali_per_traj)
     x_T = initial_noise(n_traj, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution), args.seed + 7)
     fp_sample = lambda x, on_step: sample(fp, x.to(device), on_step=on_step)  # noqa: E731
     gen = torch.Generator().manual_seed(args.seed)
-    if mode is QuantMode.QDIFF:
-        calib = evenly_spaced_steps(collect_trajectories(fp_sample, x_T), args.cali_n, args.cali_st, gen)
-    else:
-        calib = draw_over_steps(fp_sample, x_T, args.cali_n, len(sample.seq), args.cali_per_traj, gen,
-                                batch_size=args.batch_size)
+    with timer() as t:
+        if mode is QuantMode.QDIFF:
+            calib = evenly_spaced_steps(collect_trajectories(fp_sample, x_T), args.cali_n, args.cali_st, gen)
+        else:
+            calib = draw_over_steps(fp_sample, x_T, args.cali_n, len(sample.seq), args.cali_per_traj, gen,
+                                    batch_size=args.batch_size)
     calib.save(path)
-    save_stage(stage, key, {"samples": len(calib.t)})
-    return calib
+    save_stage(stage, key, {"samples": len(calib.t), "seconds": t["seconds"]})
+    return calib, t["seconds"], False
 
 
 def eps_correction(qmodel, fp, sample, args, device) -> dict:
@@ -218,8 +224,10 @@ def quantize(fp, sample, args, logdir: Path, device):
     config, mode = quant_config(args), QuantMode(args.quant_mode)
     needs_data = config.quant_act or mode is QuantMode.QDIFF or (mode is QuantMode.DILATEQUANT and args.bkd)
     reset_peak_memory(device)
+    calib, data_seconds, reused = None, None, False
     with timer() as t:
-        calib = calibration_set(fp, sample, args, logdir, device) if needs_data else None
+        if needs_data:
+            calib, data_seconds, reused = calibration_set(fp, sample, args, logdir, device)
         if mode is QuantMode.BASELINE:
             qmodel = quantize_baseline(fp, config, calib, batch_size=args.cali_batch_size, seed=args.seed)
         elif mode is QuantMode.DILATEQUANT:
@@ -233,7 +241,10 @@ def quantize(fp, sample, args, logdir: Path, device):
         stats = eps_correction(qmodel, fp, sample, args, device) if args.eps_correction else {}
     save_quantized(logdir / "quantized.pt", qmodel, record["method"], timesteps=args.timesteps,
                    skip_type=args.skip_type)
-    cost = stats | {"calib_seconds": t["seconds"], "peak_mem_mb": peak_memory_mb(device)}
+    # a reused calibration set counts with the seconds of its original draw (None: not recorded, not counted)
+    seconds = t["seconds"] + ((data_seconds or 0.0) if reused else 0.0)
+    cost = stats | {"calib_seconds": seconds, "calib_data_seconds": data_seconds, "calib_data_reused": reused,
+                    "peak_mem_mb": peak_memory_mb(device)}
     save_stage(stage, key, cost)
     shutil.rmtree(logdir / "sample_batches", ignore_errors=True)    # samples of an earlier model
     return qmodel.eval(), record | cost

@@ -144,6 +144,17 @@ def test_calibration_set_is_redrawn_when_its_settings_change(tiny_task, tmp_path
         run(tiny_task, tmp_path / "r", *q, "--cali_data_path", str(tmp_path / "missing.pt"))
 
 
+def test_a_reused_calibration_set_counts_its_original_draw_time(tiny_task, tmp_path):
+    q = ["--ptq", "--quant_mode", "baseline", "--weight_bit", "8", "--quant_act", "--act_bit", "8", "--no_fid",
+         "--max_images", "2", "--cali_n", "16"]
+    drew = run(tiny_task, tmp_path / "a", *q)
+    drawn = json.loads((tmp_path / "a" / "calib.json").read_text())["record"]["seconds"]
+    assert drew["calib_data_seconds"] == drawn > 0 and not drew["calib_data_reused"]
+    shared = run(tiny_task, tmp_path / "b", *q, "--cali_data_path", str(tmp_path / "a" / "calib.pt"))
+    assert shared["calib_data_reused"] and shared["calib_data_seconds"] == drawn
+    assert shared["calib_seconds"] > drawn and not (tmp_path / "b" / "calib.pt").exists()
+
+
 def test_eps_correction_is_one_flag_on_a_fresh_or_a_loaded_model(tiny_task, tmp_path):
     q = ["--ptq", "--quant_mode", "baseline", "--weight_bit", "4", "--quant_act", "--act_bit", "4",
          "--cali_n", "16", "--no_fid"]
