@@ -187,3 +187,19 @@ def test_bench_calibration_times_runs_side_by_side(tiny_task, tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())["rows"] == rows
     with pytest.raises(SystemExit, match="has no run 'nope'"):
         bench([f"{spec}:nope"])
+
+
+def test_calib_draw_spread_compares_draws_of_one_method(tiny_task, tmp_path):
+    from tools.calib_draw_spread import main as spread
+
+    common = ["--config", str(tiny_task / "tiny.yml"), "--ckpt", str(tiny_task / "tiny.ckpt"), "--timesteps", "5",
+              "--cali_n", "16", "--per_traj", "4", "--sample_n", "4"]
+    rows = spread([*common, "--seeds", "1", "1", "2", "--out", str(tmp_path / "spread.json")])
+    same, other = rows[1], rows[2]
+    assert same["psnr_to_fp_db"] == rows[0]["psnr_to_fp_db"] and same["steps_vs_first_max_abs_log2"] == 0
+    assert other["steps_vs_first_median_abs_log2"] > 0 and np.isfinite(other["psnr_to_fp_db"])
+    assert json.loads((tmp_path / "spread.json").read_text())["summary"]["psnr_max"] >= other["psnr_to_fp_db"]
+    dq = spread([*common, "--method", "dilatequant", "--seeds", "1"])
+    assert dq[0]["samples"] == 16
+    with pytest.raises(SystemExit, match="no such file"):
+        spread([*common, "--seeds", "--calib", str(tmp_path / "missing.pt")])

@@ -52,14 +52,19 @@ def add_setup_args(p: argparse.ArgumentParser, cali_n: int) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def load_model(config: str, ckpt: str | None, timesteps: int, skip_type: str):
+    """(FP model, DDIM sampler with eta 0, image shape) of a model config and checkpoint."""
+    cfg = load_config(config)
+    fp = load_unet(cfg, ckpt)
+    sample = make_sampler(make_betas(cfg.diffusion), timesteps, skip_type, 0.0)
+    return fp, sample, (cfg.channels, cfg.image_size, cfg.image_size)
+
+
 def load_setup(args):
     """(FP model, sampler, held-out set, image shape): 512 held-out samples at random steps of 512 FP
     trajectories of their own noise seed."""
     set_seed(args.seed)
-    cfg = load_config(args.config)
-    fp = load_unet(cfg, args.ckpt)
-    sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, 0.0)
-    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    fp, sample, shape = load_model(args.config, args.ckpt, args.timesteps, args.skip_type)
     return fp, sample, draw(fp, sample, 512, 200 + args.seed, shape), shape
 
 
