@@ -5,7 +5,6 @@ Flags follow Q-Diffusion's `scripts/sample_diffusion_ddim.py` (seed 003), plus `
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import torch
 from ddim import load_config, make_betas
 from ddim.checkpoint import load_unet
 from ddim.sampling import SAMPLE_TYPES, generate, initial_noise, make_sampler, save_samples
-from experiments.runtime import load_stage, peak_memory_mb, reset_peak_memory, save_args, save_stage, timer
+from experiments.runtime import (load_stage, peak_memory_mb, reset_peak_memory, save_args, save_stage, stage_record,
+                                 timer)
 from quant.bias_correction import correct_eps_bias
 from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
 from quant.checkpoint import load_quantized, save_quantized
@@ -156,9 +156,8 @@ def calibration_set(fp, sample, args, logdir: Path, device) -> tuple[CalibSet, f
     if args.cali_data_path:
         if not Path(args.cali_data_path).is_file():
             raise SystemExit(f"--cali_data_path {args.cali_data_path}: no such file (a calib.pt of an earlier run)")
-        stage = Path(args.cali_data_path).with_name("calib.json")
-        drawn = json.loads(stage.read_text())["record"].get("seconds") if stage.exists() else None
-        return CalibSet.load(args.cali_data_path), drawn, True
+        drawn = stage_record(Path(args.cali_data_path).with_name("calib.json")) or {}
+        return CalibSet.load(args.cali_data_path), drawn.get("seconds"), True
     mode = QuantMode(args.quant_mode)
     path, stage = logdir / "calib.pt", logdir / "calib.json"
     key = {k: getattr(args, k) for k in CALIB_SETTINGS} | {"evenly_spaced": mode is QuantMode.QDIFF}

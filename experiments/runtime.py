@@ -46,6 +46,11 @@ def _canonical(key: dict) -> dict:
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
+def stage_record(path: Path) -> dict | None:
+    """The record a stage saved at `path` with save_stage, whatever its settings; None when it is missing."""
+    return json.loads(path.read_text())["record"] if path.exists() else None
+
+
 def load_stage(path: Path, key: dict) -> dict | None:
     """The record a finished stage saved at `path` with save_stage, if it was made with the same `key`
     (the settings it depends on); None when it is missing or was made with other settings."""

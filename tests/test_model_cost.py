@@ -20,3 +20,12 @@ def test_cifar10_size_and_bops_match_paper_table_1(cifar, w, a, size_mb, tbops):
     assert round(c["size_mb"], 1) == size_mb
     assert round(c["tbops_no_matmul"], 1) == tbops
     assert c["tbops"] > c["tbops_no_matmul"]
+
+
+def test_bit_pairs_parse_or_fail_with_the_fix():
+    from tools.common import parse_bits
+
+    assert parse_bits("4/8") == (4, 8) and parse_bits("32/32") == (32, 32)
+    for bad in ("4", "4/", "w4/a4", "4/4/4"):
+        with pytest.raises(SystemExit, match="give W/A"):
+            parse_bits(bad)

@@ -202,4 +202,6 @@ def test_calib_draw_spread_compares_draws_of_one_method(tiny_task, tmp_path):
     dq = spread([*common, "--method", "dilatequant", "--seeds", "1"])
     assert dq[0]["samples"] == 16
     with pytest.raises(SystemExit, match="no such file"):
-        spread([*common, "--seeds", "--calib", str(tmp_path / "missing.pt")])
+        spread([*common, "--seeds", "1", "--calib", str(tmp_path / "missing.pt")])   # before any draw
+    with pytest.raises(SystemExit, match="give W/A"):
+        spread([*common, "--bits", "4", "--seeds", "1"])

@@ -28,12 +28,13 @@ from tqdm import tqdm  # noqa: E402
 
 from ddim.data import to_uint8  # noqa: E402
 from ddim.sampling import initial_noise  # noqa: E402
-from quant.calib_data import CalibSet, draw_over_steps, trajectories_for  # noqa: E402
+from quant.calib_data import CalibSet  # noqa: E402
 from quant.methods.baseline import quantize_baseline  # noqa: E402
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant  # noqa: E402
 from quant.settings import QuantConfig  # noqa: E402
 from tools.fidelity import paired_psnr_db  # noqa: E402
-from tools.quant_report import load_model  # noqa: E402
+from tools.common import parse_bits  # noqa: E402
+from tools.quant_report import draw, load_model  # noqa: E402
 
 METHODS = ("baseline", "dilatequant")
 
@@ -41,14 +42,6 @@ METHODS = ("baseline", "dilatequant")
 def act_steps(q) -> torch.Tensor:
     """Every activation step size of the model (all quantizers, all slots), flattened in module order."""
     return torch.cat([a.delta.detach().flatten().cpu() for _, m in q.act_quant_modules() for a in m.a_quant])
-
-
-def draw_seeded(fp, sample, n: int, seeds: str, shape, per_traj: int) -> CalibSet:
-    """A calibration set drawn with seeds 's' (noise and step choice) or 'noise:gen'."""
-    noise, _, gen = seeds.partition(":")
-    x_T = initial_noise(trajectories_for(n, per_traj), shape, int(noise))
-    return draw_over_steps(lambda x, on_step: sample(fp, x, on_step=on_step), x_T, n, len(sample.seq), per_traj,
-                           torch.Generator().manual_seed(int(gen or noise)))
 
 
 def calibrate_on(fp, sample, calib: CalibSet, method: str, config: QuantConfig, seed: int):
@@ -74,7 +67,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1234, help="noise seed of the sampled images")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    w, a = (int(v) for v in args.bits.split("/"))
+    missing = [c for c in args.calib if not Path(c).is_file()]
+    if missing:
+        raise SystemExit(f"--calib {missing[0]}: no such file (a calib.pt of an earlier run)")
+    w, a = parse_bits(args.bits)
     config = QuantConfig(weight_bit=w, act_bit=a)            # validates the bit widths
     fp, sample, shape = load_model(args.config, args.ckpt, args.timesteps, args.skip_type)
     x_T = initial_noise(args.sample_n, shape, args.seed)
@@ -83,10 +79,11 @@ def main(argv=None):
     sources = [(f"per_traj={args.per_traj},seed={s}", s) for s in args.seeds] + [(c, None) for c in args.calib]
     rows, first = [], None
     for label, seed in tqdm(sources, desc="calibration draws", dynamic_ncols=True):
-        if seed is None and not Path(label).is_file():
-            raise SystemExit(f"--calib {label}: no such file (a calib.pt of an earlier run)")
-        calib = CalibSet.load(label) if seed is None else draw_seeded(fp, sample, args.cali_n, seed, shape,
-                                                                      args.per_traj)
+        if seed is None:
+            calib = CalibSet.load(label)
+        else:
+            noise, _, gen = seed.partition(":")
+            calib = draw(fp, sample, args.cali_n, int(noise), shape, args.per_traj, int(gen) if gen else None)
         q = calibrate_on(fp, sample, calib, args.method, config, seed=args.seed)
         with torch.no_grad():
             images = to_uint8(sample(q, x_T))

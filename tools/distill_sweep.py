@@ -36,6 +36,7 @@ from ddim.sampling import initial_noise  # noqa: E402
 from quant.distill import DistillConfig, LRSchedule  # noqa: E402
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant  # noqa: E402
 from quant.settings import QuantConfig  # noqa: E402
+from tools.common import parse_bits  # noqa: E402
 from tools.fidelity import paired_psnr_db  # noqa: E402
 from tools.quant_report import add_setup_args, draw, load_setup, sqnr_by_t, sqnr_db  # noqa: E402
 
@@ -109,7 +110,7 @@ def main(argv=None):
     x_T = initial_noise(args.sample_n, shape, 300 + args.seed)
     with torch.no_grad():
         fp_images = to_uint8(sample(fp, x_T))
-    w, a = (int(v) for v in args.bits.split("/"))
+    w, a = parse_bits(args.bits)
     calib_sets, rows = {}, []
     for v in [None] + variants:
         per_traj = args.cali_per_traj if v is None else v.per_traj

@@ -21,6 +21,7 @@ import torch.nn as nn  # noqa: E402
 
 from ddim import UNet, load_config  # noqa: E402
 from quant.adapters import adapter_for  # noqa: E402
+from tools.common import parse_bits  # noqa: E402
 
 
 def count_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, tuple[str, int]]:
@@ -87,7 +88,7 @@ def main(argv=None):
     print(f"{cfg.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{sum(n for _, n in macs.values()) / 1e9:.3f} GMACs per image per step")
     for pair in args.bits:
-        w, a = (int(v) for v in pair.split("/"))
+        w, a = parse_bits(pair)
         c = cost(model, macs, w, a, args.sm_abit)
         print(f"W{w}A{a}: size {c['size_mb']:.1f} MB, {c['tbops']:.4f} TBops "
               f"({c['tbops_no_matmul']:.4f} without attention matmuls)")

@@ -31,14 +31,15 @@ from quant.model import QuantModel, quant_enabled  # noqa: E402
 from quant.quantizer import fake_quant, range_to_params  # noqa: E402
 from quant.range_search import init_range, init_weight_quantizers  # noqa: E402
 from quant.settings import QuantConfig  # noqa: E402
-from tools.common import set_seed  # noqa: E402
+from tools.common import parse_bits, set_seed  # noqa: E402
 
 
-def draw(fp, sample, n: int, seed: int, shape, per_traj: int = 1) -> CalibSet:
-    """n (x_t, t) at random steps of FP trajectories started from noise `seed`, per_traj from each."""
+def draw(fp, sample, n: int, seed: int, shape, per_traj: int = 1, gen_seed: int | None = None) -> CalibSet:
+    """n (x_t, t) at random steps of FP trajectories started from noise `seed`, per_traj from each; the steps
+    are picked with generator `gen_seed` (default: `seed`)."""
     x_T = initial_noise(trajectories_for(n, per_traj), shape, seed)
     return draw_over_steps(lambda x, on_step: sample(fp, x, on_step=on_step), x_T, n, len(sample.seq), per_traj,
-                           torch.Generator().manual_seed(seed))
+                           torch.Generator().manual_seed(seed if gen_seed is None else gen_seed))
 
 
 def add_setup_args(p: argparse.ArgumentParser, cali_n: int) -> None:
@@ -203,7 +204,7 @@ def main(argv=None):
         fp_samples = sample(fp, x_T)
     report |= {"sqnr_db_by_t": {}, "sample_sqnr_db": {}, "sample_n": args.sample_n}
     for bits in args.bits:
-        w, a = (int(v) for v in bits.split("/"))
+        w, a = parse_bits(bits)
         config = QuantConfig(weight_bit=w, act_bit=a)
         for label, temporal, wd in (("shared", False, False), ("tpq", True, False), ("wd+tpq", True, True)):
             q = QuantModel(fp, QuantConfig(weight_bit=w, act_bit=a, temporal=temporal), sample.seq)
