@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from tools.metrics import (DEFAULT_CACHE_DIR, InceptionExtractor, feature_stats, frechet_distance,  # noqa: E402
+from tools.metrics import (DEFAULT_CACHE_DIR, InceptionExtractor, feature_stats, fid_sfid,  # noqa: E402
                            load_images_npz, reference_stats)
+from tools.sample_drift import pixel_stats  # noqa: E402
 
 
 def add_pixel_noise(images: np.ndarray, sigma: float, seed: int) -> np.ndarray:
@@ -38,11 +39,6 @@ def floor_faint(images: np.ndarray, k: int) -> np.ndarray:
     if not 0 <= k <= 255:
         raise ValueError(f"floor {k} outside 0..255: give the largest grey level to set to black")
     return np.where(images <= k, 0, images).astype(np.uint8)
-
-
-def pixel_stats(images: np.ndarray) -> dict:
-    return {"mean_px": float(images.mean()), "zero_share": float((images == 0).mean()),
-            "faint_share": float(((images >= 1) & (images <= 20)).mean())}
 
 
 def main(argv=None) -> dict:
@@ -62,9 +58,7 @@ def main(argv=None) -> dict:
     real = reference_stats(args.ref, extractor, cache_dir=DEFAULT_CACHE_DIR)
 
     def score(images: np.ndarray) -> dict:
-        fake = feature_stats(extractor(images))
-        return {"fid": frechet_distance(fake["pool"], real["pool"]),
-                "sfid": frechet_distance(fake["spatial"], real["spatial"])} | pixel_stats(images)
+        return fid_sfid(feature_stats(extractor(images)), real) | pixel_stats(images)
 
     report = {"ref": args.ref, "seed": args.seed, "runs": {}}
     for path, images in sets.items():

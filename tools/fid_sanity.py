@@ -18,12 +18,11 @@ import numpy as np  # noqa: E402
 
 from ddim.data import mnist_uint8  # noqa: E402
 from tools.metrics import (DEFAULT_CACHE_DIR, Features, InceptionExtractor, feature_stats,  # noqa: E402
-                           frechet_distance, save_stats, stats_cache_path)
+                           fid_sfid, save_stats, stats_cache_path)
 
 
 def distances(a: Features, b: Features) -> dict:
-    sa, sb = feature_stats(a), feature_stats(b)
-    return {"fid": frechet_distance(sa["pool"], sb["pool"]), "sfid": frechet_distance(sa["spatial"], sb["spatial"])}
+    return fid_sfid(feature_stats(a), feature_stats(b))
 
 
 def subset(f: Features, idx) -> Features:

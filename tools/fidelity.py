@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from tools.metrics import InceptionExtractor, feature_stats, frechet_distance, load_images_npz  # noqa: E402
+from tools.metrics import InceptionExtractor, feature_stats, fid_sfid, load_images_npz  # noqa: E402
 
 
 def paired_psnr_db(ref: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -75,9 +75,8 @@ def main(argv=None) -> dict:
     for r, images in pairs.items():
         fid = {"fid_to_fp": None, "sfid_to_fp": None}
         if not args.no_fid:
-            stats = feature_stats(extractor(images, args.batch_size))
-            fid = {"fid_to_fp": frechet_distance(stats["pool"], fp_stats["pool"]),
-                   "sfid_to_fp": frechet_distance(stats["spatial"], fp_stats["spatial"])}
+            d = fid_sfid(feature_stats(extractor(images, args.batch_size)), fp_stats)
+            fid = {"fid_to_fp": d["fid"], "sfid_to_fp": d["sfid"]}
         psnr = psnrs[r]
         record = run_record(r)
         finite = psnr[np.isfinite(psnr)]

@@ -165,6 +165,11 @@ def frechet_distance(a: Stats, b: Stats) -> float:
     return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
 
 
+def fid_sfid(a: dict[str, Stats], b: dict[str, Stats]) -> dict[str, float]:
+    """{"fid", "sfid"}: Fréchet distances of the pool and spatial statistics of two feature sets (feature_stats)."""
+    return {"fid": frechet_distance(a["pool"], b["pool"]), "sfid": frechet_distance(a["spatial"], b["spatial"])}
+
+
 def feature_stats(features: Features) -> dict[str, Stats]:
     """{"pool": Stats, "spatial": Stats} of a feature set."""
     return {"pool": Stats.of(features.pool), "spatial": Stats.of(features.spatial)}
@@ -316,9 +321,7 @@ def evaluate(images_uint8: np.ndarray, ref: str = "mnist", device: str | torch.d
         isc, is_note = inception_score(images_uint8, extractor.device, batch_size, is_weights, progress), None
     except ISUnavailable as e:
         isc, is_note = None, str(e)
-    return {"fid": frechet_distance(fake["pool"], real["pool"]),
-            "sfid": frechet_distance(fake["spatial"], real["spatial"]),
-            "is": isc, "is_note": is_note, "n_samples": len(images_uint8), "ref": ref}
+    return fid_sfid(fake, real) | {"is": isc, "is_note": is_note, "n_samples": len(images_uint8), "ref": ref}
 
 
 def update_json(path: str | Path, fields: Mapping[str, Any]) -> dict[str, Any]:
