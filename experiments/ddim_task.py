@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iterations per block: distillation (dilatequant) or AdaRound (qdiff)")
     d.add_argument("--distill_batch_size", type=int, default=DistillConfig.batch_size)
     d.add_argument("--lr_weight", type=float, default=DistillConfig.lr_weight)
-    d.add_argument("--lr_quant", type=float, default=DistillConfig.lr_quant)
+    d.add_argument("--lr_quant", type=float, default=DistillConfig.lr_quant,
+                   help="weight-quantizer steps and zero points (and activation ones unless --lr_act is given)")
+    d.add_argument("--lr_act", type=float, default=DistillConfig.lr_act,
+                   help="activation (TPQ) steps and zero points; default: --lr_quant")
     d.add_argument("--lr_scale", type=float, default=DistillConfig.lr_scale, help="--scaling learnable factors")
     d.add_argument("--lr_schedule", default=DistillConfig.lr_schedule.value, choices=[m.value for m in LRSchedule],
                    help="learning rate over each unit's iterations: distillation (dilatequant) and the activation "
@@ -100,7 +103,8 @@ def quant_config(args) -> QuantConfig:
 
 def dilatequant_config(args) -> DilateQuantConfig:
     distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
-                            lr_quant=args.lr_quant, lr_scale=args.lr_scale, lr_schedule=LRSchedule(args.lr_schedule),
+                            lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
+                            lr_schedule=LRSchedule(args.lr_schedule),
                             seed=args.seed)
     return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
                              distillation=args.bkd, distill=distill)
@@ -121,8 +125,14 @@ CALIB_SETTINGS = ("config", "ckpt", "timesteps", "skip_type", "eta", "sample_typ
                   "cali_per_traj")
 
 
+# Flags added after runs were made, with the default that reproduces those runs: left out of a stage's key
+# while at that default, so finished stages made before the flag existed stay valid.
+LATER_FLAGS = {"lr_act": None}
+
+
 def stage_key(args, ignore: tuple[str, ...]) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ignore}
+    return {k: v for k, v in vars(args).items()
+            if k not in ignore and not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
 
 
 def sample_cache(logdir: Path, args, device) -> Path:

@@ -36,14 +36,16 @@ class DistillConfig:
     iters: int = 5000          # per unit (paper: 5K iterations, batch 32)
     batch_size: int = 32
     lr_weight: float = 1e-3    # weights and biases (paper: 1e-2; results/distill_sweep_w4a4.json)
-    lr_quant: float = 1e-4     # Δ_w, Δ_x, z_x (paper: 1e-4)
+    lr_quant: float = 1e-4     # Δ_w, z_w (and Δ_x, z_x unless lr_act is set) (paper: 1e-4)
+    lr_act: float | None = None  # Δ_x, z_x of the activation quantizers; None = lr_quant
     lr_scale: float = 1e-5     # learnable equivalent-scaling factors, --scaling learnable (paper Table 9: 1e-5)
     lr_schedule: LRSchedule = LRSchedule.COSINE
     cache_batch_size: int = 64
     seed: int = 0
 
     def __post_init__(self):
-        if self.iters < 0 or self.batch_size <= 0 or min(self.lr_weight, self.lr_quant, self.lr_scale) < 0:
+        lrs = (self.lr_weight, self.lr_quant, self.lr_scale, self.lr_quant if self.lr_act is None else self.lr_act)
+        if self.iters < 0 or self.batch_size <= 0 or min(lrs) < 0:
             raise ValueError(f"invalid DistillConfig: {self}")
 
 
@@ -112,18 +114,19 @@ class Objective(Protocol):
 
 
 def unit_param_groups(unit: nn.Module, cfg: DistillConfig) -> list[dict]:
-    """Weights/biases at lr_weight, quantizer parameters (Δ_w, z_w, Δ_x, z_x) at lr_quant, learnable
-    scaling factors (if any) at lr_scale."""
-    weights, quant, scales = [], [], []
+    """Weights/biases at lr_weight, weight-quantizer parameters (Δ_w, z_w) at lr_quant, activation-quantizer
+    parameters (Δ_x, z_x) at lr_act (lr_quant if unset), learnable scaling factors (if any) at lr_scale."""
+    weights, w_quant, a_quant, scales = [], [], [], []
     for m in unit.modules():
         if isinstance(m, QuantLayer):
             weights += [p for p in (m.weight, m.bias) if p is not None]
             scales += [m.in_gain] if m.in_gain is not None else []
-            quant += [p for p in m.w_quant.parameters()]
+            w_quant += [p for p in m.w_quant.parameters()]
         if isinstance(m, (QuantLayer, QuantMatMul)) and m.quant_act:
-            quant += [p for q in m.a_quant for p in q.parameters()]
-    groups = [{"params": weights, "lr": cfg.lr_weight}, {"params": quant, "lr": cfg.lr_quant},
-              {"params": scales, "lr": cfg.lr_scale}]
+            a_quant += [p for q in m.a_quant for p in q.parameters()]
+    lr_act = cfg.lr_quant if cfg.lr_act is None else cfg.lr_act
+    groups = [{"params": weights, "lr": cfg.lr_weight}, {"params": w_quant, "lr": cfg.lr_quant},
+              {"params": a_quant, "lr": lr_act}, {"params": scales, "lr": cfg.lr_scale}]
     return [g for g in groups if g["params"] and g["lr"] > 0]
 
 

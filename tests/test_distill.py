@@ -6,7 +6,8 @@ from conftest import TINY_SEQ
 from quant import distill as distill_mod
 from quant.calib_data import random_over_steps
 from quant.calibrate import calibrate
-from quant.distill import DistillConfig, DistillObjective, LRSchedule, cache_unit_io, distill, train_unit
+from quant.distill import (DistillConfig, DistillObjective, LRSchedule, cache_unit_io, distill, train_unit,
+                          unit_param_groups)
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
 from quant.model import QuantModel
 from quant.settings import QuantConfig
@@ -57,16 +58,31 @@ def test_learning_rates_follow_the_schedule(tiny_unet, calib, schedule, monkeypa
         return real_step(opt, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
-    cfg = DistillConfig(iters=10, batch_size=8, lr_weight=1e-3, lr_quant=1e-4, lr_schedule=schedule)
+    cfg = DistillConfig(iters=10, batch_size=8, lr_weight=1e-3, lr_quant=1e-4, lr_act=3e-4, lr_schedule=schedule)
     train_unit(q, "mid.block_1", data, DistillObjective(cfg), cfg, seed=0)
     lrs = torch.tensor(seen, dtype=torch.float64)                        # [iters, groups]
-    assert lrs.shape[0] == 10 and lrs[0].tolist() == pytest.approx([1e-3, 1e-4])
+    assert lrs.shape[0] == 10 and lrs[0].tolist() == pytest.approx([1e-3, 1e-4, 3e-4])  # weights, Δ_w, Δ_x
     if schedule is LRSchedule.CONSTANT:
         assert torch.all(lrs == lrs[0])
     else:
         want = 0.5 * (1 + torch.cos(torch.pi * torch.arange(10) / 10))
         assert torch.allclose(lrs / lrs[0], want[:, None].double().expand_as(lrs), atol=1e-6)
         assert lrs[-1, 0] < 0.03 * lrs[0, 0]
+
+
+def test_activation_steps_get_lr_act_and_fall_back_to_lr_quant(tiny_unet, calib):
+    unit = w4a4(tiny_unet, calib).model.mid.block_1
+    a_params = {id(p) for n, p in unit.named_parameters() if ".a_quant." in n}
+    w_params = {id(p) for n, p in unit.named_parameters() if ".w_quant." in n}
+
+    def lr_of(groups, ids):
+        return {g["lr"] for g in groups for p in g["params"] if id(p) in ids}
+
+    groups = unit_param_groups(unit, DistillConfig(lr_quant=1e-4, lr_act=1e-3))
+    assert a_params and lr_of(groups, a_params) == {1e-3} and lr_of(groups, w_params) == {1e-4}
+    assert lr_of(unit_param_groups(unit, DistillConfig(lr_quant=1e-4)), a_params) == {1e-4}
+    with pytest.raises(ValueError):
+        DistillConfig(lr_act=-1.0)
 
 
 def test_a_unit_made_worse_by_training_keeps_its_initial_state(tiny_unet, calib):
