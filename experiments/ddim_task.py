@@ -104,8 +104,7 @@ def quant_config(args) -> QuantConfig:
 def dilatequant_config(args) -> DilateQuantConfig:
     distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
                             lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
-                            lr_schedule=LRSchedule(args.lr_schedule),
-                            seed=args.seed)
+                            lr_schedule=LRSchedule(args.lr_schedule), seed=args.seed)
     return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
                              distillation=args.bkd, distill=distill)
 

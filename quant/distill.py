@@ -44,9 +44,14 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self):
-        lrs = (self.lr_weight, self.lr_quant, self.lr_scale, self.lr_quant if self.lr_act is None else self.lr_act)
-        if self.iters < 0 or self.batch_size <= 0 or min(lrs) < 0:
+        if self.iters < 0 or self.batch_size <= 0 or min(self.lr_weight, self.lr_quant, self.lr_scale,
+                                                          self.act_lr) < 0:
             raise ValueError(f"invalid DistillConfig: {self}")
+
+    @property
+    def act_lr(self) -> float:
+        """The learning rate the activation quantizers train at: lr_act, or lr_quant when it is unset."""
+        return self.lr_quant if self.lr_act is None else self.lr_act
 
 
 @dataclass
@@ -124,9 +129,8 @@ def unit_param_groups(unit: nn.Module, cfg: DistillConfig) -> list[dict]:
             w_quant += [p for p in m.w_quant.parameters()]
         if isinstance(m, (QuantLayer, QuantMatMul)) and m.quant_act:
             a_quant += [p for q in m.a_quant for p in q.parameters()]
-    lr_act = cfg.lr_quant if cfg.lr_act is None else cfg.lr_act
     groups = [{"params": weights, "lr": cfg.lr_weight}, {"params": w_quant, "lr": cfg.lr_quant},
-              {"params": a_quant, "lr": lr_act}, {"params": scales, "lr": cfg.lr_scale}]
+              {"params": a_quant, "lr": cfg.act_lr}, {"params": scales, "lr": cfg.lr_scale}]
     return [g for g in groups if g["params"] and g["lr"] > 0]
 
 
