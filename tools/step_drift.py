@@ -1,4 +1,4 @@
-"""How far training moved the activation step sizes Δ_x: a calibrated checkpoint before training vs after.
+"""How far training moved the step sizes Δ_x (and Δ_w): a calibrated checkpoint before training vs after.
 
     python tools/step_drift.py runs/mnist_ablation/tpq/quantized.pt runs/mnist_ablation/tpq_bkd/quantized.pt \\
         --calib runs/mnist_ablation/tpq_bkd/calib.pt --out results/mnist_step_drift.json
@@ -7,7 +7,8 @@ Both checkpoints must hold the same quantizers (e.g. a Table 3 row without BKD a
 same calibration set, same initialisation). Per activation quantizer and slot (a TPQ slot is one timestep;
 a shared quantizer has one slot), r = Δ_after / Δ_before. Reported: the share of slots moved by more than
 10% and 25%, quantiles of |log2 r|, and, with --calib, the same split by how many calibration samples
-the slot's timestep had (a TPQ slot learns only from the samples of its timestep in each batch).
+the slot's timestep had (a TPQ slot learns only from the samples of its timestep in each batch). Under
+"weights", the same statistics of r = Δ_w,after / Δ_w,before over every weight quantizer's out-channels.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from quant.checkpoint import read_quantized  # noqa: E402
 from quant.steps import StepIndex  # noqa: E402
 
 ACT_STEP = re.compile(r"^model\.(.+\.a_quant\.\d+)\.delta$")     # every activation quantizer's Δ_x
+WEIGHT_STEP = re.compile(r"^model\.(.+\.w_quant)\.delta$")          # every weight quantizer's Δ_w
 
 
 def _load(path: str) -> dict:
@@ -35,14 +37,19 @@ def _load(path: str) -> dict:
         raise SystemExit(str(e)) from None
 
 
-def step_ratios(before: dict, after: dict) -> dict[str, torch.Tensor]:
-    """{quantizer name: Δ_after / Δ_before per slot} over the activation quantizers of both checkpoints."""
+STEP_KINDS = {"activation": ACT_STEP, "weight": WEIGHT_STEP}
+
+
+def step_ratios(before: dict, after: dict, kind: str = "activation") -> dict[str, torch.Tensor]:
+    """{quantizer name: Δ_after / Δ_before per slot (activations) or out-channel (weights)} over the
+    `kind` quantizers of both checkpoints."""
+    pattern = STEP_KINDS[kind]
     a, b = before["state_dict"], after["state_dict"]
-    names = sorted(k for k in a if ACT_STEP.match(k))
-    if names != sorted(k for k in b if ACT_STEP.match(k)) or any(a[k].shape != b[k].shape for k in names):
-        raise SystemExit("the checkpoints hold different activation quantizers: compare runs with the same "
+    names = sorted(k for k in a if pattern.match(k))
+    if names != sorted(k for k in b if pattern.match(k)) or any(a[k].shape != b[k].shape for k in names):
+        raise SystemExit(f"the checkpoints hold different {kind} quantizers: compare runs with the same "
                          "--tpq/--split/bit settings")
-    return {ACT_STEP.match(k).group(1): b[k] / a[k] for k in names}
+    return {pattern.match(k).group(1): b[k] / a[k] for k in names}
 
 
 def summary(logr: torch.Tensor) -> dict:
@@ -65,6 +72,9 @@ def drift_report(before_path: str, after_path: str, calib_path: str | None = Non
     logr = {n: r.log2().abs() for n, r in ratios.items()}
     report = {"before": before_path, "after": after_path, "all": summary(torch.cat(list(logr.values()))),
               "per_quantizer_median_abs_log2": {n: float(v.median()) for n, v in logr.items()}}
+    weights = step_ratios(before, after, "weight")
+    if weights:
+        report["weights"] = summary(torch.cat([r.log2().abs() for r in weights.values()]))
     slots = {v.numel() for v in logr.values()}
     if calib_path and slots != {1}:
         counts = slot_counts(after["schedule"], calib_path)
