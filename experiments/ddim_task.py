@@ -102,9 +102,12 @@ def quant_config(args) -> QuantConfig:
 
 
 def dilatequant_config(args) -> DilateQuantConfig:
-    distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
-                            lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
-                            lr_schedule=LRSchedule(args.lr_schedule), seed=args.seed)
+    try:
+        distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
+                                lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
+                                lr_schedule=LRSchedule(args.lr_schedule), seed=args.seed)
+    except ValueError as e:                  # field names map to flags: iters -> --cali_iters, lr_* -> --lr_*
+        raise SystemExit(f"{e}: fix --cali_iters / --distill_batch_size / --lr_* on the command line") from None
     return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
                              distillation=args.bkd, distill=distill)
 
@@ -209,6 +212,8 @@ def quantize(fp, sample, args, logdir: Path, device):
         raise SystemExit("--resume needs --cali_ckpt (the calibrated checkpoint to resume from)")
     if args.resume_w and not (args.cali_ckpt and args.quant_mode == QuantMode.QDIFF.value):
         raise SystemExit("--resume_w needs --quant_mode qdiff and --cali_ckpt")
+    if args.quant_mode == QuantMode.DILATEQUANT.value:
+        dilatequant_config(args)                              # bad distillation flags fail before the draw
     if args.cali_ckpt and not args.resume_w:
         qmodel, _ = load_quantized(args.cali_ckpt, fp.cpu())
         qmodel = qmodel.to(device).eval()

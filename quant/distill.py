@@ -44,9 +44,12 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.iters < 0 or self.batch_size <= 0 or min(self.lr_weight, self.lr_quant, self.lr_scale,
-                                                          self.act_lr) < 0:
-            raise ValueError(f"invalid DistillConfig: {self}")
+        bad = [f"{name} = {value} (must be >= {low})" for name, value, low in
+               (("iters", self.iters, 0), ("batch_size", self.batch_size, 1), ("lr_weight", self.lr_weight, 0),
+                ("lr_quant", self.lr_quant, 0), ("lr_act", self.act_lr, 0), ("lr_scale", self.lr_scale, 0))
+               if value < low]
+        if bad:
+            raise ValueError(f"invalid distillation setting: {', '.join(bad)}")
 
     @property
     def act_lr(self) -> float:

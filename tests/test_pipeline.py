@@ -172,6 +172,15 @@ def test_eps_correction_is_one_flag_on_a_fresh_or_a_loaded_model(tiny_task, tmp_
         run(tiny_task, tmp_path / "bad", *q, "--eps_correction", "-1")
 
 
+def test_bad_distillation_flags_are_a_one_line_error_before_calibrating(tiny_task, tmp_path):
+    q = ["--ptq", "--quant_mode", "dilatequant", "--weight_bit", "4", "--quant_act", "--act_bit", "4", "--no_fid"]
+    with pytest.raises(SystemExit, match=r"lr_act = -0.001 \(must be >= 0\).*--lr_") as e:
+        run(tiny_task, tmp_path / "bad", *q, "--lr_act=-1e-3")
+    assert "\n" not in str(e.value) and not (tmp_path / "bad" / "calib.pt").exists()
+    with pytest.raises(SystemExit, match=r"iters = -1 .*--cali_iters"):
+        run(tiny_task, tmp_path / "bad", *q, "--cali_iters=-1")
+
+
 def test_bench_calibration_times_runs_side_by_side(tiny_task, tmp_path):
     from tools.bench_calibration import main as bench
 
