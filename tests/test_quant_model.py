@@ -163,14 +163,21 @@ def test_tpq_model_on_the_100_step_quad_schedule(tiny_unet):
     assert q.model.conv_in.a_quant[0].delta.shape == (len(set(seq)),)
 
 
+def saved_tiny_checkpoint(tool, tiny_unet, trajectories, path, monkeypatch, weight_bit, timesteps) -> CalibSet:
+    """A baseline W`weight_bit`A4 checkpoint of the tiny model at `path`, and `tool` (a tools/ module) made to
+    load the tiny model as its FP network. Returns the calibration set."""
+    calib = random_over_steps(trajectories, 32, torch.Generator().manual_seed(0))
+    q = quantize_baseline(tiny_unet, QuantConfig(weight_bit=weight_bit, act_bit=4), calib, batch_size=16)
+    save_quantized(path, q, "baseline", timesteps=timesteps, skip_type="quad")
+    monkeypatch.setattr(tool, "load_config", lambda _: type("C", (), {"channels": 1, "image_size": 16,
+                                                                       "diffusion": DiffusionConfig()})())
+    monkeypatch.setattr(tool, "load_unet", lambda cfg, ckpt: tiny_unet)
+    return calib
+
+
 def test_sample_drift_measures_a_saved_checkpoint(tiny_unet, trajectories, tmp_path, monkeypatch):
     import tools.sample_drift as sd
-    calib = random_over_steps(trajectories, 32, torch.Generator().manual_seed(0))
-    q = quantize_baseline(tiny_unet, QuantConfig(weight_bit=8, act_bit=4), calib, batch_size=16)
-    save_quantized(tmp_path / "q.pt", q, "baseline", timesteps=8, skip_type="quad")
-    monkeypatch.setattr(sd, "load_config", lambda _: type("C", (), {"channels": 1, "image_size": 16,
-                                                                     "diffusion": DiffusionConfig()})())
-    monkeypatch.setattr(sd, "load_unet", lambda cfg, ckpt: tiny_unet)
+    calib = saved_tiny_checkpoint(sd, tiny_unet, trajectories, tmp_path / "q.pt", monkeypatch, 8, 8)
     calib.save(tmp_path / "calib.pt")
     report = sd.main([str(tmp_path / "q.pt"), "--n", "2", "--research_acts", "--eps_bias"])
     row = report["runs"][str(tmp_path / "q.pt")]
@@ -194,3 +201,33 @@ def test_eps_bias_separates_a_constant_shift_from_noise():
     assert small_t["x0_shift_px"] == pytest.approx(-0.1 * 127.5 * (0.001 / 0.999) ** 0.5, rel=1e-4)
     noisy = sd.eps_bias(fp, lambda x, t: x + 0.1 * torch.randn_like(x), CalibSet(x, t), a_bar)
     assert all(band["bias_share"] < 0.3 for band in noisy.values())
+
+
+def test_band_fid_quantizes_only_inside_its_band(tiny_unet, trajectories, tmp_path, monkeypatch):
+    import numpy as np
+
+    import tools.band_fid as bf
+    ones, zeros = (lambda x, t: torch.ones_like(x)), (lambda x, t: torch.zeros_like(x))   # noqa: E731
+    routed = bf.BandModel(zeros, ones, 0, 50)(torch.zeros(4, 1, 2, 2), torch.tensor([0, 49, 50, 300]))
+    assert routed.flatten(1).mean(1).tolist() == [1.0, 1.0, 0.0, 0.0]
+    saved_tiny_checkpoint(bf, tiny_unet, trajectories, tmp_path / "q.pt", monkeypatch, 4, 6)
+    seen = {}
+
+    def fake_evaluate(images, ref):                 # Inception is tested elsewhere; here: what reaches it
+        seen[len(seen)] = images
+        return {"fid": float(images.mean()), "sfid": 0.0, "is": None}
+
+    monkeypatch.setattr(bf, "evaluate", fake_evaluate)
+    fp_images = bf.generate(tiny_unet, bf.make_sampler(make_betas(DiffusionConfig()), 6, "quad", 0.0), 4,
+                            (1, 16, 16), 4, 1234, torch.device("cpu"))[0]
+    np.savez(tmp_path / "fp.npz", arr_0=fp_images)
+    argv = [str(tmp_path / "q.pt"), "--n", "4", "--batch_size", "4", "--fp_npz", str(tmp_path / "fp.npz"),
+            "--out", str(tmp_path / "b.json"), "--bands", "0:1000", "2000:3000"]
+    report = bf.main(argv)
+    inside, outside = report["bands"]["0:1000"], report["bands"]["2000:3000"]
+    assert inside["quantized_calls"] == 6 and outside["quantized_calls"] == 0
+    assert np.isinf(outside["psnr_to_fp_median_db"]) and np.isfinite(inside["psnr_to_fp_median_db"])
+    assert not np.array_equal(seen[0], seen[1]) and np.array_equal(seen[1], fp_images)
+    assert bf.main(argv)["bands"] == report["bands"] and len(seen) == 2          # rerun: both bands reused
+    with pytest.raises(SystemExit, match="lo:hi"):
+        bf.main(argv[:-2] + ["50-200"])
