@@ -35,7 +35,7 @@ def make_sampler(betas: torch.Tensor, steps: int, skip_type: str, eta: float, sa
             return ddim_sample(model, x_T, seq, betas, eta=eta, generator=generator, on_step=on_step)
         return ddpm_sample(model, x_T, seq, betas, generator=generator, on_step=on_step)
 
-    sample.seq = seq
+    sample.seq, sample.betas = seq, betas
     return sample
 
 

@@ -13,6 +13,7 @@ import torch
 from ddim import load_config, make_betas
 from ddim.checkpoint import load_unet
 from ddim.sampling import SAMPLE_TYPES, generate, initial_noise, make_sampler, save_samples
+from ddim.schedule import alphas_cumprod
 from experiments.runtime import (load_stage, peak_memory_mb, reset_peak_memory, save_args, save_stage, stage_record,
                                  timer)
 from quant.bias_correction import correct_eps_bias
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr_schedule", default=DistillConfig.lr_schedule.value, choices=[m.value for m in LRSchedule],
                    help="learning rate over each unit's iterations: distillation (dilatequant) and the activation "
                         "steps (qdiff); cosine anneals to 0")
+    d.add_argument("--t_weight_sigma", type=float, default=DistillConfig.t_weight_sigma,
+                   help="(beyond the paper) weight each distillation sample by 1/(sigma_t^2 + this^2), mean 1: "
+                        "more weight to small t, where feature errors become large eps errors; default: plain MSE")
     return p
 
 
@@ -105,7 +109,8 @@ def dilatequant_config(args) -> DilateQuantConfig:
     try:
         distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
                                 lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
-                                lr_schedule=LRSchedule(args.lr_schedule), seed=args.seed)
+                                lr_schedule=LRSchedule(args.lr_schedule), t_weight_sigma=args.t_weight_sigma,
+                                seed=args.seed)
     except ValueError as e:                  # field names map to flags: iters -> --cali_iters, lr_* -> --lr_*
         raise SystemExit(f"{e}: fix --cali_iters / --distill_batch_size / --lr_* on the command line") from None
     return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
@@ -129,7 +134,7 @@ CALIB_SETTINGS = ("config", "ckpt", "timesteps", "skip_type", "eta", "sample_typ
 
 # Flags added after runs were made, with the default that reproduces those runs: left out of a stage's key
 # while at that default, so finished stages made before the flag existed stay valid.
-LATER_FLAGS = {"lr_act": None}
+LATER_FLAGS = {"lr_act": None, "t_weight_sigma": None}
 
 
 def stage_key(args, ignore: tuple[str, ...]) -> dict:
@@ -245,7 +250,8 @@ def quantize(fp, sample, args, logdir: Path, device):
             qmodel = quantize_baseline(fp, config, calib, batch_size=args.cali_batch_size, seed=args.seed)
         elif mode is QuantMode.DILATEQUANT:
             qmodel = quantize_dilatequant(fp, config, sample.seq, calib, dilatequant_config(args), logdir,
-                                          batch_size=args.cali_batch_size, seed=args.seed)
+                                          batch_size=args.cali_batch_size, seed=args.seed,
+                                          sigmas=(1 - alphas_cumprod(sample.betas)).sqrt())
         elif args.resume_w:
             qmodel, _ = load_quantized(args.cali_ckpt, fp)
             reconstruct_activations(qmodel.to(device), fp, calib, qdiff_settings(args), logdir, args.cali_batch_size)

@@ -40,14 +40,16 @@ class DistillConfig:
     lr_act: float | None = None  # Δ_x, z_x of the activation quantizers; None = lr_quant
     lr_scale: float = 1e-5     # learnable equivalent-scaling factors, --scaling learnable (paper Table 9: 1e-5)
     lr_schedule: LRSchedule = LRSchedule.COSINE
+    t_weight_sigma: float | None = None  # weight samples by 1/(σ_t² + this²) (timestep_weights); None: plain MSE
     cache_batch_size: int = 64
     seed: int = 0
 
     def __post_init__(self):
-        bad = [f"{name} = {value} (must be >= {low})" for name, value, low in
-               (("iters", self.iters, 0), ("batch_size", self.batch_size, 1), ("lr_weight", self.lr_weight, 0),
-                ("lr_quant", self.lr_quant, 0), ("lr_act", self.act_lr, 0), ("lr_scale", self.lr_scale, 0))
-               if value < low]
+        checks = [("iters", self.iters, 0), ("batch_size", self.batch_size, 1), ("lr_weight", self.lr_weight, 0),
+                  ("lr_quant", self.lr_quant, 0), ("lr_act", self.act_lr, 0), ("lr_scale", self.lr_scale, 0)]
+        if self.t_weight_sigma is not None:
+            checks.append(("t_weight_sigma", self.t_weight_sigma, 1e-4))
+        bad = [f"{name} = {value} (must be >= {low})" for name, value, low in checks if value < low]
         if bad:
             raise ValueError(f"invalid distillation setting: {', '.join(bad)}")
 
@@ -57,14 +59,33 @@ class DistillConfig:
         return self.lr_quant if self.lr_act is None else self.lr_act
 
 
+def timestep_weights(t: torch.Tensor, sigmas: torch.Tensor, sigma0: float) -> torch.Tensor:
+    """Per-sample loss weights 1/(σ_t² + σ0²), scaled to mean 1 over `t` (σ_t = sqrt(1 - ᾱ_t), `sigmas` [T]).
+
+    Beyond the paper. Every intermediate unit's output error spreads evenly over the timesteps, but the same
+    feature error becomes a far larger eps error at small t, where the network divides the noise it finds by
+    σ_t (results/mnist_band_fid_w4a4.json and the README). The weight follows that gain and levels off below σ0.
+    """
+    w = 1.0 / (sigmas.to(t.device)[t].double() ** 2 + sigma0 ** 2)
+    return (w / w.mean()).float()
+
+
 @dataclass
 class UnitData:
     args: list[torch.Tensor]   # positional inputs of the unit, each [M, ...] (from the quantized chain)
     target: torch.Tensor       # FP unit output [M, ...]
     t: torch.Tensor            # [M] timesteps
+    weight: torch.Tensor | None = None   # [M] per-sample loss weights (timestep_weights); None: equal
 
     def batch(self, idx: torch.Tensor, device: torch.device):
         return [a[idx].to(device) for a in self.args], self.target[idx].to(device), self.t[idx].to(device)
+
+    def weighted(self, idx: torch.Tensor, out: torch.Tensor, target: torch.Tensor):
+        """out and target scaled by sqrt(weight) per sample, so any MSE of them is the weighted MSE."""
+        if self.weight is None:
+            return out, target
+        s = self.weight[idx].to(out.device).sqrt().view(-1, *[1] * (out.dim() - 1))
+        return out * s, target * s
 
 
 class _Captured(Exception):
@@ -155,13 +176,14 @@ class DistillObjective:
 
 @torch.no_grad()
 def unit_loss(qmodel: QuantModel, module: nn.Module, data: UnitData, batch_size: int) -> float:
-    """MSE of the quantized unit against its FP targets over all cached samples."""
+    """MSE of the quantized unit against its FP targets over all cached samples (weighted if data.weight)."""
     device = next(qmodel.parameters()).device
     total = 0.0
     for i in range(0, len(data.t), batch_size):
-        args, target, t = data.batch(torch.arange(i, min(i + batch_size, len(data.t))), device)
+        idx = torch.arange(i, min(i + batch_size, len(data.t)))
+        args, target, t = data.batch(idx, device)
         with qmodel.steps.active(qmodel.steps.lookup(t)):
-            total += float(F.mse_loss(module(*args), target, reduction="sum"))
+            total += float(F.mse_loss(*data.weighted(idx, module(*args), target), reduction="sum"))
     return total / data.target.numel()
 
 
@@ -188,7 +210,7 @@ def train_unit(qmodel: QuantModel, unit: str, data: UnitData, objective: Objecti
             idx = torch.randint(0, len(data.t), (cfg.batch_size,), generator=gen)
             args, target, t = data.batch(idx, device)
             with qmodel.steps.active(qmodel.steps.lookup(t)):
-                loss = objective.loss(module(*args), target, it, cfg.iters)
+                loss = objective.loss(*data.weighted(idx, module(*args), target), it, cfg.iters)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -209,9 +231,15 @@ def _unit_state(qmodel: QuantModel, unit: str) -> dict:
 
 
 def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, objective: Objective, cfg: DistillConfig,
-                run_dir: Path) -> list[dict]:
+                run_dir: Path, sigmas: torch.Tensor | None = None) -> list[dict]:
     """Reconstruct every unit in forward order; unit k is saved to run_dir/unit_{k:02d}.pt when done and
-    reloaded (not retrained) by a rerun, so an interrupted run resumes from its last finished unit."""
+    reloaded (not retrained) by a rerun, so an interrupted run resumes from its last finished unit.
+    With cfg.t_weight_sigma, samples are weighted by timestep_weights (needs `sigmas`, σ_t per timestep)."""
+    weight = None
+    if cfg.t_weight_sigma is not None:
+        if sigmas is None:
+            raise ValueError("t_weight_sigma needs the noise levels σ_t of the schedule (sigmas)")
+        weight = timestep_weights(calib.t, sigmas, cfg.t_weight_sigma)
     run_dir.mkdir(parents=True, exist_ok=True)
     fp_model.eval()
     qmodel.eval()                                            # dropout off; parameters still train
@@ -229,6 +257,7 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
             log.append(saved["log"])
             continue
         data = cache_unit_io(qmodel, fp_model, unit, calib, cfg.cache_batch_size)
+        data.weight = weight
         entry = {"unit": unit} | train_unit(qmodel, unit, data, objective, cfg, seed=cfg.seed * 1000 + k,
                                             desc=f"[{k}] {unit}")
         torch.save({"state": _unit_state(qmodel, unit), "log": entry}, path.with_suffix(".tmp"))
@@ -237,6 +266,7 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
     return log
 
 
-def distill(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, cfg: DistillConfig, run_dir: Path) -> list[dict]:
+def distill(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, cfg: DistillConfig, run_dir: Path,
+            sigmas: torch.Tensor | None = None) -> list[dict]:
     """DilateQuant's Block-wise Knowledge Distillation (eq. 17)."""
-    return reconstruct(qmodel, fp_model, calib, DistillObjective(cfg), cfg, run_dir)
+    return reconstruct(qmodel, fp_model, calib, DistillObjective(cfg), cfg, run_dir, sigmas)

@@ -216,3 +216,34 @@ def test_unit_losses_lines_up_runs_unit_by_unit(tiny_unet, calib, tmp_path):
     assert len(json.loads((tmp_path / "u.json").read_text())["rows"]) == len(log)
     with pytest.raises(SystemExit, match="no distill"):
         unit_losses([str(tmp_path / "missing")])
+
+
+def test_timestep_weights_favour_small_noise_levels_with_mean_one():
+    from quant.distill import timestep_weights
+    sigmas = torch.linspace(0.01, 1.0, 100)
+    t = torch.tensor([0, 0, 10, 50, 99])
+    w = timestep_weights(t, sigmas, 0.2)
+    assert float(w.mean()) == pytest.approx(1.0) and w[0] == w[1]
+    assert bool((w[1:].diff() < 0).all())                                      # larger sigma_t, less weight
+    ratio = float(w[0] / w[-1])
+    assert ratio == pytest.approx((1.0 + 0.04) / (0.01 ** 2 + 0.04), rel=1e-4)   # 1/(sigma^2 + sigma0^2)
+    with pytest.raises(ValueError, match="t_weight_sigma = 0.0"):
+        DistillConfig(t_weight_sigma=0.0)
+
+
+def test_weighted_distillation_loss_is_the_weighted_mean_of_sample_errors(tiny_unet, calib, tmp_path):
+    q = w4a4(tiny_unet, calib)
+    data = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16)
+    data.weight = torch.linspace(0.5, 1.5, len(data.t))
+    idx = torch.arange(len(data.t))
+    out = data.target + torch.randn_like(data.target)
+    per_sample = (out - data.target).pow(2).flatten(1).mean(1)
+    weighted = torch.nn.functional.mse_loss(*data.weighted(idx, out, data.target))
+    assert float(weighted) == pytest.approx(float((data.weight * per_sample).mean()), rel=1e-5)
+    cfg = DistillConfig(iters=2, batch_size=8, t_weight_sigma=0.2)
+    with pytest.raises(ValueError, match="sigmas"):
+        distill(w4a4(tiny_unet, calib), tiny_unet, calib, cfg, tmp_path / "d")
+    sigmas = torch.linspace(0.01, 1.0, 1000)
+    log = distill(w4a4(tiny_unet, calib), tiny_unet, calib, cfg, tmp_path / "w", sigmas)
+    plain = distill(w4a4(tiny_unet, calib), tiny_unet, calib, DistillConfig(iters=2, batch_size=8), tmp_path / "p")
+    assert [e["loss_before"] for e in log] != [e["loss_before"] for e in plain]    # the weighted MSE is reported

@@ -73,6 +73,10 @@ def test_dilatequant_runs_end_to_end_and_resumes(tiny_task, tmp_path):
     assert first_unit.stat().st_mtime_ns == made                         # units of these settings: kept
     run(tiny_task, tmp_path / "dq", *q[:-5], "--cali_iters", "2", *q[-3:])
     assert first_unit.stat().st_mtime_ns > made                          # other settings: redistilled
+    unit = tmp_path / "dq" / "distill" / "unit_05.pt"
+    plain = torch.load(unit, weights_only=True)["log"]["loss_before"]
+    run(tiny_task, tmp_path / "dq", *q[:-5], "--cali_iters", "2", *q[-3:], "--t_weight_sigma", "0.2")
+    assert torch.load(unit, weights_only=True)["log"]["loss_before"] != plain   # weighted by the schedule's σ_t
 
 
 def test_quantized_model_refuses_other_sampling_schedule(tiny_task, tmp_path):

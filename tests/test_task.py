@@ -31,8 +31,8 @@ def test_a_later_flag_at_its_default_keeps_earlier_stages_valid():
     args = build_parser().parse_args(base)
     key = stage_key(args, SAMPLING_ONLY)
     assert not set(LATER_FLAGS) & set(key)              # a run made before the flags existed has the same key
-    changed = build_parser().parse_args(base + ["--lr_act", "1e-3"])
-    assert stage_key(changed, SAMPLING_ONLY) == key | {"lr_act": 1e-3}
+    changed = build_parser().parse_args(base + ["--lr_act", "1e-3", "--t_weight_sigma", "0.2"])
+    assert stage_key(changed, SAMPLING_ONLY) == key | {"lr_act": 1e-3, "t_weight_sigma": 0.2}
 
 
 def test_quick_preset_and_bad_names():

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+import torch
 import torch.nn as nn
 
 from quant.calib_data import CalibSet
@@ -29,7 +30,9 @@ class DilateQuantConfig:
 
 
 def quantize_dilatequant(fp_model: nn.Module, config: QuantConfig, schedule: Sequence[int], calib: CalibSet | None,
-                         dq: DilateQuantConfig, run_dir: Path, batch_size: int = 64, seed: int = 0) -> QuantModel:
+                         dq: DilateQuantConfig, run_dir: Path, batch_size: int = 64, seed: int = 0,
+                         sigmas: torch.Tensor | None = None) -> QuantModel:
+    """sigmas: σ_t = sqrt(1 - ᾱ_t) per timestep, needed only by dq.distill.t_weight_sigma."""
     qmodel = QuantModel(fp_model, replace(config, temporal=dq.temporal), schedule if dq.temporal else None)
     if dq.weight_dilation:
         dilate(qmodel, dq.scaling, calib)
@@ -37,5 +40,5 @@ def quantize_dilatequant(fp_model: nn.Module, config: QuantConfig, schedule: Seq
     if dq.distillation:
         if calib is None:
             raise ValueError("distillation needs calibration data")
-        distill(qmodel, fp_model, calib, dq.distill, run_dir / "distill")
+        distill(qmodel, fp_model, calib, dq.distill, run_dir / "distill", sigmas)
     return qmodel
