@@ -111,8 +111,9 @@ def dilatequant_config(args) -> DilateQuantConfig:
                                 lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
                                 lr_schedule=LRSchedule(args.lr_schedule), t_weight_sigma=args.t_weight_sigma,
                                 seed=args.seed)
-    except ValueError as e:                  # field names map to flags: iters -> --cali_iters, lr_* -> --lr_*
-        raise SystemExit(f"{e}: fix --cali_iters / --distill_batch_size / --lr_* on the command line") from None
+    except ValueError as e:   # setting -> flag: iters -> --cali_iters, batch_size -> --distill_batch_size, else --name
+        raise SystemExit(f"{e}: fix --cali_iters / --distill_batch_size / --lr_* / --t_weight_sigma on the command "
+                         "line") from None
     return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
                              distillation=args.bkd, distill=distill)
 
@@ -217,8 +218,8 @@ def quantize(fp, sample, args, logdir: Path, device):
         raise SystemExit("--resume needs --cali_ckpt (the calibrated checkpoint to resume from)")
     if args.resume_w and not (args.cali_ckpt and args.quant_mode == QuantMode.QDIFF.value):
         raise SystemExit("--resume_w needs --quant_mode qdiff and --cali_ckpt")
-    if args.quant_mode == QuantMode.DILATEQUANT.value:
-        dilatequant_config(args)                              # bad distillation flags fail before the draw
+    # built here so that bad distillation flags fail before the calibration draw
+    dq_config = dilatequant_config(args) if args.quant_mode == QuantMode.DILATEQUANT.value else None
     if args.cali_ckpt and not args.resume_w:
         qmodel, _ = load_quantized(args.cali_ckpt, fp.cpu())
         qmodel = qmodel.to(device).eval()
@@ -249,7 +250,7 @@ def quantize(fp, sample, args, logdir: Path, device):
         if mode is QuantMode.BASELINE:
             qmodel = quantize_baseline(fp, config, calib, batch_size=args.cali_batch_size, seed=args.seed)
         elif mode is QuantMode.DILATEQUANT:
-            qmodel = quantize_dilatequant(fp, config, sample.seq, calib, dilatequant_config(args), logdir,
+            qmodel = quantize_dilatequant(fp, config, sample.seq, calib, dq_config, logdir,
                                           batch_size=args.cali_batch_size, seed=args.seed,
                                           sigmas=(1 - alphas_cumprod(sample.betas)).sqrt())
         elif args.resume_w:

@@ -62,9 +62,10 @@ class DistillConfig:
 def timestep_weights(t: torch.Tensor, sigmas: torch.Tensor, sigma0: float) -> torch.Tensor:
     """Per-sample loss weights 1/(σ_t² + σ0²), scaled to mean 1 over `t` (σ_t = sqrt(1 - ᾱ_t), `sigmas` [T]).
 
-    Beyond the paper. Every intermediate unit's output error spreads evenly over the timesteps, but the same
-    feature error becomes a far larger eps error at small t, where the network divides the noise it finds by
-    σ_t (results/mnist_band_fid_w4a4.json and the README). The weight follows that gain and levels off below σ0.
+    Beyond the paper. Plain MSE treats every timestep alike, but the same feature error becomes a far larger
+    eps error at small t, where the network scales the noise it finds by about 1/σ_t; and the small-t steps are
+    the ones whose quantization error costs FID (results/mnist_band_fid_w4a4.json, README). The weight follows
+    that gain and levels off below σ0.
     """
     w = 1.0 / (sigmas.to(t.device)[t].double() ** 2 + sigma0 ** 2)
     return (w / w.mean()).float()
