@@ -156,10 +156,13 @@ def sample_cache(logdir: Path, args, device) -> Path:
 
 
 def method_name(args) -> str:
-    """'dilatequant', e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row; '+epsbc' with --eps_correction."""
+    """'dilatequant', e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row; '+epsbc' with --eps_correction,
+    '+tw0.2' with --t_weight_sigma 0.2 (beyond the paper)."""
     suffix = "+epsbc" if args.eps_correction else ""
     if args.quant_mode != QuantMode.DILATEQUANT.value:
         return args.quant_mode + suffix
+    if args.bkd and args.t_weight_sigma is not None:
+        suffix = f"+tw{args.t_weight_sigma:g}" + suffix
     if args.wd and args.tpq and args.bkd and args.scaling == Scaling.WEIGHT_DILATION.value:
         return args.quant_mode + suffix
     scaling = "wd" if args.scaling == Scaling.WEIGHT_DILATION.value else args.scaling

@@ -218,3 +218,15 @@ def test_calib_draw_spread_compares_draws_of_one_method(tiny_task, tmp_path):
         spread([*common, "--seeds", "1", "--calib", str(tmp_path / "missing.pt")])   # before any draw
     with pytest.raises(SystemExit, match="give W/A"):
         spread([*common, "--bits", "4", "--seeds", "1"])
+
+
+def test_method_name_marks_ablations_eps_correction_and_t_weighting():
+    from experiments.ddim_task import build_parser, method_name
+
+    def name(*flags):
+        return method_name(build_parser().parse_args(["--config", "c.yml", "-l", "x", *flags]))
+    dq = ["--ptq", "--quant_mode", "dilatequant"]
+    assert name(*dq) == "dilatequant"
+    assert name(*dq, "--t_weight_sigma", "0.2") == "dilatequant+tw0.2"
+    assert name(*dq, "--t_weight_sigma", "0.5", "--eps_correction", "4") == "dilatequant+tw0.5+epsbc"
+    assert name("--ptq", "--quant_mode", "baseline", "--eps_correction", "4") == "baseline+epsbc"
