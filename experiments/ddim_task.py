@@ -224,8 +224,11 @@ def quantize(fp, sample, args, logdir: Path, device):
     # built here so that bad distillation flags fail before the calibration draw
     dq_config = dilatequant_config(args) if args.quant_mode == QuantMode.DILATEQUANT.value else None
     if args.cali_ckpt and not args.resume_w:
-        qmodel, _ = load_quantized(args.cali_ckpt, fp.cpu())
+        qmodel, payload = load_quantized(args.cali_ckpt, fp.cpu())
         qmodel = qmodel.to(device).eval()
+        record["method"] = payload["method"]                  # what it was calibrated with, not these flags
+        if args.eps_correction and not record["method"].endswith("+epsbc"):
+            record["method"] += "+epsbc"
         if not args.eps_correction:
             return qmodel, record | {"calib_seconds": None, "peak_mem_mb": None}
         stats = eps_correction(qmodel, fp, sample, args, device)   # calib_seconds: the correction alone

@@ -170,7 +170,11 @@ def test_eps_correction_is_one_flag_on_a_fresh_or_a_loaded_model(tiny_task, tmp_
                  "--cali_ckpt", str(tmp_path / "plain" / "quantized.pt"))
     images = {n: np.load(tmp_path / n / "samples.npz")["arr_0"] for n in ("plain", "fresh", "loaded")}
     assert np.array_equal(images["fresh"], images["loaded"]) and not np.array_equal(images["plain"], images["fresh"])
-    assert loaded["calib_seconds"] == loaded["eps_correction_seconds"] > 0
+    assert loaded["calib_seconds"] == loaded["eps_correction_seconds"] > 0 and loaded["method"] == "baseline+epsbc"
+    as_dq = [a if a != "baseline" else "dilatequant" for a in q]      # flags do not rename a loaded model
+    reloaded = run(tiny_task, tmp_path / "reloaded", *as_dq, "--max_images", "2",
+                   "--cali_ckpt", str(tmp_path / "plain" / "quantized.pt"))
+    assert reloaded["method"] == "baseline"
     assert 0 < fresh["eps_correction_seconds"] < fresh["calib_seconds"]
     with pytest.raises(SystemExit, match="eps_correction"):
         run(tiny_task, tmp_path / "bad", *q, "--eps_correction", "-1")
