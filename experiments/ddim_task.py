@@ -156,10 +156,13 @@ def sample_cache(logdir: Path, args, device) -> Path:
     return cache
 
 
+EPS_CORRECTED = "+epsbc"   # method-name suffix of a model with the eps-mean correction (--eps_correction)
+
+
 def method_name(args) -> str:
     """'dilatequant', e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row; '+epsbc' with --eps_correction,
     '+tw0.2' with --t_weight_sigma 0.2 (beyond the paper)."""
-    suffix = "+epsbc" if args.eps_correction else ""
+    suffix = EPS_CORRECTED if args.eps_correction else ""
     if args.quant_mode != QuantMode.DILATEQUANT.value:
         return args.quant_mode + suffix
     if args.bkd and args.t_weight_sigma is not None:
@@ -228,8 +231,8 @@ def quantize(fp, sample, args, logdir: Path, device):
         qmodel, payload = load_quantized(args.cali_ckpt, fp.cpu())
         qmodel = qmodel.to(device).eval()
         record["method"] = payload["method"]                  # what it was calibrated with, not these flags
-        if args.eps_correction and not record["method"].endswith("+epsbc"):
-            record["method"] += "+epsbc"
+        if args.eps_correction and not record["method"].endswith(EPS_CORRECTED):
+            record["method"] += EPS_CORRECTED
         if not args.eps_correction:
             return qmodel, record | {"calib_seconds": None, "peak_mem_mb": None}
         stats = eps_correction(qmodel, fp, sample, args, device)   # calib_seconds: the correction alone
