@@ -174,7 +174,7 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(c_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = timestep_embedding(t, self.cfg.ch)                   # [B, ch]
+        temb = timestep_embedding(t, self.cfg.ch).to(x.dtype)       # [B, ch]
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))  # [B, 4ch]
 
         hs = [self.conv_in(x)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -40,34 +40,57 @@ def make_sampler(betas: torch.Tensor, steps: int, skip_type: str, eta: float, sa
 
 
 @torch.no_grad()
-def generate(model: Callable, sample, n: int, shape: tuple[int, ...], batch_size: int, seed: int,
-             device: torch.device, cache: Path | None = None) -> tuple[np.ndarray, float]:
-    """n images as uint8 NHWC and the seconds spent sampling them. Batch b uses noise images
-    [b*bs, (b+1)*bs) of `seed` and its own sampler-noise generator (eta > 0), so it depends on nothing
-    but b. With `cache`, each finished batch is kept there (images and seconds) and reused, so an
-    interrupted run resumes at the first missing batch; the caller clears `cache` when the model or the
-    settings change."""
+def sample_batches(model: Callable, sample, n: int, shape: tuple[int, ...], batch_size: int, seed: int,
+                   device: torch.device, batches: Iterable[int] | None = None, cache: Path | None = None,
+                   progress: bool = True) -> dict[int, tuple[np.ndarray, float]]:
+    """{b: (uint8 NHWC images, seconds)} for batches b (default: all) of an n-image run.
+
+    Batch b holds noise images [b*bs, (b+1)*bs) of `seed` and uses its own sampler-noise generator
+    (eta > 0), so it depends on nothing but b (and the seed and batch size): any subset of batches, in any
+    process, gives the images of the same batches of one full run. With `cache`, each finished batch is kept
+    there and reused, so an interrupted run resumes at the first missing batch; the caller clears `cache`
+    when the model or the settings change. The bar ticks once per sampling step of every batch.
+    """
     noise = initial_noise(n, shape, seed)
-    out, seconds = [], 0.0
-    for b, i in enumerate(tqdm(range(0, n, batch_size), desc="sample", dynamic_ncols=True)):
+    n_batches = -(-n // batch_size)
+    todo = list(range(n_batches) if batches is None else batches)
+    steps = len(sample.seq)
+    out = {}
+    bar = tqdm(total=len(todo) * steps, desc=f"sample ({n} images, {steps} steps)", unit="step",
+               dynamic_ncols=True, disable=not progress)
+    for b in todo:
         path = cache / f"batch_{b:04d}.npz" if cache is not None else None
         if path is not None and path.exists():
-            done = np.load(path)
-            out.append(done["images"])
-            seconds += float(done["seconds"])
+            with np.load(path) as done:
+                out[b] = (done["images"], float(done["seconds"]))
+            bar.update(steps)
             continue
         gen = torch.Generator(device=device).manual_seed(seed + 1 + b)
         start = time.perf_counter()
-        images = to_uint8(sample(model, noise[i:i + batch_size].to(device), generator=gen))
-        elapsed = time.perf_counter() - start
-        out.append(images)
-        seconds += elapsed
+        x_T = noise[b * batch_size:(b + 1) * batch_size].to(device)
+        images = to_uint8(sample(model, x_T, generator=gen, on_step=lambda x, t: bar.update(1)))
+        out[b] = (images, time.perf_counter() - start)
         if path is not None:
             cache.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.stem + ".tmp.npz")
-            np.savez(tmp, images=images, seconds=elapsed)
+            np.savez(tmp, images=images, seconds=out[b][1])
             tmp.replace(path)
-    return np.concatenate(out), seconds
+    bar.close()
+    return out
+
+
+def join_batches(done: dict[int, tuple[np.ndarray, float]]) -> tuple[np.ndarray, float]:
+    """All batches in order -> (images, total sampling seconds)."""
+    order = sorted(done)
+    if order != list(range(len(order))):
+        raise RuntimeError(f"sampling batches missing: have {order[:5]}...")
+    return np.concatenate([done[b][0] for b in order]), sum(done[b][1] for b in order)
+
+
+def generate(model: Callable, sample, n: int, shape: tuple[int, ...], batch_size: int, seed: int,
+             device: torch.device, cache: Path | None = None) -> tuple[np.ndarray, float]:
+    """n images as uint8 NHWC and the seconds spent sampling them (every batch of sample_batches)."""
+    return join_batches(sample_batches(model, sample, n, shape, batch_size, seed, device, cache=cache))
 
 
 def save_samples(logdir: Path, images: np.ndarray, max_pngs: int | None = None) -> None:

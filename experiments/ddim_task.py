@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from ddim import load_config, make_betas
 from ddim.checkpoint import load_unet
-from ddim.sampling import SAMPLE_TYPES, generate, initial_noise, make_sampler, save_samples
+from ddim.sampling import SAMPLE_TYPES, initial_noise, join_batches, make_sampler, sample_batches, save_samples
+from experiments import dist
 from ddim.schedule import alphas_cumprod
 from experiments.runtime import (load_stage, peak_memory_mb, reset_peak_memory, save_args, save_stage, stage_record,
-                                 timer)
+                                 timer, write_results)
 from quant.bias_correction import correct_eps_bias
 from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
 from quant.checkpoint import load_quantized, save_quantized
@@ -25,6 +27,7 @@ from quant.distill import DistillConfig, LRSchedule
 from quant.methods.baseline import quantize_baseline
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
 from quant.methods.qdiff import QDiffConfig, quantize_qdiff, reconstruct_activations
+from quant.model import QuantModel, frozen
 from quant.settings import QuantConfig
 from tools.common import pick_device, set_seed
 
@@ -46,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", default=None, help="FID reference: 'mnist' or an .npz of real uint8 NHWC images "
                                                 "(default: mnist for the MNIST config)")
     p.add_argument("--no_fid", action="store_true", help="only sample")
+    p.add_argument("--compile", action="store_true", help="sample with torch.compile (first call compiles)")
     q = p.add_argument_group("quantization")
     q.add_argument("--ptq", action="store_true", help="quantize the model")
     q.add_argument("--quant_mode", default="baseline", choices=[m.value for m in QuantMode])
@@ -228,8 +232,8 @@ def quantize(fp, sample, args, logdir: Path, device):
     # built here so that bad distillation flags fail before the calibration draw
     dq_config = dilatequant_config(args) if args.quant_mode == QuantMode.DILATEQUANT.value else None
     if args.cali_ckpt and not args.resume_w:
-        qmodel, payload = load_quantized(args.cali_ckpt, fp.cpu())
-        qmodel = qmodel.to(device).eval()
+        qmodel, payload = load_quantized(args.cali_ckpt, fp)
+        qmodel = qmodel.eval()
         record["method"] = payload["method"]                  # what it was calibrated with, not these flags
         if args.eps_correction and not record["method"].endswith(EPS_CORRECTED):
             record["method"] += EPS_CORRECTED
@@ -243,8 +247,8 @@ def quantize(fp, sample, args, logdir: Path, device):
     done = load_stage(stage, key)
     if done and (logdir / "quantized.pt").exists():
         print(f"[resume] {logdir / 'quantized.pt'} was calibrated with these settings: reusing it")
-        qmodel, _ = load_quantized(logdir / "quantized.pt", fp.cpu())
-        return qmodel.to(device).eval(), record | done
+        qmodel, _ = load_quantized(logdir / "quantized.pt", fp)
+        return qmodel.eval(), record | done
     if done is None and stage.exists():                       # units of other settings: start over
         print(f"[settings changed] {logdir}: earlier calibration units are removed")
         for unit_dir in UNIT_DIRS:
@@ -265,7 +269,7 @@ def quantize(fp, sample, args, logdir: Path, device):
                                           sigmas=(1 - alphas_cumprod(sample.betas)).sqrt())
         elif args.resume_w:
             qmodel, _ = load_quantized(args.cali_ckpt, fp)
-            reconstruct_activations(qmodel.to(device), fp, calib, qdiff_settings(args), logdir, args.cali_batch_size)
+            reconstruct_activations(qmodel, fp, calib, qdiff_settings(args), logdir, args.cali_batch_size)
         else:
             qmodel = quantize_qdiff(fp, config, calib, qdiff_settings(args), logdir, batch_size=args.cali_batch_size)
         stats = eps_correction(qmodel, fp, sample, args, device) if args.eps_correction else {}
@@ -280,32 +284,66 @@ def quantize(fp, sample, args, logdir: Path, device):
     return qmodel.eval(), record | cost
 
 
-def main(argv=None) -> dict:
-    from tools.metrics import evaluate, write_results
+def inference(model, compile_model: bool):
+    """The eps callable to sample with: a QuantModel's weights are quantized once (quant.model.frozen);
+    --compile wraps it in torch.compile."""
+    context = frozen(model) if isinstance(model, QuantModel) else nullcontext(model)
+    return context, (torch.compile(model) if compile_model else model)
+
+
+def quantize_once(fp, sample, args, logdir: Path, device, shard: dist.Shard):
+    """quantize() on rank 0; the other ranks wait for its quantized.pt and load it."""
+    if shard.world == 1 or args.cali_ckpt and not args.eps_correction and not args.resume_w:
+        return quantize(fp, sample, args, logdir, device)
+    result = quantize(fp, sample, args, logdir, device) if shard.main else None
+    dist.barrier(shard)
+    if shard.main:
+        return result
+    qmodel, payload = load_quantized(logdir / "quantized.pt", fp)
+    return qmodel.eval(), {"method": payload["method"], "weight_bit": args.weight_bit,
+                           "act_bit": args.act_bit if args.quant_act else None}
+
+
+def main(argv=None) -> dict | None:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config)
     set_seed(args.seed)
-    device = pick_device(args.device)
+    shard, device = dist.setup(args.device)
     logdir = Path(args.logdir)
-    save_args(logdir, args)
+    if shard.main:
+        save_args(logdir, args)
 
     fp = load_unet(cfg, args.ckpt).to(device)
     sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, args.eta, args.sample_type)
     model, record = fp, {"method": "fp", "weight_bit": 32, "act_bit": None}
     if args.ptq:
-        model, record = quantize(fp, sample, args, logdir, device)
+        model, record = quantize_once(fp, sample, args, logdir, device, shard)
+        model.check_timesteps(sample.seq)
 
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    images, seconds = generate(model, sample, args.max_images, shape, args.batch_size, args.seed, device,
-                               cache=sample_cache(logdir, args, device))
+    cache = sample_cache(logdir, args, device) if shard.main else logdir / "sample_batches"
+    dist.barrier(shard)
+    n_batches = -(-args.max_images // args.batch_size)
+    context, eps = inference(model, args.compile)
+    with context:
+        mine = sample_batches(eps, sample, args.max_images, shape, args.batch_size, args.seed, device,
+                              shard.batches(n_batches), cache, progress=shard.main)
+    done = dist.gather_to_main(shard, mine)
+    if not shard.main:
+        dist.teardown(shard)
+        return None
+    images, seconds = join_batches(done)
     save_samples(logdir, images)
     record |= {"n_samples": len(images), "steps": args.timesteps, "skip_type": args.skip_type, "eta": args.eta,
-               "seed": args.seed, "config": str(args.config), "sampling_seconds": seconds}
+               "seed": args.seed, "config": str(args.config), "sampling_seconds": seconds,
+               "processes": shard.world, "compiled": args.compile}
     ref = args.ref or ("mnist" if cfg.name == "mnist" else None)
     if not args.no_fid:
         if ref is None:
             raise SystemExit(f"no FID reference for {cfg.name} offline: pass --ref real_images.npz or --no_fid")
+        from tools.metrics import evaluate                       # FID's packages are needed only here
         record |= evaluate(images, ref=ref, device=device)
     write_results(logdir, **record)
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    dist.teardown(shard)
     return record

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 
 
@@ -66,3 +68,31 @@ def save_stage(path: Path, key: dict, record: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps({"key": _canonical(key), "record": record}, indent=2, default=str) + "\n")
     tmp.replace(path)
+
+
+def update_json(path: str | Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `fields` into the JSON object at `path` (created if absent); returns the merged record."""
+    path = Path(path)
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record.update(fields)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=_json_scalar) + "\n")
+    os.replace(tmp, path)
+    return record
+
+
+def _json_scalar(value: Any) -> Any:
+    """numpy / torch scalars -> Python numbers for json."""
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_results(logdir: str | Path, **fields: Any) -> dict[str, Any]:
+    """Write or update `<logdir>/results.json`, the evaluation record of a run.
+
+    Keys the pipeline passes: method, weight_bit, act_bit (None for FP), n_samples, steps, fid, sfid,
+    is, sampling_seconds; any others are kept too. Existing keys not in `fields` are preserved.
+    """
+    return update_json(Path(logdir) / "results.json", fields)

@@ -93,12 +93,12 @@ def calibrate_activations(qmodel: QuantModel, calib: CalibSet, batch_size: int =
     gen = torch.Generator().manual_seed(seed)
     device = next(qmodel.parameters()).device
     observers, hooks = {}, []
-    samples_per_slot = torch.bincount(qmodel.steps.lookup(calib.t).cpu(), minlength=qmodel.steps.num_slots)
+    samples_per_slot = torch.bincount(qmodel.slots.lookup(calib.t).cpu(), minlength=qmodel.slots.num_slots)
     for name, module in qmodel.act_quant_modules():
         observers[name] = [SlotObserver(samples_per_slot[:q.delta.numel()], max_values, gen) for q in module.a_quant]
 
         def hook(mod, args, name=name):
-            slots = qmodel.steps.current()                      # [B] slot of each sample
+            slots = qmodel.slots.current()                      # [B] slot of each sample
             for obs, x in zip(observers[name], _observed_inputs(mod, args)):
                 obs.update(x, slots)
         hooks.append(module.register_forward_pre_hook(hook))

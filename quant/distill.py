@@ -183,7 +183,7 @@ def unit_loss(qmodel: QuantModel, module: nn.Module, data: UnitData, batch_size:
     for i in range(0, len(data.t), batch_size):
         idx = torch.arange(i, min(i + batch_size, len(data.t)))
         args, target, t = data.batch(idx, device)
-        with qmodel.steps.active(qmodel.steps.lookup(t)):
+        with qmodel.slots.active(qmodel.slots.lookup(t)):
             total += float(F.mse_loss(*data.weighted(idx, module(*args), target), reduction="sum"))
     return total / data.target.numel()
 
@@ -210,7 +210,7 @@ def train_unit(qmodel: QuantModel, unit: str, data: UnitData, objective: Objecti
         for it in bar:
             idx = torch.randint(0, len(data.t), (cfg.batch_size,), generator=gen)
             args, target, t = data.batch(idx, device)
-            with qmodel.steps.active(qmodel.steps.lookup(t)):
+            with qmodel.slots.active(qmodel.slots.lookup(t)):
                 loss = objective.loss(*data.weighted(idx, module(*args), target), it, cfg.iters)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from quant.quantizer import ActQuantizer, WeightQuantizer
 from quant.settings import QuantizerSpec
-from quant.steps import StepIndex
+from quant.slots import SlotIndex
 
 
 class QuantLayer(nn.Module):
@@ -24,7 +24,7 @@ class QuantLayer(nn.Module):
     """
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, w_spec: QuantizerSpec, a_spec: QuantizerSpec | None,
-                 steps: StepIndex, split: int = 0):
+                 slots: SlotIndex, split: int = 0):
         super().__init__()
         if isinstance(layer, nn.Conv2d):
             self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
@@ -41,14 +41,16 @@ class QuantLayer(nn.Module):
         if not 0 <= split < c_in:
             raise ValueError(f"split {split} must be in [0, {c_in})")
         self.split = split
-        self.register_buffer("in_scale", torch.ones(c_in))
+        like = dict(device=self.weight.device, dtype=self.weight.dtype)   # everything follows the layer
+        self.register_buffer("in_scale", torch.ones(c_in, **like))
         self.register_buffer("in_shift", None)
         self.in_gain: nn.Parameter | None = None
-        self.w_quant = WeightQuantizer(self.weight.shape[0], w_spec)
+        self.w_quant = WeightQuantizer(self.weight.shape[0], w_spec, **like)
         n_act = 0 if a_spec is None else (2 if split else 1)
-        self.a_quant = nn.ModuleList([ActQuantizer(a_spec, steps) for _ in range(n_act)])
+        self.a_quant = nn.ModuleList([ActQuantizer(a_spec, slots, **like) for _ in range(n_act)])
         self.quant_weight = True
         self.quant_act = n_act > 0
+        self.frozen_weight: torch.Tensor | None = None           # set only inside quant.model.frozen()
 
     def set_shift(self, shift: torch.Tensor) -> None:
         self.in_shift = shift.detach().to(self.in_scale).clone()
@@ -91,13 +93,17 @@ class QuantLayer(nn.Module):
         """(X - z) / s: what the activation quantizers quantize (z = 0 unless shifted)."""
         return self.scaled_input(x if self.in_shift is None else x - self._channel_view(self.in_shift))
 
+    def op_weight(self) -> torch.Tensor:
+        """The weight the op multiplies by: Q_w(W) (or r·W, quantized) when weights are quantized."""
+        w = self.effective_weight()
+        return self.w_quant(w) if self.quant_weight else w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_act and len(self.a_quant):
             x = self.quantize_input(x)
         else:
             x = self.scaled_input(x)
-        w = self.effective_weight()
-        w = self.w_quant(w) if self.quant_weight else w
+        w = self.op_weight() if self.frozen_weight is None else self.frozen_weight
         if self.conv_args is None:
             return F.linear(x, w, self.bias)
         return F.conv2d(x, w, self.bias, **self.conv_args)
@@ -109,9 +115,11 @@ class QuantLayer(nn.Module):
 class QuantMatMul(nn.Module):
     """bmm(Q_a(a), Q_b(b)) for the two attention matmuls (QKᵀ and softmax·V)."""
 
-    def __init__(self, spec_a: QuantizerSpec, spec_b: QuantizerSpec, steps: StepIndex):
+    def __init__(self, spec_a: QuantizerSpec, spec_b: QuantizerSpec, slots: SlotIndex,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        self.a_quant = nn.ModuleList([ActQuantizer(spec_a, steps), ActQuantizer(spec_b, steps)])
+        like = dict(device=device, dtype=dtype)
+        self.a_quant = nn.ModuleList([ActQuantizer(spec_a, slots, **like), ActQuantizer(spec_b, slots, **like)])
         self.quant_act = True
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

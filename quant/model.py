@@ -11,7 +11,7 @@ import torch.nn as nn
 from quant.adapters import adapter_for
 from quant.layers import QuantLayer, QuantMatMul
 from quant.settings import QuantConfig
-from quant.steps import StepIndex
+from quant.slots import SlotIndex
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -24,7 +24,9 @@ class QuantModel(nn.Module):
 
     Every Conv2d/Linear becomes a QuantLayer and every attention matmul a QuantMatMul. With
     `config.temporal`, activation quantizers hold one (Δ, z) per timestep of `schedule` (TPQ) and each
-    forward looks the slots up from `t`; otherwise a single shared (Δ, z) serves all timesteps.
+    forward looks the slots up from `t` (once per call); otherwise a single shared (Δ, z) serves all
+    timesteps. The wrapped copy, and everything the wrapping creates, lives on the model's device and in
+    its floating dtype.
     """
 
     def __init__(self, model: nn.Module, config: QuantConfig, schedule: Sequence[int] | None = None):
@@ -34,11 +36,12 @@ class QuantModel(nn.Module):
         self.config = config
         self.adapter = adapter_for(model)
         self.model = copy.deepcopy(model)
-        self.steps = StepIndex(list(schedule) if config.temporal else None)
-        self.register_buffer("schedule", torch.as_tensor(list(schedule or []), dtype=torch.long))
+        self.slots = SlotIndex(list(schedule) if config.temporal else None)
+        self.register_buffer("schedule", torch.as_tensor(list(schedule or []), dtype=torch.long,
+                                                         device=self.like["device"]))
         self.register_buffer("eps_bias_t", None)               # optional eps-mean correction [S] and [S, C]
         self.register_buffer("eps_bias", None)                 # (quant/bias_correction.py; off unless set)
-        self._bias_index: StepIndex | None = None
+        self._bias_index: SlotIndex | None = None
         self._wrap()
 
     def _wrap(self) -> None:
@@ -50,17 +53,29 @@ class QuantModel(nn.Module):
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 edge = name in (first, last)
                 a_spec = cfg.act_spec(edge) if cfg.quant_act else None
-                new = QuantLayer(module, cfg.weight_spec(edge), a_spec, self.steps, splits.get(name, 0))
+                new = QuantLayer(module, cfg.weight_spec(edge), a_spec, self.slots, splits.get(name, 0))
                 _set_submodule(self.model, name, new)
             elif name in matmuls and cfg.quant_act:
                 sm = matmuls[name]
                 specs = [cfg.softmax_spec() if sm == i else cfg.act_spec() for i in (0, 1)]
-                _set_submodule(self.model, name, QuantMatMul(*specs, self.steps))
+                _set_submodule(self.model, name, QuantMatMul(*specs, self.slots, **self.like))
+
+    @property
+    def like(self) -> dict:
+        """device= and dtype= of the wrapped model's parameters: what new tensors of the wrapper follow."""
+        ref = next(self.model.parameters())
+        return dict(device=ref.device, dtype=ref.dtype)
+
+    def check_timesteps(self, timesteps: Sequence[int]) -> None:
+        """One-line error unless every timestep a sampler will visit was calibrated (call before sampling)."""
+        self.slots.check_timesteps(timesteps)
+        if self._bias_index is not None:
+            self._bias_index.check_timesteps(timesteps)
 
     def raw_eps(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """The quantized network's output, without the eps-mean correction."""
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        with self.steps.active(self.steps.lookup(t)):
+        with self.slots.active(self.slots.lookup(t)):
             return self.model(x, t, **cond)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -74,13 +89,13 @@ class QuantModel(nn.Module):
     def set_eps_bias(self, timesteps: torch.Tensor, bias: torch.Tensor) -> None:
         """Install b_t: forward then returns eps - b_t for t in `timesteps` [S] (bias [S, C]); any other
         timestep is an UncalibratedTimestepError."""
+        timesteps = timesteps.cpu()
         order = torch.argsort(timesteps)
         if len(torch.unique(timesteps)) != len(timesteps) or bias.dim() != 2 or len(bias) != len(timesteps):
             raise ValueError("eps bias needs distinct timesteps [S] and a bias [S, C]")
-        device = self.schedule.device
-        self.eps_bias_t = timesteps[order].long().to(device)
-        self.eps_bias = bias[order].float().to(device)
-        self._bias_index = StepIndex(self.eps_bias_t.tolist())
+        self.eps_bias_t = timesteps[order].long().to(self.like["device"])
+        self.eps_bias = bias[order.to(bias.device)].to(**self.like)
+        self._bias_index = SlotIndex(timesteps[order].tolist())
 
     def quant_layers(self) -> Iterator[tuple[str, QuantLayer]]:
         return ((n, m) for n, m in self.model.named_modules() if isinstance(m, QuantLayer))
@@ -89,6 +104,21 @@ class QuantModel(nn.Module):
         """Modules (QuantLayer or QuantMatMul) that own activation quantizers."""
         return ((n, m) for n, m in self.model.named_modules()
                 if isinstance(m, (QuantLayer, QuantMatMul)) and len(m.a_quant))
+
+
+@contextmanager
+def frozen(qmodel: QuantModel) -> Iterator[QuantModel]:
+    """Inference with fixed weights: each layer's (fake-)quantized weight is computed once on entry and reused
+    by every forward inside, instead of being re-quantized per call; recomputed on the next entry."""
+    layers = [layer for _, layer in qmodel.quant_layers()]
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer.frozen_weight = layer.op_weight()
+        yield qmodel
+    finally:
+        for layer in layers:
+            layer.frozen_weight = None
 
 
 @contextmanager

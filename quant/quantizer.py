@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from quant.settings import QuantizerSpec, Signedness
-from quant.steps import StepIndex
+from quant.slots import SlotIndex
 
 _MIN_DELTA = 1e-8
 
@@ -15,19 +15,32 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
+def _divide(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """x / step. For a contiguous [N, C, H, W] x and a [N or 1, C or 1, 1, 1] step (per-sample Δ_t times
+    per-channel s) it runs as [N·C, H·W] / [N·C, 1]: the same quotients, through a faster CPU kernel than the
+    4-d broadcast."""
+    if x.dim() == 4 and step.dim() == 4 and step.shape[2:] == (1, 1) and x.is_contiguous():
+        n, c = x.shape[:2]
+        return (x.view(n * c, -1) / step.expand(n, c, 1, 1).reshape(n * c, 1)).view_as(x)
+    return x / step
+
+
 def fake_quant(x: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
                in_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Q(x/s) = Δ (clip(round(x/(s·Δ)) + z, qmin, qmax) - z)   (eq. 4; s = 1 unless dilated, SPEC §3).
 
     Δ, z (and s) broadcast against x. Gradients reach x, Δ and z as in LSQ/LSQ+ (rounding is
     straight-through; a value on the clipping bound still passes its gradient to x). Without autograd the
-    same values are computed in fewer passes, as Δ·clip(round(x/(s·Δ)), qmin - z, qmax - z).
+    same values are computed in fewer passes, in place: Δ·round(clip(x/(s·Δ), qmin - z, qmax - z)).
     """
     delta = delta.clamp_min(_MIN_DELTA)
     step = delta if in_scale is None else delta * in_scale
     if not torch.is_grad_enabled():
+        # Δ·round(clip(x/step, qmin - z, qmax - z)): five passes, in place on the one fresh tensor. Since the
+        # bounds are integers and rounding is monotone, this equals Δ·clip(round(x/step), ...) bit for bit.
         z = zero.round()
-        return torch.clamp((x / step).round(), qmin - z, qmax - z) * delta
+        q = _divide(x, step).clamp_min_(qmin - z).clamp_max_(qmax - z)
+        return q.round_().mul_(delta)
     z = round_ste(zero)
     return (torch.clamp(round_ste(x / step) + z, qmin, qmax) - z) * delta
 
@@ -46,17 +59,24 @@ def range_to_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantizerSpec) -> 
 
 
 class _Quantizer(nn.Module):
-    """Holds Δ and z of shape [n]; z is learnable only for the asymmetric grid."""
+    """Holds Δ and z of shape [n]; z is learnable only for the asymmetric grid.
 
-    def __init__(self, n: int, spec: QuantizerSpec):
+    Created on `device` / `dtype` (those of the layer it serves). Whether it is calibrated is kept twice:
+    the `calibrated` buffer travels with checkpoints, and a Python mirror of it is what forward checks,
+    so a forward never reads a device tensor on the host.
+    """
+
+    def __init__(self, n: int, spec: QuantizerSpec, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.spec = spec
-        self.delta = nn.Parameter(torch.ones(n))
+        self.delta = nn.Parameter(torch.ones(n, device=device, dtype=dtype))
         if spec.signedness is Signedness.ASYMMETRIC:
-            self.zero = nn.Parameter(torch.zeros(n))
+            self.zero = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
         else:
-            self.register_buffer("zero", torch.zeros(n))
-        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+            self.register_buffer("zero", torch.zeros(n, device=device, dtype=dtype))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool, device=device))
+        self.is_calibrated = False
 
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -65,9 +85,16 @@ class _Quantizer(nn.Module):
         self.delta.copy_(delta)
         self.zero.copy_(zero)
         self.calibrated.fill_(True)
+        self.is_calibrated = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "calibrated"
+        if key in state_dict:                                   # a host read at load time, not per forward
+            self.is_calibrated = bool(state_dict[key])
 
     def _check(self, name: str) -> None:
-        if not bool(self.calibrated):
+        if not self.is_calibrated:
             raise RuntimeError(f"{name} is not calibrated: run calibration first (or load a calibrated "
                                f"checkpoint with --cali_ckpt)")
 
@@ -78,8 +105,9 @@ class _Quantizer(nn.Module):
 class WeightQuantizer(_Quantizer):
     """Per-out-channel quantizer for a weight [C_out, ...]."""
 
-    def __init__(self, out_channels: int, spec: QuantizerSpec):
-        super().__init__(out_channels, spec)
+    def __init__(self, out_channels: int, spec: QuantizerSpec, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__(out_channels, spec, device, dtype)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         self._check("weight quantizer")
@@ -88,26 +116,30 @@ class WeightQuantizer(_Quantizer):
 
 
 class ActQuantizer(_Quantizer):
-    """Per-tensor activation quantizer; with a StepIndex of T slots it is the TPQ (eq. 15-16).
+    """Per-tensor activation quantizer; with a SlotIndex of T slots it is the TPQ (eq. 15-16).
 
     Δ, z have shape [T]. Each sample gathers its slot's parameters; when the leading dim is
     batch*heads (attention operands laid out `(b h) ...`), each sample's parameters repeat over heads.
     """
 
-    def __init__(self, spec: QuantizerSpec, steps: StepIndex):
-        super().__init__(steps.num_slots, spec)
-        self.steps = steps  # shared plain object, not a submodule
+    def __init__(self, spec: QuantizerSpec, slots: SlotIndex, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__(slots.num_slots, spec, device, dtype)
+        self.slots = slots  # shared plain object, not a submodule
 
     def slot_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Δ, z broadcastable against x: scalars for one slot, [N, 1, ...] for TPQ."""
         if self.delta.numel() == 1:
             return self.delta[0], self.zero[0]
-        idx = self.steps.current()                              # [B]
-        if x.shape[0] % idx.numel():
-            raise RuntimeError(f"activation batch {x.shape[0]} is not a multiple of the {idx.numel()} timesteps")
-        idx = idx.repeat_interleave(x.shape[0] // idx.numel())  # [B*heads]
+        idx = self.slots.current()                              # [B]
+        if x.shape[0] % idx.shape[0]:
+            raise RuntimeError(f"activation batch {x.shape[0]} is not a multiple of the {idx.shape[0]} timesteps")
+        heads = x.shape[0] // idx.shape[0]
         shape = (-1,) + (1,) * (x.dim() - 1)
-        return self.delta[idx].view(shape), self.zero[idx].view(shape)
+        delta, zero = self.delta[idx], self.zero[idx]           # [B]
+        if heads > 1:                                           # rows laid out (b h): sample b's rows together
+            delta, zero = delta.repeat_interleave(heads), zero.repeat_interleave(heads)
+        return delta.view(shape), zero.view(shape)
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Q(x / in_scale); in_scale broadcast against x (per channel) or None."""

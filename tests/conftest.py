@@ -21,6 +21,16 @@ TINY_SEQ = timestep_sequence(1000, 6, "quad")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped where no GPU exists (CI is CPU-only)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def tiny_unet_config(**kw) -> UNetConfig:
     """A small random-weight UNet with the same architecture class (2 levels, attention at 8x8)."""
     base = dict(ch=8, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), in_channels=1,

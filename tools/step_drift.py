@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from quant.calib_data import CalibSet  # noqa: E402
 from quant.checkpoint import read_quantized  # noqa: E402
-from quant.steps import StepIndex  # noqa: E402
+from quant.slots import SlotIndex  # noqa: E402
 
 ACT_STEP = re.compile(r"^model\.(.+\.a_quant\.\d+)\.delta$")     # every activation quantizer's Δ_x
 WEIGHT_STEP = re.compile(r"^model\.(.+\.w_quant)\.delta$")          # every weight quantizer's Δ_w
@@ -62,7 +62,7 @@ def summary(logr: torch.Tensor) -> dict:
 
 def slot_counts(schedule: list[int], calib_path: str) -> torch.Tensor:
     """Calibration samples per TPQ slot of a model calibrated for `schedule`."""
-    steps = StepIndex(schedule)
+    steps = SlotIndex(schedule)
     return torch.bincount(steps.lookup(CalibSet.load(Path(calib_path)).t), minlength=steps.num_slots)
 
 
