@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from common.errors import ConfigError
+
 BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "sigmoid", "cosine")
 
 
@@ -66,7 +68,7 @@ def _section(cls, raw: dict, where: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(known)}")
+        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(known)}")
     raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     return cls(**raw)
 
@@ -74,8 +76,10 @@ def _section(cls, raw: dict, where: str):
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found; pick one of configs/*.yml")
+        raise ConfigError(f"config {path} not found; pick one of configs/*.yml")
     raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict) or "model" not in raw or "diffusion" not in raw:
+        raise ConfigError(f"config {path} is not a DDIM config (it needs model: and diffusion: sections)")
     model = dict(raw["model"])
     model.pop("type", None)  # the public DDIM configs carry these training-only keys
     model.pop("var_type", None)

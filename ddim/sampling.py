@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from common.errors import NonFiniteError
+from common.files import atomic_write, replace_dir
 from ddim.data import to_uint8
 from ddim.samplers import ddim_sample, ddpm_sample
 from ddim.schedule import timestep_sequence
@@ -68,15 +70,22 @@ def sample_batches(model: Callable, sample, n: int, shape: tuple[int, ...], batc
         gen = torch.Generator(device=device).manual_seed(seed + 1 + b)
         start = time.perf_counter()
         x_T = noise[b * batch_size:(b + 1) * batch_size].to(device)
-        images = to_uint8(sample(model, x_T, generator=gen, on_step=lambda x, t: bar.update(1)))
+        x0 = sample(model, x_T, generator=gen, on_step=lambda x, t: bar.update(1))
+        if not bool(torch.isfinite(x0).all()):                 # NaN would become black pixels, inf white
+            raise NonFiniteError(f"sampling batch {b} produced NaN/inf values: the model or its quantizer ranges are "
+                                 f"broken, or the sampler settings are", "check the checkpoint and --eta (0..1); "
+                                 "nothing of this run was scored")
+        images = to_uint8(x0)
         out[b] = (images, time.perf_counter() - start)
         if path is not None:
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.stem + ".tmp.npz")
-            np.savez(tmp, images=images, seconds=out[b][1])
-            tmp.replace(path)
+            atomic_write(path, lambda tmp: _savez(tmp, images=images, seconds=out[b][1]))
     bar.close()
     return out
+
+
+def _savez(path: Path, compressed: bool = False, **arrays) -> None:
+    with open(path, "wb") as f:                    # a file object: numpy would append .npz to a bare name
+        (np.savez_compressed if compressed else np.savez)(f, **arrays)
 
 
 def join_batches(done: dict[int, tuple[np.ndarray, float]]) -> tuple[np.ndarray, float]:
@@ -94,14 +103,15 @@ def generate(model: Callable, sample, n: int, shape: tuple[int, ...], batch_size
 
 
 def save_samples(logdir: Path, images: np.ndarray, max_pngs: int | None = None) -> None:
-    """<logdir>/samples.npz (uint8 NHWC, key arr_0), images/<i>.png and grid.png."""
+    """<logdir>/samples.npz (uint8 NHWC, key arr_0), images/<i>.png (this run's only) and grid.png."""
     logdir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(logdir / "samples.npz", arr_0=images)
-    img_dir = logdir / "images"
-    img_dir.mkdir(exist_ok=True)
-    for i, im in enumerate(images[:max_pngs]):
-        Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(img_dir / f"{i:05d}.png")
-    make_grid(images[:100]).save(logdir / "grid.png")
+    atomic_write(logdir / "samples.npz", lambda tmp: _savez(tmp, compressed=True, arr_0=images))
+
+    def pngs(folder: Path) -> None:
+        for i, im in enumerate(images[:max_pngs]):
+            Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(folder / f"{i:05d}.png")
+    replace_dir(logdir / "images", pngs)
+    atomic_write(logdir / "grid.png", lambda tmp: make_grid(images[:100]).save(tmp, format="PNG"))
 
 
 def make_grid(images: np.ndarray, pad: int = 2) -> Image.Image:

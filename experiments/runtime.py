@@ -1,17 +1,28 @@
-"""Timing, peak memory and stage caching for runs."""
+"""What every run needs around its pipeline: timing and memory, content hashes, provenance, atomic writes,
+stage records keyed by settings and input contents, a lock on the log directory, and the results record."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import platform
 import resource
+import socket
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
+
+from common.errors import LogdirLocked
+from common.files import atomic_write
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
@@ -38,61 +49,132 @@ def peak_memory_mb(device: torch.device) -> float:
     return kb / 2 ** 20 if sys.platform == "darwin" else kb / 2 ** 10
 
 
-def save_args(logdir: Path, args) -> None:
-    """The resolved settings of a run, next to its results."""
-    logdir.mkdir(parents=True, exist_ok=True)
-    (logdir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+# ---------------------------------------------------------------------------------------------------
+# Content hashes and provenance
+# ---------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The git commit of this checkout and whether its tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    if head.returncode:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
-def _canonical(key: dict) -> dict:
-    return json.loads(json.dumps(key, sort_keys=True, default=str))
-
-
-def stage_record(path: Path) -> dict | None:
-    """The record a stage saved at `path` with save_stage, whatever its settings; None when it is missing."""
-    return json.loads(path.read_text())["record"] if path.exists() else None
-
-
-def load_stage(path: Path, key: dict) -> dict | None:
-    """The record a finished stage saved at `path` with save_stage, if it was made with the same `key`
-    (the settings it depends on); None when it is missing or was made with other settings."""
-    if not path.exists():
-        return None
-    saved = json.loads(path.read_text())
-    return saved["record"] if saved.get("key") == _canonical(key) else None
-
-
-def save_stage(path: Path, key: dict, record: dict) -> None:
-    """Mark a stage finished: its settings and its record (e.g. the seconds it took), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"key": _canonical(key), "record": record}, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
-def update_json(path: str | Path, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge `fields` into the JSON object at `path` (created if absent); returns the merged record."""
-    path = Path(path)
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    record.update(fields)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=_json_scalar) + "\n")
-    os.replace(tmp, path)
-    return record
+def provenance(device: torch.device) -> dict:
+    """Which code, library and machine made a record."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return code_version() | {"torch": torch.__version__, "python": platform.python_version(),
+                             "device": f"{device.type}: {where}", "host": socket.gethostname()}
 
 
 def _json_scalar(value: Any) -> Any:
     """numpy / torch scalars -> Python numbers for json."""
     if isinstance(value, (np.generic, torch.Tensor)):
         return value.item()
+    if isinstance(value, Path):
+        return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def write_results(logdir: str | Path, **fields: Any) -> dict[str, Any]:
-    """Write or update `<logdir>/results.json`, the evaluation record of a run.
+def write_json(path: str | Path, record: Mapping[str, Any]) -> Path:
+    text = json.dumps(record, indent=2, default=_json_scalar) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
-    Keys the pipeline passes: method, weight_bit, act_bit (None for FP), n_samples, steps, fid, sfid,
-    is, sampling_seconds; any others are kept too. Existing keys not in `fields` are preserved.
-    """
-    return update_json(Path(logdir) / "results.json", fields)
+
+def update_json(path: str | Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `fields` into the JSON object at `path` (created if absent); returns the merged record (tools that
+    add a metric to an existing record; a run writes its results.json whole with write_results)."""
+    path = Path(path)
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record.update(fields)
+    write_json(path, record)
+    return record
+
+
+def write_results(logdir: str | Path, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Write `<logdir>/results.json`, the record of the run that just finished, whole: nothing of an earlier
+    run in the same directory survives in it."""
+    write_json(Path(logdir) / "results.json", record)
+    return dict(record)
+
+
+def recorded_identity(results: Path) -> dict | None:
+    """{"settings", "inputs"} that a results.json records of the run that made it (None: no such record)."""
+    if not results.is_file():
+        return None
+    try:
+        record = json.loads(results.read_text())
+    except json.JSONDecodeError:
+        return None
+    return {"settings": record.get("settings"), "inputs": record.get("inputs")}
+
+
+def save_args(logdir: Path, args) -> None:
+    """The resolved settings of a run, next to its results."""
+    write_json(logdir / "args.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage records
+# ---------------------------------------------------------------------------------------------------
+
+def canonical(key: Mapping) -> dict:
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def stage_record(path: Path) -> dict | None:
+    """The record a stage saved at `path` with save_stage, whatever its key; None when it is missing."""
+    return json.loads(path.read_text())["record"] if path.exists() else None
+
+
+def load_stage(path: Path, key: Mapping) -> dict | None:
+    """The record a finished stage saved at `path` with save_stage, if it was made with the same `key` (the
+    settings and input contents it depends on); None when it is missing or was made with another key."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["record"] if saved.get("key") == canonical(key) else None
+
+
+def save_stage(path: Path, key: Mapping, record: Mapping) -> None:
+    """Mark a stage finished: its key and its record (e.g. the seconds it took), written atomically."""
+    write_json(path, {"key": canonical(key), "record": dict(record)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The log directory lock
+# ---------------------------------------------------------------------------------------------------
+
+@contextmanager
+def locked(logdir: Path) -> Iterator[None]:
+    """Hold `<logdir>/.lock` while a run writes the directory; a second run gets one line naming the holder.
+    The lock is the kernel's (flock): it is released when the holder exits, however it exits."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    path = logdir / ".lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise LogdirLocked(f"{logdir} is being written by {holder}",
+                           "wait for that run to finish, or give this one another -l/--logdir") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                     f"{' '.join(sys.argv)[:200]}\n")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

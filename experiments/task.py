@@ -3,18 +3,21 @@
     python scripts/run_task.py --task configs/tasks/mnist.yml [--preset quick] [--only fp,dilatequant_w4a4]
 
 Each run is its own process and lands in <out>/<run name>/ (results.json, samples, quantized.pt, distill/ units); a run whose
-results.json exists is skipped, so an interrupted task resumes. The table goes to results/<task>[_preset].md.
+results.json records the same settings and input contents is skipped, so an interrupted task resumes. The table goes
+to results/<task>[_preset].md.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from common.errors import RunError, UsageError
+from ddim import load_config
+from experiments.runtime import recorded_identity
 from tools.results_table import write_report
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sample_diffusion_ddim.py"
@@ -34,12 +37,12 @@ def _flags(options: dict) -> list[str]:
 
 def load_task(path: Path, preset: str | None) -> dict:
     if not path.is_file():
-        raise SystemExit(f"task {path} not found; see configs/tasks/")
+        raise UsageError(f"task {path} not found; see configs/tasks/")
     task = yaml.safe_load(path.read_text())
     if preset:
         presets = task.get("presets", {})
         if preset not in presets:
-            raise SystemExit(f"unknown preset {preset!r} for {path}; known: {sorted(presets)}")
+            raise UsageError(f"unknown preset {preset!r} for {path}; known: {sorted(presets)}")
         over = presets[preset]
         task["common"] = task["common"] | over.get("common", {})
         if "runs" in over:
@@ -52,6 +55,19 @@ def run_argv(task: dict, name: str, out: Path, extra: list[str]) -> list[str]:
     options = task["common"] | (task["runs"][name] or {})
     quant = {"ptq": True, "quant_act": "act_bit" in options} if "quant_mode" in options else {}
     return _flags(options | quant) + ["-l", str(out / name)] + extra
+
+
+def is_done(argv: list[str], results: Path) -> bool:
+    """Whether results.json records a finished run with exactly these settings and input contents."""
+    recorded = recorded_identity(results)
+    if recorded is None:
+        return False
+    from experiments.ddim_task import build_parser, run_identity
+    args = build_parser().parse_args(argv)
+    try:
+        return run_identity(args, load_config(args.config)) == recorded
+    except (OSError, RunError):                         # an input is missing: not done (the run will say why)
+        return False
 
 
 def main(argv=None) -> Path:
@@ -69,17 +85,18 @@ def main(argv=None) -> Path:
     names = args.only.split(",") if args.only else list(task["runs"])
     unknown = [n for n in names if n not in task["runs"]]
     if unknown:
-        raise SystemExit(f"unknown runs {unknown}; {path} has {list(task['runs'])}")
+        raise UsageError(f"unknown runs {unknown}; {path} has {list(task['runs'])}")
     extra = [a for a in args.extra if a != "--"]
     for name in names:
-        done = out / name / "results.json"
-        if done.exists() and "sampling_seconds" in json.loads(done.read_text()):
-            print(f"[task] {name}: done, skipping ({done})")
+        argv_run = run_argv(task, name, out, extra)
+        if is_done(argv_run, out / name / "results.json"):
+            print(f"[task] {name}: done with these settings and inputs, skipping ({out / name / 'results.json'})")
             continue
         print(f"[task] {name}", flush=True)
         # one process per run: on CPU, peak memory is the process's peak resident set, which must not
         # include earlier runs (or their FID Inception)
-        subprocess.run([sys.executable, str(SCRIPT), *run_argv(task, name, out, extra)], check=True)
+        if subprocess.run([sys.executable, str(SCRIPT), *argv_run]).returncode:
+            raise RunError(f"run {name} failed (its error is above)", "fix it and rerun: finished runs are skipped")
     title = task.get("title", label) + (f", preset {args.preset}" if args.preset else "") + f" ({path})"
     report = write_report(out, Path("results") / f"{label}.md", title=title)
     print(report.read_text())

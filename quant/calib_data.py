@@ -20,6 +20,10 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from common.checkpoint import torch_load
+from common.errors import CheckpointError
+from common.files import atomic_torch_save
+
 
 @dataclass(frozen=True)
 class Trajectories:
@@ -39,13 +43,23 @@ class CalibSet:
         for i in range(0, len(self.t), batch_size):
             yield self.x[i:i + batch_size], self.t[i:i + batch_size]
 
-    def save(self, path: Path) -> None:
-        torch.save({"x": self.x, "t": self.t}, path)
+    def save(self, path: Path, **meta) -> None:
+        """One atomic file: the samples and `meta` (e.g. the key of the settings that drew them), so data
+        and its description can never disagree after a kill."""
+        atomic_torch_save({"x": self.x, "t": self.t, "meta": meta}, path)
 
     @classmethod
-    def load(cls, path: Path) -> "CalibSet":
-        d = torch.load(path, map_location="cpu", weights_only=True)
+    def load(cls, path: Path, what: str = "--cali_data_path") -> "CalibSet":
+        d = torch_load(path, what)
+        if not isinstance(d, dict) or not {"x", "t"} <= set(d):
+            raise CheckpointError(f"{what} {path} is not a calibration set (calib.pt of a calibration run)")
         return cls(d["x"], d["t"])
+
+    @staticmethod
+    def meta(path: Path) -> dict:
+        """What save() stored beside the samples ({} for a file written before it stored any)."""
+        d = torch_load(path, "calibration set")
+        return d.get("meta", {}) if isinstance(d, dict) else {}
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from common.errors import NonFiniteError
+
 from quant.calib_data import CalibSet
 from quant.layers import QuantLayer
 from quant.model import QuantModel, quant_enabled
@@ -48,24 +50,30 @@ class SlotObserver:
         sample_slots [B]: the slot of each sample."""
         sample_slots = sample_slots.cpu()
         x = x.detach().float().cpu().reshape(len(sample_slots), -1)            # [B, h*...]
+        finite = torch.isfinite(x)
         for s in torch.unique(sample_slots).tolist():
-            rows = x[sample_slots == s]                                        # [r, n]
-            self.lo[s] = min(self.lo[s], rows.min())
-            self.hi[s] = max(self.hi[s], rows.max())
-            self._running(self.run_lo, s, float(rows.min()))
-            self._running(self.run_hi, s, float(rows.max()))
+            rows, ok = x[sample_slots == s], finite[sample_slots == s]         # [r, n]
+            if not bool(ok.any()):
+                continue                                                       # nothing finite to learn from
+            lo, hi = float(rows[ok].min()), float(rows[ok].max())              # NaN/inf never set a range
+            self.lo[s] = min(float(self.lo[s]), lo)
+            self.hi[s] = max(float(self.hi[s]), hi)
+            self._running(self.run_lo, s, lo)
+            self._running(self.run_hi, s, hi)
             k = int(self.per_sample[s])
             if k >= rows.shape[1]:                                             # small tensors: every value
-                self.values[s].append(rows.flatten())
+                kept = rows.flatten()
             else:
                 idx = torch.randint(0, rows.shape[1], (len(rows), k), generator=self.gen)
-                self.values[s].append(rows.gather(1, idx).flatten())
+                kept = rows.gather(1, idx).flatten()
+            self.values[s].append(kept[torch.isfinite(kept)])
 
     def ranges(self, quantizer: ActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
         """Range per slot by the quantizer's init rule; unseen slots get the all-data range."""
-        seen = [s for s in range(self.n_slots) if self.values[s]]
+        seen = [s for s in range(self.n_slots) if sum(len(v) for v in self.values[s])]
         if not seen:
-            raise RuntimeError("no calibration data reached this quantizer")
+            raise NonFiniteError("no finite calibration value reached an activation quantizer: the FP model produces "
+                                 "NaN/inf on the calibration data", "check the checkpoint (--ckpt)")
         pooled = [self._keep(torch.cat(self.values[s]), self.max_values) for s in seen]
         everything = self._keep(torch.cat(pooled), self.max_values)
         rows = []

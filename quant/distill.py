@@ -18,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddim.checkpoint import state_dict_mismatch
+from common.checkpoint import state_dict_mismatch, torch_load
+from common.errors import CheckpointError
+from common.files import atomic_torch_save
 from quant.calib_data import CalibSet
 from quant.layers import QuantLayer, QuantMatMul
 from quant.model import QuantModel
@@ -249,10 +251,10 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
     for k, unit in enumerate(tqdm(units, desc=f"reconstruct units ({run_dir.name})", dynamic_ncols=True)):
         path = run_dir / f"unit_{k:02d}.pt"
         if path.exists():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = torch_load(path, "finished unit")
             problem = state_dict_mismatch(_unit_state(qmodel, unit), saved["state"])
             if problem:
-                raise ValueError(f"{path} was made for another model or setting ({problem}); "
+                raise CheckpointError(f"{path} was made for another model or setting ({problem}); "
                                  f"delete {run_dir} or use another --logdir")
             qmodel.load_state_dict(saved["state"], strict=False)
             log.append(saved["log"])
@@ -261,8 +263,7 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
         data.weight = weight
         entry = {"unit": unit} | train_unit(qmodel, unit, data, objective, cfg, seed=cfg.seed * 1000 + k,
                                             desc=f"[{k}] {unit}")
-        torch.save({"state": _unit_state(qmodel, unit), "log": entry}, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        atomic_torch_save({"state": {k: v.cpu() for k, v in _unit_state(qmodel, unit).items()}, "log": entry}, path)
         log.append(entry)
     return log
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from common.errors import NonFiniteError
 from quant.settings import QuantizerSpec, Signedness
 from quant.slots import SlotIndex
 
@@ -82,6 +83,9 @@ class _Quantizer(nn.Module):
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Fill Δ, z from a range [lo, hi] of shape [n] (the explicit initialisation step)."""
         delta, zero = range_to_params(lo.to(self.delta), hi.to(self.delta), self.spec)
+        if delta.device.type != "meta" and not bool(torch.isfinite(delta).all() and torch.isfinite(zero).all()):
+            raise NonFiniteError(f"a quantizer range is not finite ([{lo.min()}, {hi.max()}]): calibration saw NaN/inf "
+                                 f"values", "check the FP checkpoint and the calibration data")
         self.delta.copy_(delta)
         self.zero.copy_(zero)
         self.calibrated.fill_(True)

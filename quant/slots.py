@@ -17,9 +17,11 @@ from typing import Iterator, Sequence
 
 import torch
 
+from common.errors import RunError
 
-class UncalibratedTimestepError(ValueError):
-    pass
+
+class UncalibratedTimestepError(RunError, ValueError):
+    """A timestep the quantized model has no TPQ slot for (or a non-integer one)."""
 
 
 def _describe(sched: torch.Tensor) -> str:

@@ -3,8 +3,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # reference statistics computed by tests go to a throwaway directory, never into the repo's cache/
@@ -13,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 from ddim import UNet, UNetConfig, ddim_sample, make_betas, timestep_sequence  # noqa: E402
 from ddim.config import DiffusionConfig  # noqa: E402
+from ddim.data import mnist_uint8  # noqa: E402
 from quant.calib_data import Trajectories, collect_trajectories  # noqa: E402
 
 BETAS = make_betas(DiffusionConfig())
@@ -49,3 +52,27 @@ def tiny_trajectories(tiny_unet) -> Trajectories:
     """Every (x_t, t) of 8 DDIM trajectories (6 quad steps) of the tiny model."""
     x_T = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     return collect_trajectories(lambda x, on_step: ddim_sample(tiny_unet, x, TINY_SEQ, BETAS, on_step=on_step), x_T)
+
+
+COMMON = ["--timesteps", "4", "--max_images", "12", "--batch_size", "6", "--seed", "3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    raw = yaml.safe_load((ROOT / "configs" / "mnist.yml").read_text())
+    raw["model"].update(ch=8, ch_mult=[1, 2], attn_resolutions=[14], num_groups=4)
+    raw["ckpt"] = None
+    (d / "tiny.yml").write_text(yaml.safe_dump(raw))
+    torch.manual_seed(0)
+    cfg = tiny_unet_config(resolution=28, attn_resolutions=(14,))
+    torch.save(UNet(cfg).state_dict(), d / "tiny.ckpt")
+    np.savez(d / "ref.npz", arr_0=mnist_uint8()[:40])
+    return d
+
+
+def run(task, logdir, *extra):
+    """experiments.ddim_task.main on the tiny task's config and checkpoint."""
+    from experiments.ddim_task import main
+    return main(["--config", str(task / "tiny.yml"), "--ckpt", str(task / "tiny.ckpt"), "-l", str(logdir),
+                 *COMMON, *extra])

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from common.errors import CheckpointError, ConfigError
 from conftest import ROOT, tiny_unet_config
 from ddim import UNet, load_config
 from ddim.checkpoint import load_strict, load_unet
@@ -42,14 +43,14 @@ def test_mismatched_checkpoint_is_a_clear_error(tiny_unet, corrupt, expected):
 
 def test_missing_checkpoint_names_the_fix(tmp_path):
     cfg = load_config(ROOT / "configs" / "cifar10.yml")
-    with pytest.raises(FileNotFoundError, match="--ckpt"):
+    with pytest.raises(CheckpointError, match="--ckpt"):
         load_unet(cfg)
-    with pytest.raises(FileNotFoundError, match="--ckpt"):
+    with pytest.raises(CheckpointError, match="--ckpt"):
         load_unet(cfg, tmp_path / "nope.ckpt")
 
 
 def test_bad_configs_are_rejected(tmp_path):
-    with pytest.raises(FileNotFoundError, match="configs/"):
+    with pytest.raises(ConfigError, match="configs/"):
         load_config(tmp_path / "missing.yml")
     with pytest.raises(ValueError, match="num_groups"):
         tiny_unet_config(ch=6)

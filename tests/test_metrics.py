@@ -119,9 +119,9 @@ def test_reference_names_and_files(tmp_path):
     np.savez(tmp_path / "rgb.npz", np.zeros((3, 8, 8, 3), np.uint8))  # stored as arr_0
     assert metrics.load_reference_images(str(tmp_path / "rgb.npz")).shape == (3, 8, 8, 3)
     for unknown in ("cifar-1000000", str(tmp_path / "absent.npz")):
-        with pytest.raises(ValueError, match="unknown reference"):
+        with pytest.raises(ValueError, match="unknown FID reference"):
             metrics.load_reference_images(unknown)
-        with pytest.raises(ValueError, match="unknown reference"):
+        with pytest.raises(ValueError, match="unknown FID reference"):
             stats_cache_path(unknown, tmp_path)
 
 
@@ -158,12 +158,11 @@ def test_is_weight_file_names_are_the_libraries_own():
 
 # ---- The evaluation record and the CLI ----------------------------------------------------------------
 
-def test_write_results_creates_and_merges(tmp_path):
-    write_results(tmp_path, method="dilatequant", weight_bit=4, act_bit=None, steps=100, fid=9.0)
-    record = write_results(tmp_path, fid=np.float64(7.5), sfid=3.25, n_samples=np.int64(1000))
+def test_write_results_writes_the_whole_record_of_one_run(tmp_path):
+    write_results(tmp_path, {"method": "dilatequant", "weight_bit": 4, "act_bit": None, "steps": 100, "fid": 9.0})
+    record = write_results(tmp_path, {"method": "fp", "fid": np.float64(7.5), "n_samples": np.int64(1000)})
     text = (tmp_path / "results.json").read_text()
-    assert json.loads(text) == record == {"method": "dilatequant", "weight_bit": 4, "act_bit": None,
-                                          "steps": 100, "fid": 7.5, "sfid": 3.25, "n_samples": 1000}
+    assert json.loads(text) == record == {"method": "fp", "fid": 7.5, "n_samples": 1000}   # nothing of the first
     assert text.endswith("}\n") and '\n  "fid": 7.5' in text  # pretty-printed
 
 
@@ -178,7 +177,7 @@ def test_cli_prints_metrics_and_merges_them_into_out(tmp_path, monkeypatch, caps
         return fake
 
     monkeypatch.setattr(fid_cli, "evaluate", fake_evaluate)
-    write_results(tmp_path, method="fp", sampling_seconds=1.5)
+    write_results(tmp_path, {"method": "fp", "sampling_seconds": 1.5})
     fid_cli.main(["--samples", str(tmp_path / "samples.npz"), "--ref", "mnist",
                   "--out", str(tmp_path / "results.json")])
     out = capsys.readouterr().out

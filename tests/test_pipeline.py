@@ -9,31 +9,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, tiny_unet_config
-from ddim import UNet
-from ddim.data import mnist_uint8
+from common.errors import UsageError
+from conftest import COMMON, ROOT, run
 from experiments.ddim_task import main
-
-COMMON = ["--timesteps", "4", "--max_images", "12", "--batch_size", "6", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_task(tmp_path_factory):
-    d = tmp_path_factory.mktemp("task")
-    raw = yaml.safe_load((ROOT / "configs" / "mnist.yml").read_text())
-    raw["model"].update(ch=8, ch_mult=[1, 2], attn_resolutions=[14], num_groups=4)
-    raw["ckpt"] = None
-    (d / "tiny.yml").write_text(yaml.safe_dump(raw))
-    torch.manual_seed(0)
-    cfg = tiny_unet_config(resolution=28, attn_resolutions=(14,))
-    torch.save(UNet(cfg).state_dict(), d / "tiny.ckpt")
-    np.savez(d / "ref.npz", arr_0=mnist_uint8()[:40])
-    return d
-
-
-def run(task, logdir, *extra):
-    return main(["--config", str(task / "tiny.yml"), "--ckpt", str(task / "tiny.ckpt"), "-l", str(logdir),
-                 *COMMON, *extra])
 
 
 def test_fp_run_writes_samples_and_results_with_real_fid(tiny_task, tmp_path):
@@ -86,14 +64,15 @@ def test_quantized_model_refuses_other_sampling_schedule(tiny_task, tmp_path):
     q = ["--ptq", "--quant_mode", "dilatequant", "--no-bkd", "--weight_bit", "8", "--quant_act", "--cali_n", "16",
          "--no_fid"]
     run(tiny_task, tmp_path / "tpq", *q)
-    with pytest.raises(ValueError, match="not calibrated"):
+    with pytest.raises(UsageError, match="has TPQ parameters for 4 timesteps.*visits"):
         main(["--config", str(tiny_task / "tiny.yml"), "--ckpt", str(tiny_task / "tiny.ckpt"),
               "-l", str(tmp_path / "other"), "--timesteps", "5", "--max_images", "2", "--no_fid", *q,
               "--cali_ckpt", str(tmp_path / "tpq" / "quantized.pt")])
+    assert not (tmp_path / "other").exists()                              # found before any work or write
 
 
 def test_missing_fid_reference_is_a_clear_error(tiny_task, tmp_path):
-    with pytest.raises(SystemExit, match="--ref"):
+    with pytest.raises(UsageError, match="--ref"):
         run(tiny_task, tmp_path / "x", "--max_images", "2")
 
 
@@ -105,7 +84,7 @@ def test_qdiff_runs_end_to_end_and_resumes_weights(tiny_task, tmp_path):
     assert rec["method"] == "qdiff" and (tmp_path / "qd" / "recon_w").is_dir() and (tmp_path / "qd" / "recon_a").is_dir()
     again = run(tiny_task, tmp_path / "qd_w", *q, "--resume_w", "--cali_ckpt", str(tmp_path / "qd" / "quantized.pt"))
     assert again["calib_seconds"] > 0 and not (tmp_path / "qd_w" / "recon_w").exists()
-    with pytest.raises(SystemExit, match="--cali_ckpt"):
+    with pytest.raises(UsageError, match="--cali_ckpt"):
         run(tiny_task, tmp_path / "bad", *q, "--resume")
 
 
@@ -117,7 +96,7 @@ def test_table9_scaling_is_one_flag(tiny_task, tmp_path):
 
 
 def test_rerun_reuses_finished_stages_and_redoes_changed_ones(tiny_task, tmp_path, monkeypatch):
-    import experiments.ddim_task as task
+    import experiments.quantize as task
     q = ["--ptq", "--quant_mode", "baseline", "--weight_bit", "8", "--quant_act", "--act_bit", "8",
          "--cali_n", "16", "--no_fid"]
     first = run(tiny_task, tmp_path / "q", *q)
@@ -147,7 +126,7 @@ def test_calibration_set_is_redrawn_when_its_settings_change(tiny_task, tmp_path
     four_each = torch.load(tmp_path / "q" / "calib.pt")
     assert len(four_each["t"]) == 24 and not torch.equal(four_each["x"], one_each["x"])
     assert len(torch.unique(four_each["x"][:, :, :2, :2].flatten(1), dim=0)) == 24   # still distinct samples
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(UsageError, match="no such file"):
         run(tiny_task, tmp_path / "r", *q, "--cali_data_path", str(tmp_path / "missing.pt"))
 
 
@@ -155,7 +134,7 @@ def test_a_reused_calibration_set_counts_its_original_draw_time(tiny_task, tmp_p
     q = ["--ptq", "--quant_mode", "baseline", "--weight_bit", "8", "--quant_act", "--act_bit", "8", "--no_fid",
          "--max_images", "2", "--cali_n", "16"]
     drew = run(tiny_task, tmp_path / "a", *q)
-    drawn = json.loads((tmp_path / "a" / "calib.json").read_text())["record"]["seconds"]
+    drawn = torch.load(tmp_path / "a" / "calib.pt")["meta"]["record"]["seconds"]
     assert drew["calib_data_seconds"] == drawn > 0 and not drew["calib_data_reused"]
     shared = run(tiny_task, tmp_path / "b", *q, "--cali_data_path", str(tmp_path / "a" / "calib.pt"))
     assert shared["calib_data_reused"] and shared["calib_data_seconds"] == drawn
@@ -174,21 +153,21 @@ def test_eps_correction_is_one_flag_on_a_fresh_or_a_loaded_model(tiny_task, tmp_
     images = {n: np.load(tmp_path / n / "samples.npz")["arr_0"] for n in ("plain", "fresh", "loaded")}
     assert np.array_equal(images["fresh"], images["loaded"]) and not np.array_equal(images["plain"], images["fresh"])
     assert loaded["calib_seconds"] == loaded["eps_correction_seconds"] > 0 and loaded["method"] == "baseline+epsbc"
-    as_dq = [a if a != "baseline" else "dilatequant" for a in q]      # flags do not rename a loaded model
-    reloaded = run(tiny_task, tmp_path / "reloaded", *as_dq, "--max_images", "2",
-                   "--cali_ckpt", str(tmp_path / "plain" / "quantized.pt"))
-    assert reloaded["method"] == "baseline"
+    as_dq = [a if a != "baseline" else "dilatequant" for a in q]      # flags must say what the checkpoint is
+    with pytest.raises(UsageError, match="--quant_mode = baseline, but this run has dilatequant"):
+        run(tiny_task, tmp_path / "reloaded", *as_dq, "--max_images", "2",
+            "--cali_ckpt", str(tmp_path / "plain" / "quantized.pt"))
     assert 0 < fresh["eps_correction_seconds"] < fresh["calib_seconds"]
-    with pytest.raises(SystemExit, match="eps_correction"):
+    with pytest.raises(UsageError, match="--eps_correction -1 is out of range"):
         run(tiny_task, tmp_path / "bad", *q, "--eps_correction", "-1")
 
 
 def test_bad_distillation_flags_are_a_one_line_error_before_calibrating(tiny_task, tmp_path):
     q = ["--ptq", "--quant_mode", "dilatequant", "--weight_bit", "4", "--quant_act", "--act_bit", "4", "--no_fid"]
-    with pytest.raises(SystemExit, match=r"lr_act = -0.001 \(must be >= 0\).*--lr_") as e:
+    with pytest.raises(UsageError, match=r"--lr_act -0.001 is out of range: use >= 0") as e:
         run(tiny_task, tmp_path / "bad", *q, "--lr_act=-1e-3")
-    assert "\n" not in str(e.value) and not (tmp_path / "bad" / "calib.pt").exists()
-    with pytest.raises(SystemExit, match=r"iters = -1 .*--cali_iters"):
+    assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
+    with pytest.raises(UsageError, match=r"--cali_iters -1 is out of range"):
         run(tiny_task, tmp_path / "bad", *q, "--cali_iters=-1")
 
 
@@ -228,7 +207,8 @@ def test_calib_draw_spread_compares_draws_of_one_method(tiny_task, tmp_path):
 
 
 def test_method_name_marks_ablations_eps_correction_and_t_weighting():
-    from experiments.ddim_task import build_parser, method_name
+    from experiments.ddim_task import build_parser
+    from experiments.flags import method_name
 
     def name(*flags):
         return method_name(build_parser().parse_args(["--config", "c.yml", "-l", "x", *flags]))

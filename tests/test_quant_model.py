@@ -1,4 +1,6 @@
 import pytest
+
+from common.errors import CheckpointError
 import torch
 
 from ddim import ddim_sample, make_betas, timestep_sequence
@@ -128,7 +130,7 @@ def test_loading_a_checkpoint_of_another_model_is_a_clear_error(tiny_unet, traje
     other = UNet(tiny_unet_config(ch=12))
     with pytest.raises(ValueError, match="does not match the model: shape"):
         load_quantized(tmp_path / "q.pt", other)
-    with pytest.raises(FileNotFoundError, match="--cali_ckpt"):
+    with pytest.raises(CheckpointError, match="--cali_ckpt"):
         load_quantized(tmp_path / "missing.pt", tiny_unet)
 
 

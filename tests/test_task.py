@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import UsageError
 from conftest import ROOT
 from experiments.ddim_task import build_parser
 from experiments.task import load_task, run_argv
@@ -25,20 +26,10 @@ def test_ablation_rows_are_quantized_with_their_switches():
     assert args.ptq and args.quant_act and args.act_bit == 4 and (args.wd, args.tpq, args.bkd) == (False, True, False)
 
 
-def test_a_later_flag_at_its_default_keeps_earlier_stages_valid():
-    from experiments.ddim_task import LATER_FLAGS, SAMPLING_ONLY, stage_key
-    base = ["--config", "configs/mnist.yml", "-l", "runs/x", "--ptq", "--quant_mode", "dilatequant"]
-    args = build_parser().parse_args(base)
-    key = stage_key(args, SAMPLING_ONLY)
-    assert not set(LATER_FLAGS) & set(key)              # a run made before the flags existed has the same key
-    changed = build_parser().parse_args(base + ["--lr_act", "1e-3", "--t_weight_sigma", "0.2"])
-    assert stage_key(changed, SAMPLING_ONLY) == key | {"lr_act": 1e-3, "t_weight_sigma": 0.2}
-
-
 def test_quick_preset_and_bad_names():
     task = load_task(ROOT / "configs" / "tasks" / "mnist.yml", "quick")
     assert list(task["runs"]) == ["fp", "baseline_w4a4", "dilatequant_w4a4"]
-    with pytest.raises(SystemExit, match="unknown preset"):
+    with pytest.raises(UsageError, match="unknown preset"):
         load_task(ROOT / "configs" / "tasks" / "mnist.yml", "nope")
 
 

@@ -80,4 +80,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import entry_point
+    entry_point(main)

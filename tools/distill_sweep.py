@@ -141,4 +141,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import entry_point
+    entry_point(main)

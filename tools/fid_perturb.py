@@ -78,4 +78,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import entry_point
+    entry_point(main)

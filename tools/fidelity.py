@@ -106,4 +106,5 @@ def markdown(rows: list[dict], fp_path: Path) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import entry_point
+    entry_point(main)

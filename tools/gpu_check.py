@@ -117,4 +117,5 @@ def markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import entry_point
+    entry_point(main)

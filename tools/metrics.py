@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
-import json
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -35,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from common.errors import UsageError
 from ddim.data import mnist_uint8
 from tools.common import pick_device
 
@@ -215,7 +215,16 @@ def load_reference_images(ref: str) -> np.ndarray:
 def check_reference_file(ref: str) -> None:
     """Raise unless `ref`, not a registered name, is an existing .npz file."""
     if not (ref.endswith(".npz") and Path(ref).is_file()):
-        raise ValueError(f"unknown reference {ref!r}: use one of {sorted(REFERENCES)} or an existing .npz path")
+        raise UsageError(f"unknown FID reference {ref!r}: use one of {sorted(REFERENCES)} or an existing .npz path "
+                         f"of real uint8 NHWC images")
+
+
+def check_reference(ref: str | None) -> None:
+    """A one-line UsageError unless `ref` names a reference set FID can use here."""
+    if ref is None:
+        raise UsageError("no FID reference for this config offline: pass --ref real_images.npz, or --no_fid")
+    if ref not in REFERENCES:
+        check_reference_file(ref)
 
 
 def stats_cache_path(ref: str, cache_dir: Path) -> Path:

@@ -125,4 +125,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import entry_point
+    entry_point(main)

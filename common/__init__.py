@@ -1,0 +1,1 @@
+"""Shared by every package: error types with one-line messages, checkpoint reading."""

@@ -1,0 +1,175 @@
+"""Quantization flags shared by the sampling scripts (Q-Diffusion's names, seed 003), their valid ranges, and
+the typed settings they build. Every flag is checked before any work or any write (`check_quant_flags`)."""
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Callable, Iterable
+
+from common.errors import UsageError
+from quant.dilation import Scaling
+from quant.distill import DistillConfig, LRSchedule
+from quant.methods import QuantMode
+from quant.methods.dilatequant import DilateQuantConfig
+from quant.methods.qdiff import QDiffConfig
+from quant.settings import ALLOWED_BITS, QuantConfig
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the description's layout."""
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
+    p.add_argument("--compile", action="store_true", help="sample with torch.compile (the first call compiles)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def add_quant_flags(p: argparse.ArgumentParser) -> None:
+    q = p.add_argument_group("quantization")
+    q.add_argument("--ptq", action="store_true", help="quantize the model")
+    q.add_argument("--quant_mode", default=QuantMode.BASELINE.value, choices=[m.value for m in QuantMode])
+    q.add_argument("--weight_bit", type=int, default=8, help="2..8")
+    q.add_argument("--quant_act", action="store_true", help="quantize activations too")
+    q.add_argument("--act_bit", type=int, default=8, help="2..8")
+    q.add_argument("--a_sym", action="store_true", help="symmetric activation quantizers")
+    q.add_argument("--sm_abit", type=int, default=None, help="bits of softmax outputs, 2..8 or 16 (default: --act_bit)")
+    q.add_argument("--split", action="store_true", help="split shortcut quantization (Q-Diffusion)")
+    q.add_argument("--cali_ckpt", default=None, help="load this calibrated checkpoint instead of calibrating")
+    q.add_argument("--cali_n", type=int, default=1024,
+                   help="calibration samples: total, drawn at random over all steps (baseline, dilatequant); "
+                        "per step (qdiff)")
+    q.add_argument("--cali_st", type=int, default=20, help="qdiff: number of evenly spaced calibration steps")
+    q.add_argument("--cali_per_traj", type=int, default=1,
+                   help="baseline, dilatequant: calibration samples taken from each FP trajectory (distinct random "
+                        "steps); 1 = every sample from its own trajectory")
+    q.add_argument("--cali_batch_size", type=int, default=64)
+    q.add_argument("--cali_data_path", default=None, help="a saved calibration set (calib.pt) to use")
+    q.add_argument("--eps_correction", type=int, default=0, metavar="N",
+                   help="beyond the paper, any method: subtract the per-timestep mean eps error, estimated on N "
+                        "trajectories of the quantized model (quant/bias_correction.py); 0 = off")
+    r = p.add_argument_group("qdiff (BRECQ reconstruction with AdaRound)")
+    r.add_argument("--cali_iters_a", type=int, default=QDiffConfig.act_iters, help="activation-step iterations per block")
+    r.add_argument("--cali_lr", type=float, default=QDiffConfig.act_lr, help="activation-step learning rate")
+    r.add_argument("--cali_p", type=float, default=QDiffConfig.lp, help="norm of the activation range search")
+    r.add_argument("--running_stat", action="store_true", help="running min/max activation ranges")
+    r.add_argument("--resume", action="store_true", help="with --cali_ckpt: use the calibrated model as is")
+    r.add_argument("--resume_w", action="store_true",
+                   help="with --cali_ckpt: keep its quantized weights, recalibrate the activations")
+    d = p.add_argument_group("dilatequant (Table 3 switches: --no-wd, --no-tpq, --no-bkd)")
+    d.add_argument("--wd", action=argparse.BooleanOptionalAction, default=True, help="Weight Dilation")
+    d.add_argument("--tpq", action=argparse.BooleanOptionalAction, default=True, help="Temporal Parallel Quantizer")
+    d.add_argument("--bkd", action=argparse.BooleanOptionalAction, default=True, help="Block-wise Knowledge Distillation")
+    d.add_argument("--scaling", default=Scaling.WEIGHT_DILATION.value, choices=[m.value for m in Scaling],
+                   help="equivalent scaling rule for --wd (Table 9: wd, smoothquant, awq, osplus, learnable)")
+    d.add_argument("--cali_iters", type=int, default=DistillConfig.iters,
+                   help="iterations per block: distillation (dilatequant) or AdaRound (qdiff)")
+    d.add_argument("--distill_batch_size", type=int, default=DistillConfig.batch_size)
+    d.add_argument("--lr_weight", type=float, default=DistillConfig.lr_weight)
+    d.add_argument("--lr_quant", type=float, default=DistillConfig.lr_quant,
+                   help="weight-quantizer step sizes and zero points (and activation ones unless --lr_act is given)")
+    d.add_argument("--lr_act", type=float, default=DistillConfig.lr_act,
+                   help="activation (TPQ) step sizes and zero points; default: --lr_quant")
+    d.add_argument("--lr_scale", type=float, default=DistillConfig.lr_scale, help="--scaling learnable factors")
+    d.add_argument("--lr_schedule", default=DistillConfig.lr_schedule.value, choices=[m.value for m in LRSchedule],
+                   help="learning rate over each unit's iterations: distillation (dilatequant) and the activation "
+                        "steps (qdiff); cosine anneals to 0")
+    d.add_argument("--t_weight_sigma", type=float, default=DistillConfig.t_weight_sigma,
+                   help="(beyond the paper) weight each distillation sample by 1/(sigma_t^2 + this^2), mean 1: "
+                        "more weight to small t, where feature errors become large eps errors; default: plain MSE")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranges
+# ---------------------------------------------------------------------------------------------------
+
+Rule = tuple[str, Callable[[object], bool], str]   # (flag, valid(value), the valid range in words)
+
+BITS = "2..8"
+
+
+def at_least(n: float) -> Callable[[object], bool]:
+    return lambda v: v >= n
+
+
+def optional(ok: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda v: v is None or ok(v)
+
+
+QUANT_RULES: list[Rule] = [
+    ("weight_bit", lambda v: 2 <= v <= 8, BITS), ("act_bit", lambda v: 2 <= v <= 8, BITS),
+    ("sm_abit", optional(lambda v: v in ALLOWED_BITS), "2..8 or 16"),
+    ("cali_n", at_least(1), ">= 1"), ("cali_st", at_least(1), ">= 1"), ("cali_per_traj", at_least(1), ">= 1"),
+    ("cali_batch_size", at_least(1), ">= 1"), ("eps_correction", at_least(0), ">= 0 trajectories (0 = off)"),
+    ("cali_iters", at_least(0), ">= 0"), ("cali_iters_a", at_least(0), ">= 0"),
+    ("distill_batch_size", at_least(1), ">= 1"),
+    ("lr_weight", at_least(0), ">= 0"), ("lr_quant", at_least(0), ">= 0"), ("lr_act", optional(at_least(0)), ">= 0"),
+    ("lr_scale", at_least(0), ">= 0"), ("cali_lr", lambda v: v > 0, "> 0"), ("cali_p", lambda v: v > 0, "> 0"),
+    ("t_weight_sigma", optional(lambda v: v > 0), "> 0"),
+]
+
+
+def check_rules(args, rules: Iterable[Rule]) -> None:
+    """One UsageError naming the first flag outside its range, and the range."""
+    for name, ok, valid in rules:
+        value = getattr(args, name)
+        if not ok(value):
+            raise UsageError(f"--{name} {value} is out of range: use {valid}")
+
+
+def check_quant_flags(args) -> None:
+    """Ranges and combinations of the quantization flags (before any work)."""
+    check_rules(args, QUANT_RULES)
+    if args.resume and not args.cali_ckpt:
+        raise UsageError("--resume needs --cali_ckpt (the calibrated checkpoint to resume from)")
+    if args.resume_w and not (args.cali_ckpt and args.quant_mode == QuantMode.QDIFF.value):
+        raise UsageError("--resume_w needs --quant_mode qdiff and --cali_ckpt")
+    if args.quant_mode != QuantMode.DILATEQUANT.value and args.scaling != Scaling.WEIGHT_DILATION.value:
+        raise UsageError(f"--scaling {args.scaling} is a DilateQuant setting: add --quant_mode dilatequant")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Typed settings from flags
+# ---------------------------------------------------------------------------------------------------
+
+def quant_config(args) -> QuantConfig:
+    return QuantConfig(weight_bit=args.weight_bit, act_bit=args.act_bit if args.quant_act else None,
+                       a_sym=args.a_sym, sm_abit=args.sm_abit, split=args.split)
+
+
+def dilatequant_config(args) -> DilateQuantConfig:
+    distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
+                            lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
+                            lr_schedule=LRSchedule(args.lr_schedule), t_weight_sigma=args.t_weight_sigma,
+                            seed=args.seed)
+    return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
+                             distillation=args.bkd, distill=distill)
+
+
+def qdiff_settings(args) -> QDiffConfig:
+    return QDiffConfig(weight_iters=args.cali_iters, act_iters=args.cali_iters_a, act_lr=args.cali_lr, lp=args.cali_p,
+                       act_lr_schedule=LRSchedule(args.lr_schedule), running_stat=args.running_stat,
+                       batch_size=args.distill_batch_size, seed=args.seed)
+
+
+EPS_CORRECTED = "+epsbc"   # method-name suffix of a model with the eps-mean correction (--eps_correction)
+
+
+def method_name(args) -> str:
+    """'dilatequant', e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row; '+epsbc' with --eps_correction,
+    '+tw0.2' with --t_weight_sigma 0.2 (beyond the paper)."""
+    suffix = EPS_CORRECTED if args.eps_correction else ""
+    if args.quant_mode != QuantMode.DILATEQUANT.value:
+        return args.quant_mode + suffix
+    if args.bkd and args.t_weight_sigma is not None:
+        suffix = f"+tw{args.t_weight_sigma:g}" + suffix
+    if args.wd and args.tpq and args.bkd and args.scaling == Scaling.WEIGHT_DILATION.value:
+        return args.quant_mode + suffix
+    scaling = "wd" if args.scaling == Scaling.WEIGHT_DILATION.value else args.scaling
+    parts = [n for n, on in ((scaling, args.wd), ("tpq", args.tpq), ("bkd", args.bkd)) if on]
+    return f"dilatequant[{','.join(parts) or 'none'}]{suffix}"
+
+
+def base_method(method: str) -> str:
+    """'dilatequant+tw0.2' -> 'dilatequant', 'dilatequant[wd,tpq]' -> 'dilatequant', 'qdiff+epsbc' -> 'qdiff'."""
+    return re.split(r"[\[+]", method, maxsplit=1)[0]

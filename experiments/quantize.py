@@ -1,0 +1,163 @@
+"""The quantization stage of a sampling run, for any network: --cali_ckpt checked against the flags, or
+calibration by --quant_mode, cached in the log directory under a key of settings and input contents.
+
+A run's log directory holds what it finished: `calib.pt` (the calibration set; its key inside the file),
+per-unit reconstruction checkpoints (`distill/`, `recon_w/`, `recon_a/`; their key in `units.json`) and
+`quantized.pt` (the calibrated model; its key in the payload). A rerun with the same key reuses them; units of
+another key are removed only once the run has passed every check (and holds the directory's lock).
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from common.errors import UsageError
+from common.files import file_digest
+from experiments.flags import (EPS_CORRECTED, base_method, dilatequant_config, method_name, qdiff_settings,
+                               quant_config)
+from experiments.runtime import canonical, load_stage, peak_memory_mb, reset_peak_memory, save_stage, timer
+from quant.calib_data import CalibSet
+from quant.checkpoint import load_quantized, load_quantized_weights, save_quantized
+from quant.methods import QuantMode
+from quant.methods.baseline import quantize_baseline
+from quant.methods.dilatequant import quantize_dilatequant
+from quant.methods.qdiff import quantize_qdiff, reconstruct_activations
+from quant.model import QuantModel
+from quant.settings import QuantConfig
+
+KEY_VERSION = 2                                         # bump when the meaning of a stage's key changes
+UNIT_DIRS = ("distill", "recon_w", "recon_a")           # per-unit reconstruction checkpoints
+# Flags that change neither the calibrated model nor the samples.
+NOT_RESULT = ("logdir", "device", "ref", "no_fid", "compile", "debug")
+
+
+@dataclass
+class QuantJob:
+    """What the stage needs from the model family's pipeline."""
+    fp: nn.Module
+    schedule: Sequence[int]                                     # timesteps the sampler calls the network at
+    sigmas: torch.Tensor | None                                 # σ_t per timestep (--t_weight_sigma)
+    draw_calibration: Callable[[], tuple[CalibSet, float | None, bool]]   # -> (set, seconds to draw, reused)
+    eps_correction: Callable[[QuantModel], dict] | None         # --eps_correction (None: not offered)
+    inputs: Mapping[str, str | None]                            # content digests of input files
+    sampling_flags: tuple[str, ...]                             # flags that change only the sampling
+
+
+def stage_key(args, job: QuantJob) -> dict:
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_RESULT + job.sampling_flags}
+    return {"version": KEY_VERSION, "settings": settings, "inputs": dict(job.inputs)}
+
+
+def checkpoint_summary(path: str, payload: dict) -> dict:
+    """What a quantized checkpoint is, for results.json."""
+    cfg = payload["config"]
+    return {"path": str(path), "sha256": file_digest(path), "method": payload["method"], "weight_bit": cfg["weight_bit"],
+            "act_bit": cfg["act_bit"], "split": cfg["split"], "temporal": cfg["temporal"],
+            "calibrated_for": payload.get("meta", {}).get("sampler")}
+
+
+def check_cali_ckpt(payload: dict, path: str, args, schedule: Sequence[int]) -> None:
+    """One line naming both sides where the checkpoint and the flags disagree on bits, method, split or the
+    timestep schedule (a TPQ model has parameters for the timesteps it was calibrated for only)."""
+    cfg = QuantConfig.from_dict(payload["config"])
+    want = quant_config(args)
+    pairs = [("--weight_bit", cfg.weight_bit, want.weight_bit), ("--split", cfg.split, want.split),
+             ("--quant_mode", base_method(payload["method"]), args.quant_mode)]
+    if not args.resume_w:                              # --resume_w keeps the weights and recalibrates activations
+        pairs += [("--act_bit (with --quant_act)", cfg.act_bit, want.act_bit), ("--a_sym", cfg.a_sym, want.a_sym),
+                  ("--sm_abit", cfg.sm_abit, want.sm_abit)]
+    for flag, saved, given in pairs:
+        if saved != given:
+            raise UsageError(f"--cali_ckpt {path} was calibrated with {flag} = {saved}, but this run has {given}",
+                             "give the checkpoint's settings, or calibrate anew without --cali_ckpt")
+    if cfg.temporal and not args.resume_w:
+        missing = sorted(set(int(t) for t in schedule) - set(int(t) for t in payload["schedule"]))
+        if missing:
+            sampler = payload.get("meta", {}).get("sampler", {})
+            raise UsageError(f"--cali_ckpt {path} has TPQ parameters for {len(set(payload['schedule']))} timesteps "
+                             f"({sampler or 'its calibration schedule'}); this run's sampler visits {missing[:4]}... "
+                             "that it has none for", "sample with the steps and schedule it was calibrated for, or "
+                             "recalibrate")
+
+
+def _calibrate(job: QuantJob, args, logdir: Path, device: torch.device, dq_config) -> tuple[QuantModel, dict]:
+    config, mode = quant_config(args), QuantMode(args.quant_mode)
+    needs_data = config.quant_act or mode is QuantMode.QDIFF or (mode is QuantMode.DILATEQUANT and args.bkd)
+    reset_peak_memory(device)
+    calib, data_seconds, reused = None, None, False
+    with timer() as t:
+        if needs_data:
+            calib, data_seconds, reused = job.draw_calibration()
+        if mode is QuantMode.BASELINE:
+            qmodel = quantize_baseline(job.fp, config, calib, batch_size=args.cali_batch_size, seed=args.seed)
+        elif mode is QuantMode.DILATEQUANT:
+            qmodel = quantize_dilatequant(job.fp, config, job.schedule, calib, dq_config, logdir,
+                                          batch_size=args.cali_batch_size, seed=args.seed, sigmas=job.sigmas)
+        elif args.resume_w:
+            qmodel = load_quantized_weights(args.cali_ckpt, job.fp, config)
+            reconstruct_activations(qmodel, job.fp, calib, qdiff_settings(args), logdir, args.cali_batch_size)
+        else:
+            qmodel = quantize_qdiff(job.fp, config, calib, qdiff_settings(args), logdir,
+                                    batch_size=args.cali_batch_size)
+        stats = job.eps_correction(qmodel) if args.eps_correction else {}
+    # a reused calibration set counts with the seconds of its original draw (None: not recorded, not counted)
+    seconds = t["seconds"] + ((data_seconds or 0.0) if reused else 0.0)
+    return qmodel, stats | {"calib_seconds": seconds, "calib_data_seconds": data_seconds,
+                            "calib_data_reused": reused, "peak_mem_mb": peak_memory_mb(device)}
+
+
+def _clear_stale_units(logdir: Path, key: dict) -> None:
+    """Units of another key are removed (the run has passed its checks); then the key of those to come."""
+    if load_stage(logdir / "units.json", key) is None:
+        for unit_dir in UNIT_DIRS:
+            shutil.rmtree(logdir / unit_dir, ignore_errors=True)
+        save_stage(logdir / "units.json", key, {})
+
+
+def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: dict,
+             payload: dict | None = None) -> tuple[QuantModel, dict]:
+    """Load --cali_ckpt (its `payload`, already checked against the flags), or calibrate and save
+    <logdir>/quantized.pt. -> (model, record of what the model is and what it cost)."""
+    record = {"method": method_name(args), "weight_bit": args.weight_bit,
+              "act_bit": args.act_bit if args.quant_act else None}
+    if args.cali_ckpt and not args.resume_w:
+        qmodel, payload = load_quantized(args.cali_ckpt, job.fp, payload)
+        cfg = payload["config"]
+        record |= {"method": payload["method"], "weight_bit": cfg["weight_bit"], "act_bit": cfg["act_bit"],
+                   "quantized_from": checkpoint_summary(args.cali_ckpt, payload)}
+        if not args.eps_correction:
+            return qmodel.eval(), record | {"calib_seconds": None, "peak_mem_mb": None}
+        if not record["method"].endswith(EPS_CORRECTED):
+            record["method"] += EPS_CORRECTED
+        stats = job.eps_correction(qmodel)                       # calib_seconds: the correction alone
+        save_quantized(logdir / "quantized.pt", qmodel, record["method"], sampler=sampler,
+                       cali_ckpt=str(args.cali_ckpt), stage_key=canonical(stage_key(args, job)))
+        return qmodel.eval(), record | stats | {"calib_seconds": stats["eps_correction_seconds"], "peak_mem_mb": None}
+    key = canonical(stage_key(args, job))
+    path = logdir / "quantized.pt"
+    if path.exists():
+        saved = torch_payload_key(path)
+        if saved == key:
+            print(f"[resume] {path} was calibrated with these settings and inputs: reusing it")
+            qmodel, _ = load_quantized(path, job.fp)
+            return qmodel.eval(), record | (load_stage(logdir / "quantize.json", key) or {})
+    dq_config = dilatequant_config(args) if args.quant_mode == QuantMode.DILATEQUANT.value else None
+    _clear_stale_units(logdir, key)
+    qmodel, cost = _calibrate(job, args, logdir, device, dq_config)
+    save_quantized(path, qmodel, record["method"], sampler=sampler, stage_key=key)
+    save_stage(logdir / "quantize.json", key, cost)
+    return qmodel.eval(), record | cost
+
+
+def torch_payload_key(path: Path) -> dict | None:
+    """The stage key stored in a quantized.pt (None if it has none or is unreadable)."""
+    from quant.checkpoint import read_quantized
+    try:
+        return read_quantized(path, "quantized.pt").get("meta", {}).get("stage_key")
+    except Exception:                                          # noqa: BLE001 (a damaged file is recomputed)
+        return None
