@@ -30,7 +30,7 @@ from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, ev
 from quant.checkpoint import load_quantized, read_quantized
 from quant.methods import QuantMode
 from quant.model import QuantModel, frozen
-from tools.common import set_seed
+from common.device import set_seed
 
 SAMPLING_FLAGS = ("max_images", "batch_size")      # change what is sampled, not the calibrated model
 CALIB_SETTINGS = ("timesteps", "skip_type", "eta", "sample_type", "seed", "cali_n", "cali_st", "cali_per_traj")
@@ -72,7 +72,7 @@ def check_flags(args, cfg) -> None:
         if path is not None and not Path(path).is_file():
             raise UsageError(f"--{flag} {path}: no such file")
     if not args.no_fid:
-        from tools.metrics import check_reference
+        from evaluation.fid import check_reference
         check_reference(reference(args, cfg))
 
 
@@ -234,7 +234,7 @@ def run(args, cfg, sample, payload, shard: dist.Shard, device, logdir: Path) -> 
                "seed": args.seed, "config": str(args.config), "sampling_seconds": seconds,
                "processes": shard.world, "compiled": args.compile}
     if not args.no_fid:
-        from tools.metrics import evaluate                       # FID's packages are needed only here
+        from evaluation.fid import evaluate                       # FID's packages are needed only here
         record |= evaluate(images, ref=reference(args, cfg), device=device)
     record |= identity | {"provenance": provenance(device)}
     write_results(logdir, record)

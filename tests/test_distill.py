@@ -145,7 +145,7 @@ def test_dilatequant_pipeline_improves_on_w4a4_baseline(tiny_unet, calib, tmp_pa
 
 def test_step_drift_compares_the_same_quantizers_before_and_after(tiny_unet, calib, tmp_path):
     from quant.checkpoint import save_quantized
-    from tools.step_drift import drift_report
+    from studies.step_size_drift import drift_report
 
     q = w4a4(tiny_unet, calib)
     save_quantized(tmp_path / "before.pt", q, "dilatequant[tpq]")
@@ -175,7 +175,7 @@ def test_step_drift_compares_the_same_quantizers_before_and_after(tiny_unet, cal
 
 
 def test_distill_sweep_variants_and_generalisation_gap(tiny_unet, calib):
-    from tools.distill_sweep import Variant, unit_gaps
+    from studies.distill_sweep import Variant, unit_gaps
 
     base = Variant(per_traj=1, schedule=LRSchedule.COSINE, iters=200, lr_w=1e-3, lr_q=1e-4)
     v = Variant.parse("per_traj=49,schedule=constant,iters=800", base)
@@ -190,7 +190,7 @@ def test_distill_sweep_variants_and_generalisation_gap(tiny_unet, calib):
 
 def test_one_pass_unit_mse_equals_the_distillation_loss(tiny_unet, calib):
     from quant.distill import unit_loss
-    from tools.distill_sweep import unit_mse
+    from studies.distill_sweep import unit_mse
 
     q = w4a4(tiny_unet, calib)
     one_pass = unit_mse(q, tiny_unet, calib, batch_size=16)
@@ -202,7 +202,7 @@ def test_one_pass_unit_mse_equals_the_distillation_loss(tiny_unet, calib):
 def test_unit_losses_lines_up_runs_unit_by_unit(tiny_unet, calib, tmp_path):
     import shutil
 
-    from tools.unit_losses import main as unit_losses
+    from studies.unit_losses import main as unit_losses
 
     cfg = DistillConfig(iters=2, batch_size=8)
     log = distill(w4a4(tiny_unet, calib), tiny_unet, calib, cfg, tmp_path / "a" / "distill")

@@ -13,11 +13,12 @@ import torch
 
 from ddim.data import mnist_uint8
 from tools import fid as fid_cli
-from tools import fid_perturb, fidelity
-from tools import metrics
-from tools.metrics import (IS_WEIGHT_FILES, SPATIAL_DIM, InceptionExtractor, ISUnavailable, Stats,
-                           evaluate, frechet_distance, inception_features, inception_score, reference_stats,
-                           stats_cache_path, to_inception_input)
+from studies import fid_perturb
+from tools import fidelity
+from evaluation import fid as metrics
+from evaluation.fid import (SPATIAL_DIM, InceptionExtractor, Stats, evaluate, frechet_distance,
+                            inception_features, reference_stats, stats_cache_path, to_inception_input)
+from evaluation.inception_score import IS_WEIGHT_FILES, ISUnavailable, inception_score
 from experiments.runtime import write_results
 
 
@@ -128,7 +129,8 @@ def test_reference_names_and_files(tmp_path):
 # ---- Inception Score ----------------------------------------------------------------------------------
 
 def test_is_unavailable_without_weights(digits, tmp_path, no_hub_weights):
-    assert metrics.find_is_weights() is None
+    from evaluation.inception_score import find_is_weights
+    assert find_is_weights() is None
     with pytest.raises(ISUnavailable, match="no Inception classifier weights offline"):
         inception_score(digits[:10], device="cpu")
     with pytest.raises(ISUnavailable, match="missing.pth"):

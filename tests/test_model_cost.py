@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from common.errors import UsageError
 from conftest import ROOT
 from ddim import UNet, load_config
 from tools.model_cost import cost, count_macs
@@ -27,5 +28,5 @@ def test_bit_pairs_parse_or_fail_with_the_fix():
 
     assert parse_bits("4/8") == (4, 8) and parse_bits("32/32") == (32, 32)
     for bad in ("4", "4/", "w4/a4", "4/4/4"):
-        with pytest.raises(SystemExit, match="give W/A"):
+        with pytest.raises(UsageError, match="give W/A"):
             parse_bits(bad)

@@ -189,7 +189,7 @@ def test_bench_calibration_times_runs_side_by_side(tiny_task, tmp_path):
 
 
 def test_calib_draw_spread_compares_draws_of_one_method(tiny_task, tmp_path):
-    from tools.calib_draw_spread import main as spread
+    from studies.calib_draw_spread import main as spread
 
     common = ["--config", str(tiny_task / "tiny.yml"), "--ckpt", str(tiny_task / "tiny.ckpt"), "--timesteps", "5",
               "--cali_n", "16", "--per_traj", "4", "--sample_n", "4"]
@@ -202,7 +202,7 @@ def test_calib_draw_spread_compares_draws_of_one_method(tiny_task, tmp_path):
     assert dq[0]["samples"] == 16
     with pytest.raises(SystemExit, match="no such file"):
         spread([*common, "--seeds", "1", "--calib", str(tmp_path / "missing.pt")])   # before any draw
-    with pytest.raises(SystemExit, match="give W/A"):
+    with pytest.raises(UsageError, match="give W/A"):
         spread([*common, "--bits", "4", "--seeds", "1"])
 
 

@@ -178,7 +178,7 @@ def saved_tiny_checkpoint(tool, tiny_unet, trajectories, path, monkeypatch, weig
 
 
 def test_sample_drift_measures_a_saved_checkpoint(tiny_unet, trajectories, tmp_path, monkeypatch):
-    import tools.sample_drift as sd
+    import studies.sample_drift as sd
     calib = saved_tiny_checkpoint(sd, tiny_unet, trajectories, tmp_path / "q.pt", monkeypatch, 8, 8)
     calib.save(tmp_path / "calib.pt")
     report = sd.main([str(tmp_path / "q.pt"), "--n", "2", "--research_acts", "--eps_bias"])
@@ -191,7 +191,7 @@ def test_sample_drift_measures_a_saved_checkpoint(tiny_unet, trajectories, tmp_p
 
 
 def test_eps_bias_separates_a_constant_shift_from_noise():
-    import tools.sample_drift as sd
+    import studies.sample_drift as sd
     x, t = torch.randn(64, 1, 4, 4), torch.arange(64) * 15           # t from 0 to 945, every band
     a_bar = torch.linspace(0.999, 0.01, 1000)
     fp = lambda x, t: x                                                # noqa: E731
@@ -208,7 +208,7 @@ def test_eps_bias_separates_a_constant_shift_from_noise():
 def test_band_fid_quantizes_only_inside_its_band(tiny_unet, trajectories, tmp_path, monkeypatch):
     import numpy as np
 
-    import tools.band_fid as bf
+    import studies.band_fid as bf
     ones, zeros = (lambda x, t: torch.ones_like(x)), (lambda x, t: torch.zeros_like(x))   # noqa: E731
     routed = bf.BandModel(zeros, ones, 0, 50)(torch.zeros(4, 1, 2, 2), torch.tensor([0, 49, 50, 300]))
     assert routed.flatten(1).mean(1).tolist() == [1.0, 1.0, 0.0, 0.0]

@@ -29,7 +29,7 @@ from quant.calib_data import CalibSet  # noqa: E402
 from quant.calibrate import calibrate  # noqa: E402
 from quant.model import QuantModel, frozen  # noqa: E402
 from quant.settings import QuantConfig  # noqa: E402
-from tools.common import pick_device  # noqa: E402
+from common.device import pick_device  # noqa: E402
 
 
 def ms_per_image(model, x, t, repeats: int, warmup: int, autocast: torch.dtype | None = None) -> float:

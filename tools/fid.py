@@ -3,7 +3,7 @@
     python tools/fid.py --samples runs/x/samples.npz --ref mnist [--out runs/x/results.json]
 
 --samples and an .npz --ref hold uint8 NHWC images under `arr_0` or `images`. A named --ref is one of
-tools.metrics.REFERENCES; its Inception statistics are cached under cache/ref_stats/ on first use.
+evaluation.fid.REFERENCES; its Inception statistics are cached under cache/ref_stats/ on first use.
 --out merges the metrics into a JSON record (created if absent).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.runtime import update_json  # noqa: E402
-from tools.metrics import evaluate, load_images_npz  # noqa: E402
+from evaluation.fid import evaluate, load_images_npz  # noqa: E402
 
 
 def main(argv=None):

@@ -22,18 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from tools.metrics import InceptionExtractor, feature_stats, fid_sfid, load_images_npz  # noqa: E402
-
-
-def paired_psnr_db(ref: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """PSNR (dB, peak 255) of each image against the reference image at the same index; inf where equal."""
-    if ref.shape != images.shape:
-        raise ValueError(f"paired images must have the same shape, got {ref.shape} and {images.shape}: "
-                         "compare sample sets drawn with the same --max_images and seed")
-    err = (ref.astype(np.float64) - images.astype(np.float64)) ** 2
-    mse = err.reshape(len(err), -1).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(255.0 ** 2 / mse)
+from evaluation.fid import InceptionExtractor, feature_stats, fid_sfid, load_images_npz  # noqa: E402
+from evaluation.fidelity import paired_psnr_db  # noqa: E402
 
 
 def run_record(npz: Path) -> dict:

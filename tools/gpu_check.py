@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from tools.fidelity import paired_psnr_db  # noqa: E402
+from evaluation.fidelity import paired_psnr_db  # noqa: E402
 
 EMBEDDED = ["--config", "configs/mnist.yml", "--timesteps", "100", "--skip_type", "quad", "--eta", "0",
             "--seed", "1234", "--no_fid"]

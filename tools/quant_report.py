@@ -31,7 +31,8 @@ from quant.model import QuantModel, quant_enabled  # noqa: E402
 from quant.quantizer import fake_quant, range_to_params  # noqa: E402
 from quant.range_search import init_range, init_weight_quantizers  # noqa: E402
 from quant.settings import QuantConfig  # noqa: E402
-from tools.common import parse_bits, set_seed  # noqa: E402
+from common.device import set_seed  # noqa: E402
+from tools.common import parse_bits  # noqa: E402
 
 
 def draw(fp, sample, n: int, seed: int, shape, per_traj: int = 1, gen_seed: int | None = None) -> CalibSet:

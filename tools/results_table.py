@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddim.sampling import make_grid  # noqa: E402
-from tools.fidelity import paired_psnr_db  # noqa: E402
+from evaluation.fidelity import paired_psnr_db  # noqa: E402
 
 COLUMNS = [("run", "{}"), ("method", "{}"), ("W/A", "{}"), ("FID", "{:.2f}"), ("sFID", "{:.2f}"),
            ("PSNR to FP dB", "{:.2f}"), ("IS", "{:.2f}"),

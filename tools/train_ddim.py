@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from ddim import UNet, load_config, make_betas  # noqa: E402
 from ddim.data import mnist_uint8, to_model_range  # noqa: E402
 from ddim.train import TrainConfig, train  # noqa: E402
-from tools.common import pick_device, set_seed  # noqa: E402
+from common.device import pick_device, set_seed  # noqa: E402
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ from quant.calib_data import CalibSet  # noqa: E402
 from quant.calibrate import calibrate_activations  # noqa: E402
 from quant.checkpoint import load_quantized  # noqa: E402
 from quant.model import quant_enabled  # noqa: E402
-from tools.metrics import load_images_npz  # noqa: E402
+from evaluation.fid import load_images_npz  # noqa: E402
 from tools.quant_report import t_bands, tensor_sqnr_db  # noqa: E402
 
 FAINT = 20      # pixel values 1..FAINT (0-255) count as faint background

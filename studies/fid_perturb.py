@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from tools.metrics import (DEFAULT_CACHE_DIR, InceptionExtractor, feature_stats, fid_sfid,  # noqa: E402
+from evaluation.fid import (DEFAULT_CACHE_DIR, InceptionExtractor, feature_stats, fid_sfid,  # noqa: E402
                            load_images_npz, reference_stats)
-from tools.sample_drift import pixel_stats  # noqa: E402
+from studies.sample_drift import pixel_stats  # noqa: E402
 
 
 def add_pixel_noise(images: np.ndarray, sigma: float, seed: int) -> np.ndarray:

@@ -26,8 +26,8 @@ from ddim import load_config, make_betas  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
 from ddim.sampling import generate, make_sampler  # noqa: E402
 from quant.checkpoint import load_quantized  # noqa: E402
-from tools.fidelity import paired_psnr_db  # noqa: E402
-from tools.metrics import evaluate, load_images_npz  # noqa: E402
+from evaluation.fidelity import paired_psnr_db  # noqa: E402
+from evaluation.fid import evaluate, load_images_npz  # noqa: E402
 
 
 class BandModel(nn.Module):

@@ -37,7 +37,7 @@ from quant.distill import DistillConfig, LRSchedule  # noqa: E402
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant  # noqa: E402
 from quant.settings import QuantConfig  # noqa: E402
 from tools.common import parse_bits  # noqa: E402
-from tools.fidelity import paired_psnr_db  # noqa: E402
+from evaluation.fidelity import paired_psnr_db  # noqa: E402
 from tools.quant_report import add_setup_args, draw, load_setup, sqnr_by_t, sqnr_db  # noqa: E402
 
 

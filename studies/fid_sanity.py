@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ddim.data import mnist_uint8  # noqa: E402
-from tools.metrics import (DEFAULT_CACHE_DIR, Features, InceptionExtractor, feature_stats,  # noqa: E402
+from evaluation.fid import (DEFAULT_CACHE_DIR, Features, InceptionExtractor, feature_stats,  # noqa: E402
                            fid_sfid, save_stats, stats_cache_path)
 
 

@@ -32,7 +32,7 @@ from quant.calib_data import CalibSet  # noqa: E402
 from quant.methods.baseline import quantize_baseline  # noqa: E402
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant  # noqa: E402
 from quant.settings import QuantConfig  # noqa: E402
-from tools.fidelity import paired_psnr_db  # noqa: E402
+from evaluation.fidelity import paired_psnr_db  # noqa: E402
 from tools.common import parse_bits  # noqa: E402
 from tools.quant_report import draw, load_model  # noqa: E402
 
