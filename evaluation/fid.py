@@ -134,13 +134,15 @@ class InceptionExtractor:
         self.model = load_inception(self.device)
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray, batch_size: int = 50, progress: bool = True) -> Features:
+    def __call__(self, images: np.ndarray, batch_size: int = 50, progress: bool = True,
+                 desc: str = "inception") -> Features:
         check_images(images)
         pool, spatial = [], []
         # Exact fp32 convolutions and fixed kernels on GPU, restored on exit: features must not depend on
         # cuDNN's autotuner or TF32.
         with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
-            for start in tqdm(range(0, len(images), batch_size), desc="inception", disable=not progress):
+            for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress,
+                              dynamic_ncols=True):
                 x = to_inception_input(images[start:start + batch_size], self.device)
                 p, s = inception_features(self.model.net.layers, x)
                 pool.append(p.cpu().numpy())
@@ -248,26 +250,30 @@ def load_stats(path: Path) -> dict[str, Stats] | None:
 
 def reference_stats(ref: str, extractor: InceptionExtractor, batch_size: int = 50, progress: bool = True,
                     cache_dir: Path = DEFAULT_CACHE_DIR) -> dict[str, Stats]:
-    """Pool and spatial statistics of a reference set, computed on first use and cached."""
+    """Pool and spatial statistics of a reference set, computed on first use (with a message, a progress bar
+    and its ETA) and cached; processes started together wait for the first one's statistics."""
     path = stats_cache_path(ref, Path(cache_dir))
     stats = load_stats(path)
     if stats is not None:
         return stats
     path.parent.mkdir(parents=True, exist_ok=True)
-    # runs started side by side wait for the first one's statistics instead of computing them twice
     with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[fid] another process is computing the Inception statistics of reference {ref!r}; waiting for "
+                  f"it ({path})", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         stats = load_stats(path)
         if stats is None:
             images = load_reference_images(ref)
-            stats = feature_stats(extractor(images, batch_size, progress))
+            print(f"[fid] first FID against {ref!r}: computing the Inception statistics of its {len(images):,} real "
+                  f"images once (cached in {path}; about 0.2 s per image on a CPU). Use --no_fid to skip FID, or "
+                  f"--ref mnist-1k for a smaller reference.", flush=True)
+            stats = feature_stats(extractor(images, batch_size, progress, desc=f"inception: reference {ref}"))
             save_stats(path, stats, len(images))
     return stats
 
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation and its record
-# ---------------------------------------------------------------------------------------------------
 
 def evaluate(images_uint8: np.ndarray, ref: str = "mnist", device: str | torch.device | None = None,
              batch_size: int = 50, progress: bool = True, cache_dir: Path = DEFAULT_CACHE_DIR,
@@ -278,7 +284,9 @@ def evaluate(images_uint8: np.ndarray, ref: str = "mnist", device: str | torch.d
     """
     extractor = InceptionExtractor(device)
     real = reference_stats(ref, extractor, batch_size, progress, cache_dir)
-    fake = feature_stats(extractor(images_uint8, batch_size, progress))
+    fake = feature_stats(extractor(images_uint8, batch_size, progress, desc=f"inception: {len(images_uint8)} samples"))
+    if progress:
+        print("[fid] Fréchet distances (two matrix square roots, up to a minute or two on a CPU)", flush=True)
     from evaluation.inception_score import ISUnavailable, inception_score
     try:
         isc, is_note = inception_score(images_uint8, extractor.device, batch_size, is_weights, progress), None

@@ -25,6 +25,7 @@ from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags, 
 from experiments.quantize import NOT_RESULT, QuantJob, check_cali_ckpt, quantize
 from experiments.runtime import (canonical, load_stage, locked, provenance, recorded_identity, save_args, save_stage,
                                  timer, write_results)
+from quant import METHOD_VERSION
 from quant.bias_correction import correct_eps_bias
 from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
 from quant.checkpoint import load_quantized, read_quantized
@@ -236,7 +237,7 @@ def run(args, cfg, sample, payload, shard: dist.Shard, device, logdir: Path) -> 
     if not args.no_fid:
         from evaluation.fid import evaluate                       # FID's packages are needed only here
         record |= evaluate(images, ref=reference(args, cfg), device=device)
-    record |= identity | {"provenance": provenance(device)}
+    record |= identity | {"method_version": METHOD_VERSION, "provenance": provenance(device)}
     write_results(logdir, record)
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                    if not isinstance(v, dict)))

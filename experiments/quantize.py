@@ -20,7 +20,9 @@ from common.errors import UsageError
 from common.files import file_digest
 from experiments.flags import (EPS_CORRECTED, base_method, dilatequant_config, method_name, qdiff_settings,
                                quant_config)
-from experiments.runtime import canonical, load_stage, peak_memory_mb, reset_peak_memory, save_stage, timer
+from experiments.runtime import (canonical, load_stage, peak_memory_mb, provenance, reset_peak_memory, save_stage,
+                                 timer)
+from quant import METHOD_VERSION
 from quant.calib_data import CalibSet
 from quant.checkpoint import load_quantized, load_quantized_weights, save_quantized
 from quant.methods import QuantMode
@@ -145,12 +147,13 @@ def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: d
         if saved == key:
             print(f"[resume] {path} was calibrated with these settings and inputs: reusing it")
             qmodel, _ = load_quantized(path, job.fp)
-            return qmodel.eval(), record | (load_stage(logdir / "quantize.json", key) or {})
+            cost = {k: v for k, v in (load_stage(logdir / "quantize.json", key) or {}).items() if k != "provenance"}
+            return qmodel.eval(), record | cost
     dq_config = dilatequant_config(args) if args.quant_mode == QuantMode.DILATEQUANT.value else None
     _clear_stale_units(logdir, key)
     qmodel, cost = _calibrate(job, args, logdir, device, dq_config)
     save_quantized(path, qmodel, record["method"], sampler=sampler, stage_key=key)
-    save_stage(logdir / "quantize.json", key, cost)
+    save_stage(logdir / "quantize.json", key, cost | {"method_version": METHOD_VERSION, "provenance": provenance(device)})
     return qmodel.eval(), record | cost
 
 

@@ -4,7 +4,7 @@
 
 Each run is its own process and lands in <out>/<run name>/ (results.json, samples, quantized.pt, distill/ units); a run whose
 results.json records the same settings and input contents is skipped, so an interrupted task resumes. The table goes
-to results/<task>[_preset].md.
+to <out>/report.md, or to --report (e.g. results/mnist.md, to regenerate a committed table on purpose).
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import yaml
 
 from common.errors import RunError, UsageError
 from ddim import load_config
+from experiments.flags import HelpFormatter
 from experiments.runtime import recorded_identity
-from tools.results_table import write_report
+from experiments.report import write_report
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sample_diffusion_ddim.py"
 
@@ -47,12 +48,17 @@ def load_task(path: Path, preset: str | None) -> dict:
         task["common"] = task["common"] | over.get("common", {})
         if "runs" in over:
             task["runs"] = {k: v for k, v in task["runs"].items() if k in over["runs"]}
+        for name, flags in over.get("overrides", {}).items():      # per-run settings of this preset
+            task["runs"][name] = (task["runs"][name] or {}) | flags
+        task["title"] = over.get("title", task.get("title"))
     return task
 
 
 def run_argv(task: dict, name: str, out: Path, extra: list[str]) -> list[str]:
-    """Flags of one run: the task's common settings, then the run's own (a quant_mode makes it a PTQ run)."""
-    options = task["common"] | (task["runs"][name] or {})
+    """Flags of one run: the task's common settings, then the run's own (a quant_mode makes it a PTQ run).
+    `{out}` in a value is the task's run folder (e.g. another run's calib.pt: `{out}/baseline_w4a4/calib.pt`)."""
+    options = {k: v.replace("{out}", str(out)) if isinstance(v, str) else v
+               for k, v in (task["common"] | (task["runs"][name] or {})).items()}
     quant = {"ptq": True, "quant_act": "act_bit" in options} if "quant_mode" in options else {}
     return _flags(options | quant) + ["-l", str(out / name)] + extra
 
@@ -71,11 +77,13 @@ def is_done(argv: list[str], results: Path) -> bool:
 
 
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--task", required=True)
     p.add_argument("--preset", default=None)
     p.add_argument("--only", default=None, help="comma-separated run names")
     p.add_argument("--out", default=None, help="run directory (default runs/<task>[_<preset>])")
+    p.add_argument("--report", default=None, help="the table (default <out>/report.md; e.g. results/mnist.md to "
+                                                  "regenerate a committed table on purpose)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="flags passed to every run after `--`")
     args = p.parse_args(argv)
     path = Path(args.task)
@@ -98,6 +106,6 @@ def main(argv=None) -> Path:
         if subprocess.run([sys.executable, str(SCRIPT), *argv_run]).returncode:
             raise RunError(f"run {name} failed (its error is above)", "fix it and rerun: finished runs are skipped")
     title = task.get("title", label) + (f", preset {args.preset}" if args.preset else "") + f" ({path})"
-    report = write_report(out, Path("results") / f"{label}.md", title=title)
+    report = write_report(out, Path(args.report or out / "report.md"), title=title)
     print(report.read_text())
     return report

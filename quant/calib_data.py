@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from common.checkpoint import torch_load
-from common.errors import CheckpointError
+from common.errors import CheckpointError, UsageError
 from common.files import atomic_torch_save
 
 
@@ -109,12 +109,13 @@ def draw_over_steps(sample_fn: Callable, x_T: torch.Tensor, n: int, n_steps: int
     if len(x_T) != len(plan):
         raise ValueError(f"x_T holds {len(x_T)} trajectories; {n} samples at {per_traj} per trajectory need {len(plan)}")
     order = sorted(range(len(plan)), key=lambda i: int(plan[i][-1]))
+    groups = [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+    lasts = [max(int(plan[i][-1]) for i in rows) for rows in groups]
     xs, ts = [], []
-    for lo in tqdm(range(0, len(order), batch_size), desc=f"calibration data ({len(plan)} FP trajectories)",
-                   dynamic_ncols=True):
-        rows = order[lo:lo + batch_size]
+    bar = tqdm(total=sum(last + 1 for last in lasts), unit="step", dynamic_ncols=True,
+               desc=f"calibration data ({len(plan)} FP trajectories, {len(groups)} batches)")
+    for rows, last in zip(groups, lasts):
         wanted = [plan[i] for i in rows]
-        last = max(int(w[-1]) for w in wanted)
         call = [0]
 
         def on_step(x, t):
@@ -124,6 +125,7 @@ def draw_over_steps(sample_fn: Callable, x_T: torch.Tensor, n: int, n_steps: int
                 xs.append(x[keep].detach().cpu())
                 ts.append(t[keep].detach().cpu())
             call[0] += 1
+            bar.update(1)
             if k == last:
                 raise _Done
 
@@ -131,6 +133,7 @@ def draw_over_steps(sample_fn: Callable, x_T: torch.Tensor, n: int, n_steps: int
             sample_fn(x_T[rows], on_step=on_step)
         except _Done:
             pass
+    bar.close()
     x, t = torch.cat(xs), torch.cat(ts).long()
     perm = torch.randperm(len(t), generator=generator)
     return CalibSet(x[perm], t[perm])
@@ -151,7 +154,8 @@ def evenly_spaced_steps(tr: Trajectories, n_per_step: int, st: int, generator: t
     """Q-Diffusion's time-step-aware calibration: `st` evenly spaced steps, `n_per_step` samples each."""
     s, b = tr.xs.shape[:2]
     if not 1 <= st <= s or not 1 <= n_per_step <= b:
-        raise ValueError(f"--cali_st must be in [1, {s}] and --cali_n in [1, {b}] for these trajectories")
+        raise UsageError(f"--cali_st {st} / --cali_n {n_per_step} out of range: use --cali_st 1..{s} (the sampling "
+                         f"steps) and --cali_n 1..{b} (the trajectories)")
     steps = torch.linspace(0, s - 1, st).round().long()
     xs, ts = [], []
     for k in steps.tolist():

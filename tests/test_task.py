@@ -38,7 +38,7 @@ def test_report_keeps_archived_runs(tmp_path):
 
     import numpy as np
 
-    from tools.results_table import write_report
+    from experiments.report import write_report
 
     def run(root, name, fid):
         d = root / name
@@ -65,7 +65,7 @@ def test_report_psnr_to_fp_pairs_only_matching_runs(tmp_path):
 
     import numpy as np
 
-    from tools.results_table import write_report
+    from experiments.report import write_report
 
     rng = np.random.default_rng(0)
     fp_images = rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)

@@ -72,7 +72,7 @@ class AdaRoundObjective:
         adaround.bake(self.layers)
 
 
-class ActStepObjective:
+class ActStepSizeObjective:
     """Learned activation step sizes (LSQ-style, Δ_x only) on the unit's MSE."""
 
     def __init__(self, cfg: QDiffConfig):
@@ -115,7 +115,7 @@ def reconstruct_activations(qmodel: QuantModel, fp_model: nn.Module, calib: Cali
         return
     calibrate_activations(qmodel, calib, batch_size, seed=qd.seed)
     if qd.act_iters:
-        reconstruct(qmodel, fp_model, calib, ActStepObjective(qd), _recon_cfg(qd, qd.act_iters, qd.act_lr_schedule),
+        reconstruct(qmodel, fp_model, calib, ActStepSizeObjective(qd), _recon_cfg(qd, qd.act_iters, qd.act_lr_schedule),
                     run_dir / "recon_a")
 
 
