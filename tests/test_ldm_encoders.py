@@ -1,9 +1,11 @@
 """Conditioners: ClassEmbedder (labels -> [B, 1, D]) and FrozenCLIPEmbedder (tokens/text -> [B, 77, D]),
 built offline from a CLIPTextConfig; text needs local tokenizer files (a one-line error otherwise)."""
+import json
+
 import pytest
 import torch
 
-from ldm.modules.encoders.modules import ClassEmbedder, FrozenCLIPEmbedder, tokenizer_file
+from ldm.modules.encoders.modules import ClassEmbedder, FrozenCLIPEmbedder
 from ldm.tiny import TINY_CLIP_TEXT
 
 
@@ -33,8 +35,22 @@ def test_missing_tokenizer_is_a_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_tokenizer_files_are_found_in_a_local_folder(tmp_path):
-    (tmp_path / "tokenizer").mkdir()
-    for name in ("vocab.json", "merges.txt"):
-        (tmp_path / "tokenizer" / name).write_text("")
-    assert tokenizer_file(str(tmp_path), "merges.txt") == str(tmp_path / "tokenizer" / "merges.txt")
+def write_tiny_tokenizer(folder):
+    """A CLIP BPE vocabulary of the letters a-z (alone and word-final) plus one merge, 'h o'."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    vocab["ho"] = len(vocab)
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nh o\n")
+    return vocab
+
+
+def test_text_is_tokenized_from_local_files_to_77_tokens(tmp_path):
+    vocab = write_tiny_tokenizer(tmp_path / "clip" / "tokenizer")
+    clip = FrozenCLIPEmbedder(version=str(tmp_path / "clip"), text_config=TINY_CLIP_TEXT)
+    tokens = clip.tokenize(["a horse"])
+    expected = [0, vocab["a</w>"], vocab["ho"], vocab["r"], vocab["s"], vocab["e</w>"], 1]
+    assert tokens.shape == (1, 77) and tokens[0, :7].tolist() == expected and set(tokens[0, 7:].tolist()) == {1}
+    assert clip(["a horse", "zebra"]).shape == (2, 77, 32)

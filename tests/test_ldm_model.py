@@ -188,3 +188,20 @@ def test_legacy_attention_block_matches_reference_attention():
     q, k, v = qkv.reshape(3, 2, 3, 32, 16).permute(2, 0, 1, 4, 3)     # each [B, heads, T, C]
     ref = F.scaled_dot_product_attention(q, k, v).permute(0, 1, 3, 2).reshape(3, 64, 16)
     assert torch.allclose(block(x), x + block.proj_out(ref).reshape(3, 64, 4, 4), atol=1e-5)
+
+
+def test_class_conditional_unet_and_concat_conditioning():
+    from ldm.models.diffusion.ddpm import DiffusionWrapper
+    params = dict(image_size=8, in_channels=6, out_channels=3, model_channels=32, num_res_blocks=1,
+                  attention_resolutions=[2], channel_mult=[1, 2], num_heads=2)
+    target = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
+    x, c, t = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    wrapper = DiffusionWrapper({"target": target, "params": params}, "concat").eval()
+    random_weights(wrapper)
+    assert torch.equal(wrapper(x, t, c_concat=[c]), wrapper.diffusion_model(torch.cat([x, c], 1), t))
+    unet = random_weights(instantiate_from_config({"target": target, "params": params | {"num_classes": 5}})).eval()
+    with pytest.raises(ValueError, match="num_classes"):
+        unet(torch.cat([x, c], 1), t)
+    y = torch.tensor([0, 4])
+    assert unet.label_emb.weight.shape == (5, 128)
+    assert not torch.allclose(unet(torch.cat([x, c], 1), t, y=y), unet(torch.cat([x, c], 1), t, y=y.flip(0)))

@@ -132,6 +132,14 @@ class LatentDiffusion(DDPM):
             if not cond_stage_trainable:
                 _frozen(self.cond_stage_model)
 
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        """Train mode for the diffusion model (and a trainable conditioner); the frozen stages stay in eval."""
+        super().train(mode)
+        self.first_stage_model.eval()
+        if self.cond_stage_model is not None and not self.cond_stage_trainable:
+            self.cond_stage_model.eval()
+        return self
+
     @property
     def conditioning_key(self) -> str | None:
         return self.model.conditioning_key

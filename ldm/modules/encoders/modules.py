@@ -100,8 +100,13 @@ class FrozenCLIPEmbedder(nn.Module):
         """The CLIP BPE tokenizer from local files (read on first use; a one-line error when they are missing)."""
         if self._tokenizer is None:
             from transformers import CLIPTokenizer
-            vocab, merges = (tokenizer_file(self.version, name) for name in TOKENIZER_FILES)
-            self._tokenizer = CLIPTokenizer(vocab_file=vocab, merges_file=merges)
+            folders = {str(Path(tokenizer_file(self.version, name)).parent) for name in TOKENIZER_FILES}
+            if len(folders) != 1:
+                raise FileNotFoundError(f"CLIP tokenizer files for {self.version!r} are in different folders: {folders}")
+            tokenizer = CLIPTokenizer.from_pretrained(folders.pop(), local_files_only=True)
+            if len(tokenizer) <= len(tokenizer.all_special_tokens):
+                raise ValueError(f"the CLIP tokenizer read for {self.version!r} has an empty vocabulary")
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def tokenize(self, text: list[str]) -> torch.Tensor:
