@@ -40,10 +40,14 @@ def _stub(path: str):
 
 
 def read_checkpoint(path: str | Path, flag: str = "--ckpt") -> dict:
-    """The unpickled checkpoint object (weights only; unknown globals stubbed). Clear one-line errors."""
+    """The checkpoint object: a .safetensors file, or a pickle read weights-only with unknown globals stubbed.
+    Clear one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; pass the right path with {flag}")
+    if path.suffix == ".safetensors":                       # a plain state_dict (e.g. sd-v1-4 converted)
+        from safetensors.torch import load_file
+        return load_file(str(path))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:

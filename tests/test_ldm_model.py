@@ -205,3 +205,9 @@ def test_class_conditional_unet_and_concat_conditioning():
     y = torch.tensor([0, 4])
     assert unet.label_emb.weight.shape == (5, 128)
     assert not torch.allclose(unet(torch.cat([x, c], 1), t, y=y), unet(torch.cat([x, c], 1), t, y=y.flip(0)))
+
+
+def test_safetensors_state_dict_is_read(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"betas": torch.arange(3.0)}, str(tmp_path / "model.safetensors"))
+    assert torch.equal(read_checkpoint(tmp_path / "model.safetensors")["betas"], torch.arange(3.0))
