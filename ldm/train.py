@@ -26,13 +26,19 @@ from ddim.train import TrainConfig, ema_update
 @dataclass(frozen=True)
 class StageConfig(TrainConfig):
     """One training stage: TrainConfig's Adam settings with a linear warmup, then cosine decay of the learning
-    rate to lr * final_lr_frac at `steps`."""
+    rate to lr * final_lr_frac at `steps`. `stop_at` ends the stage earlier on the same schedule (to rerun a
+    stage that a time budget stopped)."""
     final_lr_frac: float = 0.1
+    stop_at: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.final_lr_frac <= 1 or self.warmup < 0:
+        if not 0 <= self.final_lr_frac <= 1 or self.warmup < 0 or (self.stop_at is not None and self.stop_at <= 0):
             raise ValueError(f"invalid StageConfig: {self}")
+
+    @property
+    def last_step(self) -> int:
+        return min(self.steps, self.stop_at or self.steps)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -71,7 +77,7 @@ def run_stage(model: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tenso
     deadline = None if cfg.max_minutes is None else time.time() + 60 * cfg.max_minutes
     model.train()
     with tqdm(total=cfg.steps, initial=step, desc=desc, dynamic_ncols=True, mininterval=10) as bar:
-        while step < cfg.steps and (deadline is None or time.time() < deadline):
+        while step < cfg.last_step and (deadline is None or time.time() < deadline):
             loss = loss_fn(gen)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step)

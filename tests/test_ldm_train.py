@@ -9,17 +9,17 @@ from ldm.util import instantiate_from_config, load_config
 
 
 def test_interrupted_stage_resumes_to_the_same_weights(tmp_path):
-    def stage(steps: int, state: str) -> nn.Module:
+    def stage(state: str, stop_at: int | None = None) -> tuple[nn.Module, int]:
         torch.manual_seed(0)
         model = nn.Linear(3, 1)
         x = torch.randn(16, 3)
         loss = lambda gen: model(x[torch.randint(0, 16, (4,), generator=gen)]).pow(2).mean()
-        cfg = StageConfig(steps=steps, batch_size=4, warmup=2, save_every=1)
+        cfg = StageConfig(steps=8, batch_size=4, warmup=2, save_every=1, stop_at=stop_at)
         return run_stage(model, loss, cfg, tmp_path / state, "t")
-    straight, n = stage(6, "a.pt")
-    stage(3, "b.pt")
-    resumed, m = stage(6, "b.pt")
-    assert n == m == 6 and torch.equal(straight.weight, resumed.weight)
+    straight, n = stage("a.pt")
+    assert stage("b.pt", stop_at=5)[1] == 5                      # stopped early on the 8-step schedule
+    resumed, m = stage("b.pt")
+    assert n == m == 8 and torch.equal(straight.weight, resumed.weight)
 
 
 def test_one_step_of_each_stage_on_the_embedded_config(tmp_path):

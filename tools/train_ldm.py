@@ -43,12 +43,14 @@ def main(argv=None):
     p.add_argument("--ae_batch_size", type=int, default=32)
     p.add_argument("--ae_lr", type=float, default=1e-3)
     p.add_argument("--ae_minutes", type=float, default=None, help="wall-clock budget of stage 1")
+    p.add_argument("--ae_stop", type=int, default=None, help="end stage 1 at this step (lr schedule over --ae_steps)")
     p.add_argument("--kl_weight", type=float, default=1e-6)
     p.add_argument("--steps", type=int, default=12000, help="UNet training steps (stage 2)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--p_uncond", type=float, default=0.1)
     p.add_argument("--max_minutes", type=float, default=None, help="wall-clock budget of stage 2")
+    p.add_argument("--stop", type=int, default=None, help="end stage 2 at this step (lr schedule over --steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
@@ -64,13 +66,13 @@ def main(argv=None):
     labels = mnist_labels()
 
     ae_cfg = StageConfig(steps=args.ae_steps, batch_size=args.ae_batch_size, lr=args.ae_lr, warmup=100,
-                         seed=args.seed, max_minutes=args.ae_minutes)
+                         seed=args.seed, max_minutes=args.ae_minutes, stop_at=args.ae_stop)
     ae, ae_info = train_first_stage(config, images, ae_cfg, run_dir, args.kl_weight)
     psnr = reconstruction_psnr(ae, images, crop)
     print(f"autoencoder: {ae_info['steps']} steps, recon PSNR {psnr.mean():.2f} dB (median {psnr.median():.2f})")
 
     ldm_cfg = StageConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=200, seed=args.seed,
-                          max_minutes=args.max_minutes)
+                          max_minutes=args.max_minutes, stop_at=args.stop)
     ema, ldm_info = train_latent_diffusion(config, ae, images, labels, ldm_cfg, run_dir, null_class, args.p_uncond)
 
     out = Path(args.out or config["ckpt"])
@@ -85,8 +87,9 @@ def main(argv=None):
             "unet": ldm_info | {"batch_size": ldm_cfg.batch_size, "lr": ldm_cfg.lr, "ema_decay": ldm_cfg.ema_decay,
                                 "p_uncond": args.p_uncond, "null_class": null_class},
             "seed": args.seed, "command": command,
-            "reproduce": (f"python tools/train_ldm.py --config {args.config} --ae_steps {ae_info['steps']} "
-                          f"--steps {ldm_info['steps']} --run_dir {args.run_dir}")}
+            "reproduce": (f"python tools/train_ldm.py --config {args.config} --threads 1 --ae_steps {args.ae_steps} "
+                          f"--ae_stop {ae_info['steps']} --steps {args.steps} --stop {ldm_info['steps']} "
+                          f"--run_dir {args.run_dir}_repro")}
     out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved EMA weights after {ldm_info['steps']} UNet steps to {out}")
 
