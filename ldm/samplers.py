@@ -1,0 +1,204 @@
+"""DDIM, PLMS and DPM-Solver(-2, multistep) as plain functions of an eps callable.
+
+`eps_fn(x, t, cond)` is the noise-prediction network (for an LDM, `LatentDiffusion.apply_model`); the
+samplers know nothing else about it. Every network call gets the TRUE integer timestep t of the discrete
+schedule as a long tensor [N], so a quantizer can look up per-timestep parameters from t; each sampler's
+timesteps are known before sampling (`*_timesteps`, `Sampler.timesteps`). Classifier-free guidance is one
+network call on cat([x, x]), cat([t, t]), cat([uncond, cond]) with eps = eps_u + scale (eps_c - eps_u);
+scale 1 (or no uncond) runs the conditional pass only. `on_step(x, t, cond)` sees every network input (the
+doubled batch under guidance), e.g. to draw calibration data. Schedule coefficients are Python floats
+computed on the host from `alphas_cumprod`, so sampling makes no device-to-host syncs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+StepHook = Optional[Callable[[torch.Tensor, torch.Tensor, Any], None]]
+SAMPLERS = ("ddim", "plms", "dpm_solver")
+
+
+def cat_cond(uncond, cond):
+    """Batch-concatenate two conditionings of the same structure (tensor, list of tensors, dict, or None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: cat_cond(uncond[k], cond[k]) for k in cond}
+    if isinstance(cond, (list, tuple)):
+        return [cat_cond(u, c) for u, c in zip(uncond, cond)]
+    return torch.cat([uncond, cond])
+
+
+def guided(eps_fn: EpsFn, cond=None, uncond=None, scale: float = 1.0,
+           on_step: StepHook = None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """eps(x, t) for an integer t: the network call(s) with classifier-free guidance and the on_step hook."""
+    def call(x: torch.Tensor, t: torch.Tensor, c) -> torch.Tensor:
+        if on_step is not None:
+            on_step(x, t, c)
+        return eps_fn(x, t, c)
+
+    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        if uncond is None or scale == 1.0:
+            return call(x, tt, cond)
+        e_u, e_c = call(torch.cat([x, x]), torch.cat([tt, tt]), cat_cond(uncond, cond)).chunk(2)
+        return e_u + scale * (e_c - e_u)
+    return eps
+
+
+def _abar(alphas_cumprod) -> np.ndarray:
+    a = alphas_cumprod.detach().cpu().double().numpy() if isinstance(alphas_cumprod, torch.Tensor) else alphas_cumprod
+    return np.asarray(a, dtype=np.float64)
+
+
+def ddim_timesteps(steps: int, num_timesteps: int = 1000, discretize: str = "uniform") -> list[int]:
+    """The timesteps DDIM and PLMS call the network at, in calling order (decreasing)."""
+    return [int(t) for t in make_ddim_timesteps(discretize, steps, num_timesteps)[::-1]]
+
+
+def dpm_solver_grid(steps: int, num_timesteps: int = 1000) -> list[int]:
+    """DPM-Solver's time-uniform grid (t from 1 to 1/N, model time (t - 1/N) N) rounded to integers:
+    round(linspace(N - 1, 0, steps + 1)), decreasing. The network is called at all but the last point."""
+    if not 1 <= steps < num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps - 1}], got {steps}")
+    grid = [int(math.floor(v + 0.5)) for v in np.linspace(num_timesteps - 1, 0, steps + 1)]
+    if len(set(grid)) != len(grid):
+        raise ValueError(f"{steps} DPM-Solver steps repeat an integer timestep of a {num_timesteps}-step schedule")
+    return grid
+
+
+def dpm_solver_timesteps(steps: int, num_timesteps: int = 1000) -> list[int]:
+    return dpm_solver_grid(steps, num_timesteps)[:-1]
+
+
+@torch.no_grad()
+def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod, steps: int, eta: float = 0.0, cond=None,
+                uncond=None, scale: float = 1.0, discretize: str = "uniform", on_step: StepHook = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) with CompVis's timesteps and alphas_prev (alphas_prev[0] = abar_0):
+    x0 = (x - sqrt(1 - a) eps) / sqrt(a); x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z."""
+    abar = _abar(alphas_cumprod)
+    seq = make_ddim_timesteps(discretize, steps, len(abar))
+    sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(abar, seq, eta)
+    eps = guided(eps_fn, cond, uncond, scale, on_step)
+    x = x_T
+    for i in reversed(range(len(seq))):
+        e = eps(x, int(seq[i]))
+        x = _ddim_update(x, e, alphas[i], alphas_prev[i], sigmas[i], generator)
+    return x
+
+
+def _ddim_update(x, e, a, a_prev, sigma, generator=None):
+    x0 = (x - math.sqrt(1 - a) * e) / math.sqrt(a)
+    x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * e
+    if sigma > 0:
+        x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x
+
+
+@torch.no_grad()
+def plms_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod, steps: int, cond=None, uncond=None,
+                scale: float = 1.0, discretize: str = "uniform", on_step: StepHook = None) -> torch.Tensor:
+    """PLMS (Liu et al. 2022, pseudo linear multistep) as CompVis runs it: the first step is a pseudo improved
+    Euler step (a second network call at the next timestep), then Adams-Bashforth of orders 2, 3, 4 on the
+    eps history, each applied through the DDIM (eta = 0) update. steps + 1 network calls."""
+    abar = _abar(alphas_cumprod)
+    seq = make_ddim_timesteps(discretize, steps, len(abar))
+    _, alphas, alphas_prev = make_ddim_sampling_parameters(abar, seq, 0.0)
+    eps = guided(eps_fn, cond, uncond, scale, on_step)
+    x, old = x_T, []
+    for i in reversed(range(len(seq))):
+        e = eps(x, int(seq[i]))
+        if not old:
+            x_next = _ddim_update(x, e, alphas[i], alphas_prev[i], 0.0)
+            e_prime = (e + eps(x_next, int(seq[max(i - 1, 0)]))) / 2
+        elif len(old) == 1:
+            e_prime = (3 * e - old[-1]) / 2
+        elif len(old) == 2:
+            e_prime = (23 * e - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_prime = (55 * e - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = _ddim_update(x, e_prime, alphas[i], alphas_prev[i], 0.0)
+        old = (old + [e])[-3:]
+    return x
+
+
+@torch.no_grad()
+def dpm_solver_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod, steps: int, cond=None, uncond=None,
+                      scale: float = 1.0, lower_order_final: bool = True, on_step: StepHook = None) -> torch.Tensor:
+    """Multistep DPM-Solver-2 with data prediction (DPM-Solver++ form; Lu et al. 2022), CompVis's sampler
+    settings (time-uniform grid, order 2, first step order 1, last step order 1 when steps < 15), on the
+    integer grid of `dpm_solver_grid`. alpha_n = sqrt(abar_n), sigma_n = sqrt(1 - abar_n) and
+    lambda_n = log(alpha_n / sigma_n) are taken at those integers, so every update is exact for the
+    timesteps the network sees. NFE = steps.
+
+    order 1: x_t = (s_t / s_s) x - a_t (e^-h - 1) m_s,   h = l_t - l_s,  m = x0 prediction
+    order 2: the same with m_s + (m_s - m_p) / (2 r),     r = (l_s - l_p) / h
+    """
+    abar = _abar(alphas_cumprod)
+    grid = dpm_solver_grid(steps, len(abar))
+    alpha = [math.sqrt(abar[n]) for n in grid]
+    sigma = [math.sqrt(1 - abar[n]) for n in grid]
+    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
+    eps = guided(eps_fn, cond, uncond, scale, on_step)
+
+    def x0(x, k):  # data prediction at grid point k
+        return (x - sigma[k] * eps(x, grid[k])) / alpha[k]
+
+    x = x_T
+    m = [x0(x, 0)]                                 # x0 predictions at the previous grid points
+    for k in range(1, steps + 1):
+        h = lam[k] - lam[k - 1]
+        order = 1 if k == 1 or (lower_order_final and steps < 15 and k == steps) else 2
+        d = m[-1] if order == 1 else m[-1] + (m[-1] - m[-2]) * h / (2 * (lam[k - 1] - lam[k - 2]))
+        x = (sigma[k] / sigma[k - 1]) * x - alpha[k] * math.expm1(-h) * d
+        if k < steps:
+            m = (m + [x0(x, k)])[-2:]
+    return x
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler with its settings fixed: `timesteps` (the network's t values, in calling order) and
+    `sample(eps_fn, x_T, cond=None, uncond=None, scale=1.0, on_step=None, generator=None)`."""
+    name: str
+    steps: int
+    alphas_cumprod: tuple[float, ...]
+    eta: float = 0.0
+    discretize: str = "uniform"
+
+    def __post_init__(self):
+        if self.name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.name!r}; choose one of {SAMPLERS}")
+        if self.eta < 0 or (self.eta > 0 and self.name != "ddim"):
+            raise ValueError(f"eta must be >= 0 and is only used by DDIM (got {self.eta} for {self.name})")
+
+    @property
+    def timesteps(self) -> list[int]:
+        n = len(self.alphas_cumprod)
+        if self.name == "dpm_solver":
+            return dpm_solver_timesteps(self.steps, n)
+        return ddim_timesteps(self.steps, n, self.discretize)
+
+    def sample(self, eps_fn: EpsFn, x_T: torch.Tensor, cond=None, uncond=None, scale: float = 1.0,
+               on_step: StepHook = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        abar = np.asarray(self.alphas_cumprod)
+        common = dict(cond=cond, uncond=uncond, scale=scale, on_step=on_step)
+        if self.name == "ddim":
+            return ddim_sample(eps_fn, x_T, abar, self.steps, self.eta, discretize=self.discretize,
+                               generator=generator, **common)
+        if self.name == "plms":
+            return plms_sample(eps_fn, x_T, abar, self.steps, discretize=self.discretize, **common)
+        return dpm_solver_sample(eps_fn, x_T, abar, self.steps, **common)
+
+
+def make_sampler(name: str, steps: int, alphas_cumprod, eta: float = 0.0, discretize: str = "uniform") -> Sampler:
+    """A Sampler over the model's `alphas_cumprod` (e.g. LatentDiffusion.alphas_cumprod)."""
+    return Sampler(name, steps, tuple(float(a) for a in _abar(alphas_cumprod)), eta, discretize)
