@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ddim.checkpoint import load_strict, state_dict_mismatch
+from common.checkpoint import load_strict, state_dict_mismatch
 
 EMA_PREFIX = "model_ema."
 EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")

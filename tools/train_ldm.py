@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from ddim.data import mnist_uint8, to_model_range  # noqa: E402
 from ldm.train import StageConfig, reconstruction_psnr, train_first_stage, train_latent_diffusion  # noqa: E402
 from ldm.util import load_config  # noqa: E402
-from tools.common import set_seed  # noqa: E402
+from common.device import set_seed  # noqa: E402
 
 
 def mnist_labels() -> torch.Tensor:
