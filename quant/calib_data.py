@@ -8,12 +8,17 @@
 - `collect_trajectories` keeps every network input (x_t, t) of a set of trajectories;
   `evenly_spaced_steps` (Q-Diffusion `--cali_st/--cali_n`) takes n samples from each of `st` evenly spaced
   steps of them; `random_over_steps` takes n distinct (step, trajectory) pairs of them (tests, tools).
+
+A sample is one network input: x_t, t and the conditioning keyword arguments of that call (`cond`, e.g.
+{"context": [L, D]} for a cross-attention UNet; empty for an unconditional one). Under classifier-free
+guidance the network sees cat([uncond, cond]) in one batch (`halves` = 2): both halves of a chosen step are
+kept, as the field calibrates guided models.
 """
 from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,35 +30,61 @@ from common.errors import CheckpointError, UsageError
 from common.files import atomic_torch_save
 
 
+Cond = dict[str, torch.Tensor]
+
+
+def _rows(cond: Cond, idx) -> Cond:
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def to_device(cond: Cond, device: torch.device) -> Cond:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+def _net_kwargs(cond: Cond | None) -> Cond:
+    """The tensors among a network call's keyword arguments (None values are dropped)."""
+    return {k: v.detach().cpu() for k, v in (cond or {}).items() if v is not None}
+
+
 @dataclass(frozen=True)
 class Trajectories:
-    xs: torch.Tensor  # [S, N, C, H, W]: network input at each of the S sampler steps (in call order)
-    ts: torch.Tensor  # [S]: the timestep of each step
+    xs: torch.Tensor  # [S, M, C, H, W]: network input at each of the S network calls (in call order)
+    ts: torch.Tensor  # [S]: the timestep of each call
+    cond: Cond = field(default_factory=dict)   # name -> [S, M, ...]: the calls' conditioning
 
-    def take(self, step_idx: torch.Tensor, traj_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.xs[step_idx, traj_idx], self.ts[step_idx]
+    def take(self, step_idx: torch.Tensor, traj_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Cond]:
+        return self.xs[step_idx, traj_idx], self.ts[step_idx], {k: v[step_idx, traj_idx] for k, v in self.cond.items()}
 
 
 @dataclass(frozen=True)
 class CalibSet:
     x: torch.Tensor  # [M, C, H, W]
     t: torch.Tensor  # [M]
+    cond: Cond = field(default_factory=dict)   # name -> [M, ...]: conditioning kwargs of each sample's call
+
+    def __post_init__(self):
+        if len(self.x) != len(self.t) or any(len(v) != len(self.t) for v in self.cond.values()):
+            raise ValueError("a calibration set needs one t (and one of each conditioning tensor) per sample")
 
     def batches(self, batch_size: int):
+        """(x, t, cond) in chunks of batch_size; call the network as model(x, t, **cond)."""
         for i in range(0, len(self.t), batch_size):
-            yield self.x[i:i + batch_size], self.t[i:i + batch_size]
+            yield self.x[i:i + batch_size], self.t[i:i + batch_size], _rows(self.cond, slice(i, i + batch_size))
+
+    def subset(self, idx: torch.Tensor) -> "CalibSet":
+        return CalibSet(self.x[idx], self.t[idx], _rows(self.cond, idx))
 
     def save(self, path: Path, **meta) -> None:
         """One atomic file: the samples and `meta` (e.g. the key of the settings that drew them), so data
         and its description can never disagree after a kill."""
-        atomic_torch_save({"x": self.x, "t": self.t, "meta": meta}, path)
+        atomic_torch_save({"x": self.x, "t": self.t, "cond": self.cond, "meta": meta}, path)
 
     @classmethod
     def load(cls, path: Path, what: str = "--cali_data_path") -> "CalibSet":
         d = torch_load(path, what)
         if not isinstance(d, dict) or not {"x", "t"} <= set(d):
             raise CheckpointError(f"{what} {path} is not a calibration set (calib.pt of a calibration run)")
-        return cls(d["x"], d["t"])
+        return cls(d["x"], d["t"], d.get("cond", {}))
 
     @staticmethod
     def meta(path: Path) -> dict:
@@ -64,15 +95,17 @@ class CalibSet:
 
 @torch.no_grad()
 def collect_trajectories(sample_fn: Callable, x_T: torch.Tensor) -> Trajectories:
-    """Run `sample_fn(x_T, on_step=...)` once and keep every (x_t, t) the network sees."""
-    xs, ts = [], []
+    """Run `sample_fn(x_T, on_step=...)` once and keep every (x_t, t, cond) the network sees."""
+    xs, ts, conds = [], [], []
 
-    def on_step(x, t):
+    def on_step(x, t, cond=None):
         xs.append(x.detach().cpu())
         ts.append(int(t[0]))
+        conds.append(_net_kwargs(cond))
 
     sample_fn(x_T, on_step=on_step)
-    return Trajectories(torch.stack(xs), torch.tensor(ts))
+    cond = {k: torch.stack([c[k] for c in conds]) for k in conds[0]} if conds else {}
+    return Trajectories(torch.stack(xs), torch.tensor(ts), cond)
 
 
 def trajectories_for(n: int, per_traj: int) -> int:
@@ -97,33 +130,40 @@ class _Done(Exception):
 
 @torch.no_grad()
 def draw_over_steps(sample_fn: Callable, x_T: torch.Tensor, n: int, n_steps: int, per_traj: int,
-                    generator: torch.Generator, batch_size: int = 256) -> CalibSet:
+                    generator: torch.Generator, batch_size: int = 256, halves: int = 1) -> CalibSet:
     """DilateQuant's random sampling strategy over fresh FP trajectories (module docstring).
 
     sample_fn(x_T, on_step=...) runs the FP sampler (n_steps network calls); x_T [n_traj, ...] holds one
     initial noise per trajectory, n_traj = trajectories_for(n, per_traj). Trajectories are run in batches
     ordered by their last needed step, and each batch stops there: about half the cost of full
     trajectories for per_traj = 1. Returns the n samples in a random order.
+
+    halves: network rows per trajectory and call (2 under classifier-free guidance: the network batch is
+    cat([uncond rows, cond rows]) and both are kept), so n samples take ceil(n / halves) (trajectory, step)
+    pairs; on_step(x, t, cond) then sees halves x the trajectories' batch.
     """
-    plan = plan_steps(n, n_steps, per_traj, generator)
+    pairs = math.ceil(n / halves)
+    plan = plan_steps(pairs, n_steps, per_traj, generator)
     if len(x_T) != len(plan):
-        raise ValueError(f"x_T holds {len(x_T)} trajectories; {n} samples at {per_traj} per trajectory need {len(plan)}")
+        raise ValueError(f"x_T holds {len(x_T)} trajectories; {pairs} steps at {per_traj} per trajectory need "
+                         f"{len(plan)}")
     order = sorted(range(len(plan)), key=lambda i: int(plan[i][-1]))
     groups = [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
     lasts = [max(int(plan[i][-1]) for i in rows) for rows in groups]
-    xs, ts = [], []
+    xs, ts, conds = [], [], []
     bar = tqdm(total=sum(last + 1 for last in lasts), unit="step", dynamic_ncols=True,
                desc=f"calibration data ({len(plan)} FP trajectories, {len(groups)} batches)")
     for rows, last in zip(groups, lasts):
         wanted = [plan[i] for i in rows]
         call = [0]
 
-        def on_step(x, t):
+        def on_step(x, t, cond=None):
             k = call[0]
-            keep = [r for r, w in enumerate(wanted) if bool((w == k).any())]
+            keep = [r + h * len(rows) for h in range(halves) for r, w in enumerate(wanted) if bool((w == k).any())]
             if keep:
                 xs.append(x[keep].detach().cpu())
                 ts.append(t[keep].detach().cpu())
+                conds.append(_rows(_net_kwargs(cond), keep))
             call[0] += 1
             bar.update(1)
             if k == last:
@@ -135,8 +175,9 @@ def draw_over_steps(sample_fn: Callable, x_T: torch.Tensor, n: int, n_steps: int
             pass
     bar.close()
     x, t = torch.cat(xs), torch.cat(ts).long()
-    perm = torch.randperm(len(t), generator=generator)
-    return CalibSet(x[perm], t[perm])
+    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    perm = torch.randperm(len(t), generator=generator)[:n]
+    return CalibSet(x, t, cond).subset(perm)
 
 
 def random_over_steps(tr: Trajectories, n: int, generator: torch.Generator) -> CalibSet:
@@ -146,8 +187,7 @@ def random_over_steps(tr: Trajectories, n: int, generator: torch.Generator) -> C
         raise ValueError(f"asked for {n} calibration samples but the trajectories hold only {s * b}; "
                          f"lower --cali_n or generate more trajectories")
     flat = torch.randperm(s * b, generator=generator)[:n]
-    x, t = tr.take(flat // b, flat % b)
-    return CalibSet(x, t)
+    return CalibSet(*tr.take(flat // b, flat % b))
 
 
 def evenly_spaced_steps(tr: Trajectories, n_per_step: int, st: int, generator: torch.Generator) -> CalibSet:
@@ -157,10 +197,9 @@ def evenly_spaced_steps(tr: Trajectories, n_per_step: int, st: int, generator: t
         raise UsageError(f"--cali_st {st} / --cali_n {n_per_step} out of range: use --cali_st 1..{s} (the sampling "
                          f"steps) and --cali_n 1..{b} (the trajectories)")
     steps = torch.linspace(0, s - 1, st).round().long()
-    xs, ts = [], []
+    parts = []
     for k in steps.tolist():
         traj = torch.randperm(b, generator=generator)[:n_per_step]
-        x, t = tr.take(torch.full_like(traj, k), traj)
-        xs.append(x)
-        ts.append(t)
-    return CalibSet(torch.cat(xs), torch.cat(ts))
+        parts.append(CalibSet(*tr.take(torch.full_like(traj, k), traj)))
+    return CalibSet(torch.cat([p.x for p in parts]), torch.cat([p.t for p in parts]),
+                    {k: torch.cat([p.cond[k] for p in parts]) for k in parts[0].cond})

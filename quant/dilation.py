@@ -22,9 +22,8 @@ from enum import Enum
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from quant.calib_data import CalibSet
+from quant.calib_data import CalibSet, to_device
 from quant.layers import QuantLayer
 from quant.model import QuantModel, quant_enabled
 from quant.quantizer import fake_quant, range_to_params
@@ -86,13 +85,10 @@ def _quant_error(layers: list[QuantLayer], x: torch.Tensor, s: torch.Tensor, shi
         delta, zero = range_to_params(flat.amin(1), flat.amax(1), layer.w_quant.spec)
         view = (-1,) + (1,) * (ws.dim() - 1)
         wq = fake_quant(ws, delta.view(view), zero.view(view), layer.w_quant.spec.qmin, layer.w_quant.spec.qmax)
-        xs = x / s.view((1, -1, 1, 1) if layer.conv_args else (-1,))
+        xs = x / layer._channel_view(s)
         if shift is not None and len(layer.a_quant):
             xs = _quant_input(xs if layer.conv_args else xs.reshape(-1, xs.shape[-1]), shift / s, layer).view_as(xs)
-        if layer.conv_args:
-            y, ref = F.conv2d(xs, wq, None, **layer.conv_args), F.conv2d(x, layer.weight, None, **layer.conv_args)
-        else:
-            y, ref = F.linear(xs, wq), F.linear(x, layer.weight)
+        y, ref = layer.apply_op(xs, wq), layer.apply_op(x, layer.weight)
         err += float((y - ref).pow(2).sum())
     return err
 
@@ -152,8 +148,8 @@ def layer_input_stats(qmodel: QuantModel, calib: CalibSet, batch_size: int = 64,
     device = next(qmodel.parameters()).device
     try:
         with quant_enabled(qmodel, weight=False, act=False):
-            for x, t in calib.batches(batch_size):
-                qmodel(x.to(device), t.to(device))
+            for x, t, cond in calib.batches(batch_size):
+                qmodel(x.to(device), t.to(device), **to_device(cond, device))
     finally:
         for h in hooks:
             h.remove()

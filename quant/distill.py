@@ -8,7 +8,7 @@ Only one unit's graph lives at a time; its inputs and targets are cached on the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from common.checkpoint import state_dict_mismatch, torch_load
 from common.errors import CheckpointError
 from common.files import atomic_torch_save
-from quant.calib_data import CalibSet
+from quant.calib_data import CalibSet, to_device
 from quant.layers import QuantLayer, QuantMatMul
 from quant.model import QuantModel
 
@@ -75,13 +75,18 @@ def timestep_weights(t: torch.Tensor, sigmas: torch.Tensor, sigma0: float) -> to
 
 @dataclass
 class UnitData:
-    args: list[torch.Tensor]   # positional inputs of the unit, each [M, ...] (from the quantized chain)
-    target: torch.Tensor       # FP unit output [M, ...]
-    t: torch.Tensor            # [M] timesteps
+    """A unit's cached inputs (from the quantized chain) and FP targets, on the CPU."""
+    args: list[torch.Tensor | None]   # positional inputs of the unit, each [M, ...] (None where the call passed None)
+    target: torch.Tensor              # FP unit output [M, ...]
+    t: torch.Tensor                   # [M] timesteps
+    kwargs: dict[str, torch.Tensor] = field(default_factory=dict)   # keyword tensor inputs, each [M, ...]
     weight: torch.Tensor | None = None   # [M] per-sample loss weights (timestep_weights); None: equal
 
     def batch(self, idx: torch.Tensor, device: torch.device):
-        return [a[idx].to(device) for a in self.args], self.target[idx].to(device), self.t[idx].to(device)
+        """(args, kwargs, target, t) of samples idx, on device."""
+        args = [None if a is None else a[idx].to(device) for a in self.args]
+        kwargs = {k: v[idx].to(device) for k, v in self.kwargs.items()}
+        return args, kwargs, self.target[idx].to(device), self.t[idx].to(device)
 
     def weighted(self, idx: torch.Tensor, out: torch.Tensor, target: torch.Tensor):
         """out and target scaled by sqrt(weight) per sample, so any MSE of them is the weighted MSE."""
@@ -95,20 +100,25 @@ class _Captured(Exception):
     """Raised by a hook to stop the forward once the unit's input/output is captured."""
 
 
-def _capture(model: nn.Module, call, unit: str, output: bool) -> list[torch.Tensor]:
-    """Run `call()` and return the positional inputs (or the output) of submodule `unit`."""
+def _cpu(v):
+    return v.detach().cpu() if torch.is_tensor(v) else v
+
+
+def _capture(model: nn.Module, call, unit: str, output: bool):
+    """Run `call()` and return the inputs (positional list, keyword dict) or the output of submodule `unit`."""
     box = []
 
-    def pre(_, args):
-        box.extend(a.detach().cpu() for a in args)
+    def pre(_, args, kwargs):
+        box.append(([_cpu(a) for a in args], {k: _cpu(v) for k, v in kwargs.items() if torch.is_tensor(v)}))
         raise _Captured
 
     def post(_, args, out):
-        box.append(out.detach().cpu())
+        box.append(_cpu(out))
         raise _Captured
 
     module = model.get_submodule(unit)
-    handle = module.register_forward_hook(post) if output else module.register_forward_pre_hook(pre)
+    handle = (module.register_forward_hook(post) if output
+              else module.register_forward_pre_hook(pre, with_kwargs=True))
     try:
         call()
     except _Captured:
@@ -117,19 +127,26 @@ def _capture(model: nn.Module, call, unit: str, output: bool) -> list[torch.Tens
         handle.remove()
     if not box:
         raise RuntimeError(f"unit {unit} was never called")
-    return box
+    return box[0]
+
+
+def _cat(parts: list):
+    """Concatenate per-batch captures along the sample dim (None stays None)."""
+    return None if parts[0] is None else torch.cat(parts)
 
 
 @torch.no_grad()
 def cache_unit_io(qmodel: QuantModel, fp_model: nn.Module, unit: str, calib: CalibSet,
                   batch_size: int) -> UnitData:
     device = next(qmodel.parameters()).device
-    args, targets = [], []
-    for x, t in calib.batches(batch_size):
-        x, t = x.to(device), t.to(device)
-        args.append(_capture(qmodel.model, lambda: qmodel(x, t), unit, output=False))
-        targets.append(_capture(fp_model, lambda: fp_model(x, t), unit, output=True)[0])
-    return UnitData([torch.cat(a) for a in zip(*args)], torch.cat(targets), calib.t.clone())
+    inputs, targets = [], []
+    for x, t, cond in calib.batches(batch_size):
+        x, t, cond = x.to(device), t.to(device), to_device(cond, device)
+        inputs.append(_capture(qmodel.model, lambda: qmodel(x, t, **cond), unit, output=False))
+        targets.append(_capture(fp_model, lambda: fp_model(x, t, **cond), unit, output=True))
+    args = [_cat([a[i] for a, _ in inputs]) for i in range(len(inputs[0][0]))]
+    kwargs = {k: torch.cat([kw[k] for _, kw in inputs]) for k in inputs[0][1]}
+    return UnitData(args, torch.cat(targets), calib.t.clone(), kwargs)
 
 
 class Objective(Protocol):
@@ -184,9 +201,9 @@ def unit_loss(qmodel: QuantModel, module: nn.Module, data: UnitData, batch_size:
     total = 0.0
     for i in range(0, len(data.t), batch_size):
         idx = torch.arange(i, min(i + batch_size, len(data.t)))
-        args, target, t = data.batch(idx, device)
+        args, kwargs, target, t = data.batch(idx, device)
         with qmodel.slots.active(qmodel.slots.lookup(t)):
-            total += float(F.mse_loss(*data.weighted(idx, module(*args), target), reduction="sum"))
+            total += float(F.mse_loss(*data.weighted(idx, module(*args, **kwargs), target), reduction="sum"))
     return total / data.target.numel()
 
 
@@ -211,9 +228,9 @@ def train_unit(qmodel: QuantModel, unit: str, data: UnitData, objective: Objecti
         bar = tqdm(range(cfg.iters), desc=desc, dynamic_ncols=True, leave=False)
         for it in bar:
             idx = torch.randint(0, len(data.t), (cfg.batch_size,), generator=gen)
-            args, target, t = data.batch(idx, device)
+            args, kwargs, target, t = data.batch(idx, device)
             with qmodel.slots.active(qmodel.slots.lookup(t)):
-                loss = objective.loss(*data.weighted(idx, module(*args), target), it, cfg.iters)
+                loss = objective.loss(*data.weighted(idx, module(*args, **kwargs), target), it, cfg.iters)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -10,8 +10,12 @@ from quant.settings import QuantizerSpec
 from quant.slots import SlotIndex
 
 
+QUANTIZABLE = (nn.Conv2d, nn.Conv1d, nn.Linear)     # weight layers QuantModel wraps; others are listed, not wrapped
+_CONV_OPS = {nn.Conv2d: F.conv2d, nn.Conv1d: F.conv1d}
+
+
 class QuantLayer(nn.Module):
-    """y = op(Q_x(x / s), Q_w(W)) for a Conv2d or Linear `op`.
+    """y = op(Q_x(x / s), Q_w(W)) for a Conv2d, Conv1d or Linear `op`.
 
     `in_scale` (s, [C_in], ones unless Weight Dilation set it) realises X/s inside the activation
     quantizer (SPEC §3): W already holds s·W, so with quantization off the output equals the original.
@@ -23,16 +27,17 @@ class QuantLayer(nn.Module):
     trained extra factor: the quantizer sees X/(s·r) and the weight is used as r·W.
     """
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, w_spec: QuantizerSpec, a_spec: QuantizerSpec | None,
+    def __init__(self, layer: nn.Conv2d | nn.Conv1d | nn.Linear, w_spec: QuantizerSpec, a_spec: QuantizerSpec | None,
                  slots: SlotIndex, split: int = 0):
         super().__init__()
-        if isinstance(layer, nn.Conv2d):
+        if type(layer) in _CONV_OPS:
             self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                                   groups=layer.groups)
+            self.conv_op = _CONV_OPS[type(layer)]
             if layer.padding_mode != "zeros":
                 raise ValueError("only zero-padded convolutions can be quantized")
         elif isinstance(layer, nn.Linear):
-            self.conv_args = None
+            self.conv_args, self.conv_op = None, None
         else:
             raise TypeError(f"cannot quantize {type(layer).__name__}")
         self.weight = nn.Parameter(layer.weight.detach().clone())
@@ -60,7 +65,11 @@ class QuantLayer(nn.Module):
 
     def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
         """v [C] shaped to broadcast over the channel dim (dim 1 for conv, last dim for linear)."""
-        return v.view((1, -1, 1, 1) if self.conv_args else (-1,))
+        return v.view((1, -1) + (1,) * (self.weight.dim() - 2) if self.conv_args else (-1,))
+
+    def apply_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's own operation (conv or linear) with weight w."""
+        return F.linear(x, w, bias) if self.conv_args is None else self.conv_op(x, w, bias, **self.conv_args)
 
     def _scale(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         s = self.in_scale if self.in_gain is None else self.in_scale * self.in_gain
@@ -104,9 +113,7 @@ class QuantLayer(nn.Module):
         else:
             x = self.scaled_input(x)
         w = self.op_weight() if self.frozen_weight is None else self.frozen_weight
-        if self.conv_args is None:
-            return F.linear(x, w, self.bias)
-        return F.conv2d(x, w, self.bias, **self.conv_args)
+        return self.apply_op(x, w, self.bias)
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, split={self.split}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from quant.adapters import adapter_for
-from quant.layers import QuantLayer, QuantMatMul
+from quant.layers import QUANTIZABLE, QuantLayer, QuantMatMul
 from quant.settings import QuantConfig
 from quant.slots import SlotIndex
 
@@ -49,8 +50,16 @@ class QuantModel(nn.Module):
         first, last = adapter.edge_layers(self.model)
         splits = adapter.split_channels(self.model) if cfg.split else {}
         matmuls = adapter.softmax_operands(self.model)
+        # Weight layers this wrapper cannot quantize (e.g. ConvTranspose2d, Embedding) stay FP: listed here, in
+        # the log and in results.json, never silently counted as quantized.
+        self.unquantized = [f"{name} ({type(m).__name__})" for name, m in self.model.named_modules()
+                            if not isinstance(m, QUANTIZABLE) and isinstance(getattr(m, "weight", None), nn.Parameter)
+                            and m.weight.dim() >= 2]
+        if self.unquantized:
+            warnings.warn(f"{len(self.unquantized)} weight layer(s) stay in full precision (no quantized form): "
+                          f"{', '.join(self.unquantized[:6])}{' ...' if len(self.unquantized) > 6 else ''}")
         for name, module in list(self.model.named_modules()):
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if isinstance(module, QUANTIZABLE):
                 edge = name in (first, last)
                 a_spec = cfg.act_spec(edge) if cfg.quant_act else None
                 new = QuantLayer(module, cfg.weight_spec(edge), a_spec, self.slots, splits.get(name, 0))

@@ -69,7 +69,7 @@ def unit_mse(q, fp, data, batch_size: int = 64) -> dict[str, float]:
     in one quantized and one FP forward per batch."""
     units = q.adapter.units(q.model)
     err, count = dict.fromkeys(units, 0.0), dict.fromkeys(units, 0)
-    for x, t in data.batches(batch_size):
+    for x, t, _ in data.batches(batch_size):
         ins, outs = {}, {}
         hooks = [q.model.get_submodule(u).register_forward_pre_hook(lambda m, a, u=u: ins.__setitem__(u, a))
                  for u in units]

@@ -55,8 +55,8 @@ def eps_bias(fp, qmodel, data: CalibSet, a_bar: torch.Tensor, batch: int = 128) 
     -sqrt(1 - a_t) / sqrt(a_t) (eps_q - eps_fp), in 0-255 pixel units (x_0 in [-1, 1]; > 0 brightens);
     and bias_share = E[per-image mean error^2] / E[error^2]."""
     errs, shifts = [], []
-    for x, t in data.batches(batch):
-        err = (qmodel(x, t) - fp(x, t)).flatten(1)
+    for x, t, cond in data.batches(batch):
+        err = (qmodel(x, t, **cond) - fp(x, t, **cond)).flatten(1)
         a = a_bar[t].to(err)
         errs.append(err)
         shifts.append(-((1 - a) / a).sqrt()[:, None] * err * 127.5)

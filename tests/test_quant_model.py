@@ -156,7 +156,39 @@ def test_quant_layer_rejects_unsupported_modules():
     from quant.quantizer import QuantizerSpec
     from quant.slots import SlotIndex
     with pytest.raises(TypeError, match="cannot quantize"):
-        QuantLayer(torch.nn.Conv1d(2, 2, 1), QuantizerSpec(4), None, SlotIndex(None))
+        QuantLayer(torch.nn.ConvTranspose2d(2, 2, 2), QuantizerSpec(4), None, SlotIndex(None))
+
+
+def test_conv1d_is_quantized_like_conv2d():
+    """Conv1d (CompVis AttentionBlock's qkv / proj_out) has a quantized form: W/A quantized, FP output kept
+    with quantization off, and equal to the same weights as a 1-row Conv2d."""
+    from quant.quantizer import QuantizerSpec
+    from quant.slots import SlotIndex
+    torch.manual_seed(0)
+    conv1 = torch.nn.Conv1d(6, 4, 3, padding=1)
+    q1 = QuantLayer(conv1, QuantizerSpec(4), QuantizerSpec(4), SlotIndex(None))
+    conv2 = torch.nn.Conv2d(6, 4, (1, 3), padding=(0, 1))
+    with torch.no_grad():
+        conv2.weight.copy_(conv1.weight[:, :, None]), conv2.bias.copy_(conv1.bias)
+    q2 = QuantLayer(conv2, QuantizerSpec(4), QuantizerSpec(4), SlotIndex(None))
+    x = torch.randn(2, 6, 10)
+    for q in (q1, q2):
+        q.w_quant.set_range(q.weight.flatten(1).amin(1), q.weight.flatten(1).amax(1))
+        q.a_quant[0].set_range(x.min()[None], x.max()[None])
+    with torch.no_grad():
+        torch.testing.assert_close(q1(x), q2(x[:, :, None])[:, :, 0])
+        q1.quant_act, q1.quant_weight = False, False
+        torch.testing.assert_close(q1(x), conv1(x))
+
+
+def test_unquantizable_weight_layers_are_listed_loudly():
+    from conftest import tiny_unet_config
+    from ddim import UNet
+    model = UNet(tiny_unet_config())
+    model.conv_out = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 8, 1), torch.nn.Conv2d(8, 1, 3, padding=1))
+    with pytest.warns(UserWarning, match="stay in full precision.*conv_out.0 \\(ConvTranspose2d\\)"):
+        q = QuantModel(model, QuantConfig(weight_bit=4))
+    assert q.unquantized == ["conv_out.0 (ConvTranspose2d)"]
 
 
 def test_tpq_model_on_the_100_step_quad_schedule(tiny_unet):

@@ -80,10 +80,10 @@ def setup(args):
 @torch.no_grad()
 def sqnr_db(fp, qmodel, data: CalibSet, batch: int = 128) -> float:
     sig = err = 0.0
-    for x, t in data.batches(batch):
-        ref = fp(x, t)
+    for x, t, cond in data.batches(batch):
+        ref = fp(x, t, **cond)
         sig += float(ref.pow(2).sum())
-        err += float((qmodel(x, t) - ref).pow(2).sum())
+        err += float((qmodel(x, t, **cond) - ref).pow(2).sum())
     return 10 * torch.log10(torch.tensor(sig / err)).item()
 
 
@@ -106,7 +106,7 @@ def t_bands(t: torch.Tensor):
 def sqnr_by_t(fp, qmodel, data: CalibSet) -> dict[str, float]:
     """eps SQNR per timestep band: small t dominates the overall number, since eps = (x_t - sqrt(a_t) x_0) /
     sqrt(1 - a_t) turns an input error into an eps error 1/sqrt(1 - a_t) (~100 at t = 0) times larger."""
-    return {label: sqnr_db(fp, qmodel, CalibSet(data.x[sel], data.t[sel])) for label, sel in t_bands(data.t)}
+    return {label: sqnr_db(fp, qmodel, data.subset(sel)) for label, sel in t_bands(data.t)}
 
 
 def tensor_sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -223,7 +223,7 @@ def main(argv=None):
                 report[f"{key}: one activation quantizer at a time"] = one_quantizer_at_a_time(fp, q, held)
                 print(report[f"{key}: one activation quantizer at a time"][:3], flush=True)
         if bits == args.bits[-1]:
-            report[f"dilation W{w}A{a}"] = dilation_stats(fp, config, CalibSet(held.x[:128], held.t[:128]))
+            report[f"dilation W{w}A{a}"] = dilation_stats(fp, config, held.subset(torch.arange(min(128, len(held.t)))))
             print("Table 8 (means over layers):", report[f"dilation W{w}A{a}"]["mean"], flush=True)
             x, t = held.x[:100], held.t[:100]
             report["timing"] = forward_times(fp, q, x, t)
