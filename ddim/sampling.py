@@ -42,23 +42,21 @@ def make_sampler(betas: torch.Tensor, steps: int, skip_type: str, eta: float, sa
 
 
 @torch.no_grad()
-def sample_batches(model: Callable, sample, n: int, shape: tuple[int, ...], batch_size: int, seed: int,
-                   device: torch.device, batches: Iterable[int] | None = None, cache: Path | None = None,
-                   progress: bool = True) -> dict[int, tuple[np.ndarray, float]]:
-    """{b: (uint8 NHWC images, seconds)} for batches b (default: all) of an n-image run.
+def run_batches(draw: Callable, n: int, batch_size: int, seed: int, device: torch.device, steps: int,
+                batches: Iterable[int] | None = None, cache: Path | None = None, progress: bool = True,
+                desc: str = "sample") -> dict[int, tuple[np.ndarray, float]]:
+    """{b: (uint8 NHWC images, seconds)} for batches b (default: all) of an n-image run, any model family.
 
-    Batch b holds noise images [b*bs, (b+1)*bs) of `seed` and uses its own sampler-noise generator
-    (eta > 0), so it depends on nothing but b (and the seed and batch size): any subset of batches, in any
-    process, gives the images of the same batches of one full run. With `cache`, each finished batch is kept
-    there and reused, so an interrupted run resumes at the first missing batch; the caller clears `cache`
-    when the model or the settings change. The bar ticks once per sampling step of every batch.
+    draw(b, generator, tick) returns batch b's images in [-1, 1] (NCHW); its generator is seeded seed + 1 + b
+    (sampler noise for eta > 0) and tick() is called once per sampling step. If batch b depends on nothing but
+    b (and the seed and batch size), any subset of batches, in any process, gives the images of the same
+    batches of one full run. With `cache`, each finished batch is kept there and reused, so an interrupted run
+    resumes at the first missing batch; the caller clears `cache` when the model or the settings change.
+    NaN/inf images stop the run before anything is saved or scored.
     """
-    noise = initial_noise(n, shape, seed)
-    n_batches = -(-n // batch_size)
-    todo = list(range(n_batches) if batches is None else batches)
-    steps = len(sample.seq)
+    todo = list(range(-(-n // batch_size)) if batches is None else batches)
     out = {}
-    bar = tqdm(total=len(todo) * steps, desc=f"sample ({n} images, {steps} steps)", unit="step",
+    bar = tqdm(total=len(todo) * steps, desc=f"{desc} ({n} images, {steps} steps)", unit="step",
                dynamic_ncols=True, disable=not progress)
     for b in todo:
         path = cache / f"batch_{b:04d}.npz" if cache is not None else None
@@ -69,8 +67,7 @@ def sample_batches(model: Callable, sample, n: int, shape: tuple[int, ...], batc
             continue
         gen = torch.Generator(device=device).manual_seed(seed + 1 + b)
         start = time.perf_counter()
-        x_T = noise[b * batch_size:(b + 1) * batch_size].to(device)
-        x0 = sample(model, x_T, generator=gen, on_step=lambda x, t: bar.update(1))
+        x0 = draw(b, gen, lambda *_: bar.update(1))
         if not bool(torch.isfinite(x0).all()):                 # NaN would become black pixels, inf white
             raise NonFiniteError(f"sampling batch {b} produced NaN/inf values: the model or its quantizer ranges are "
                                  f"broken, or the sampler settings are", "check the checkpoint and --eta (0..1); "
@@ -81,6 +78,17 @@ def sample_batches(model: Callable, sample, n: int, shape: tuple[int, ...], batc
             atomic_write(path, lambda tmp: _savez(tmp, images=images, seconds=out[b][1]))
     bar.close()
     return out
+
+
+def sample_batches(model: Callable, sample, n: int, shape: tuple[int, ...], batch_size: int, seed: int,
+                   device: torch.device, batches: Iterable[int] | None = None, cache: Path | None = None,
+                   progress: bool = True) -> dict[int, tuple[np.ndarray, float]]:
+    """run_batches for a DDIM sampler: batch b starts from noise images [b*bs, (b+1)*bs) of `seed`."""
+    noise = initial_noise(n, shape, seed)
+
+    def draw(b: int, gen: torch.Generator, tick: Callable) -> torch.Tensor:
+        return sample(model, noise[b * batch_size:(b + 1) * batch_size].to(device), generator=gen, on_step=tick)
+    return run_batches(draw, n, batch_size, seed, device, len(sample.seq), batches, cache, progress)
 
 
 def _savez(path: Path, compressed: bool = False, **arrays) -> None:

@@ -8,8 +8,6 @@ input contents match (experiments/quantize.py).
 from __future__ import annotations
 
 import argparse
-import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,19 +16,17 @@ from common.errors import UsageError
 from common.files import file_digest
 from ddim import load_config, make_betas
 from ddim.checkpoint import load_unet
-from ddim.sampling import SAMPLE_TYPES, initial_noise, join_batches, make_sampler, sample_batches, save_samples
+from ddim.sampling import SAMPLE_TYPES, initial_noise, make_sampler
 from ddim.schedule import SKIP_TYPES, alphas_cumprod
 from experiments import dist
 from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags, check_quant_flags, check_rules
-from experiments.quantize import NOT_RESULT, QuantJob, check_cali_ckpt, quantize
-from experiments.runtime import (canonical, load_stage, locked, provenance, recorded_identity, save_args, save_stage,
-                                 timer, write_results)
-from quant import METHOD_VERSION
+from experiments.quantize import QuantJob, check_cali_ckpt
+from experiments.run import Family, execute, run_identity
+from experiments.runtime import canonical, timer
 from quant.bias_correction import correct_eps_bias
 from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
-from quant.checkpoint import load_quantized, read_quantized
+from quant.checkpoint import read_quantized
 from quant.methods import QuantMode
-from quant.model import QuantModel, frozen
 from common.device import set_seed
 
 SAMPLING_FLAGS = ("max_images", "batch_size")      # change what is sampled, not the calibrated model
@@ -88,11 +84,9 @@ def input_digests(args, cfg) -> dict:
             "cali_ckpt": file_digest(args.cali_ckpt) if args.ptq else None}
 
 
-def run_identity(args, cfg) -> dict:
-    """What makes this run's results: its settings and input contents (recorded in results.json; run_task
-    skips a run only when they match)."""
-    return {"settings": canonical({k: v for k, v in vars(args).items() if k not in NOT_RESULT}),
-            "inputs": input_digests(args, cfg)}
+def identity(args) -> dict:
+    """The run's settings and input digests (experiments.run.run_identity), from its parsed flags."""
+    return run_identity(args, input_digests(args, load_config(args.config)))
 
 
 def calibration_set(fp, sample, args, logdir: Path, device, inputs: dict) -> tuple[CalibSet, float | None, bool]:
@@ -113,7 +107,7 @@ def calibration_set(fp, sample, args, logdir: Path, device, inputs: dict) -> tup
             return CalibSet.load(path), meta.get("record", {}).get("seconds"), True
     n_traj = args.cali_n if mode is QuantMode.QDIFF else trajectories_for(args.cali_n, args.cali_per_traj)
     x_T = initial_noise(n_traj, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution), args.seed + 7)
-    fp_sample = lambda x, on_step: sample(fp, x.to(device), on_step=on_step)  # noqa: E731
+    fp_sample = lambda x, on_step, rows=None: sample(fp, x.to(device), on_step=on_step)  # noqa: E731
     gen = torch.Generator().manual_seed(args.seed)
     with timer() as t:
         if mode is QuantMode.QDIFF:
@@ -137,48 +131,7 @@ def eps_correction(qmodel, fp, sample, args, device) -> dict:
 
 
 def sampler_record(args) -> dict:
-    return {"timesteps": args.timesteps, "skip_type": args.skip_type, "eta": args.eta, "sample_type": args.sample_type}
-
-
-def quantize_once(job: QuantJob, args, logdir: Path, device, shard: dist.Shard, payload: dict | None):
-    """quantize() on rank 0; the other ranks wait for its quantized.pt and load it."""
-    if shard.world == 1 or args.cali_ckpt and not args.eps_correction and not args.resume_w:
-        return quantize(job, args, logdir, device, sampler_record(args), payload)
-    result = quantize(job, args, logdir, device, sampler_record(args), payload) if shard.main else None
-    dist.barrier(shard)
-    if shard.main:
-        return result
-    qmodel, saved = load_quantized(logdir / "quantized.pt", job.fp)
-    return qmodel.eval(), {"method": saved["method"], "weight_bit": args.weight_bit,
-                           "act_bit": args.act_bit if args.quant_act else None}
-
-
-def sample_cache(logdir: Path, args, identity: dict, model_digest: str | None, device) -> Path:
-    """<logdir>/sample_batches: finished sampling batches of this model (by content) and these settings."""
-    settings = {k: v for k, v in identity["settings"].items() if k != "max_images"}
-    key = {"settings": settings, "inputs": identity["inputs"], "model": model_digest, "device": device.type}
-    cache = logdir / "sample_batches"
-    if load_stage(cache / "key.json", key) is None:
-        shutil.rmtree(cache, ignore_errors=True)
-        save_stage(cache / "key.json", key, {})
-    return cache
-
-
-def clear_stale_outputs(logdir: Path, identity: dict) -> None:
-    """A results.json (and its samples) made with other settings or inputs is removed before this run writes:
-    the directory never shows one run's record beside another's samples."""
-    old = recorded_identity(logdir / "results.json")
-    if old is not None and old != identity:
-        for name in ("results.json", "samples.npz", "grid.png"):
-            (logdir / name).unlink(missing_ok=True)
-        shutil.rmtree(logdir / "images", ignore_errors=True)
-
-
-def inference(model, compile_model: bool):
-    """(context, eps callable) to sample with: a QuantModel's weights are quantized once (quant.model.frozen);
-    --compile wraps the callable in torch.compile."""
-    context = frozen(model) if isinstance(model, QuantModel) else nullcontext(model)
-    return context, (torch.compile(model) if compile_model else model)
+    return {"steps": args.timesteps, "skip_type": args.skip_type, "eta": args.eta, "sample_type": args.sample_type}
 
 
 def main(argv=None) -> dict | None:
@@ -191,54 +144,30 @@ def main(argv=None) -> dict | None:
         check_cali_ckpt(payload, args.cali_ckpt, args, sample.seq)
     set_seed(args.seed)
     shard, device = dist.setup(args.device)
-    logdir = Path(args.logdir)
     try:
-        with locked(logdir) if shard.main else nullcontext():
-            return run(args, cfg, sample, payload, shard, device, logdir)
+        return execute(args, family(args, cfg, sample, device), run_identity(args, input_digests(args, cfg)), payload,
+                       shard, device, Path(args.logdir))
     finally:
         dist.teardown(shard)
 
 
-def run(args, cfg, sample, payload, shard: dist.Shard, device, logdir: Path) -> dict | None:
-    identity = run_identity(args, cfg)
-    if shard.main:
-        clear_stale_outputs(logdir, identity)
-        save_args(logdir, args)
+def family(args, cfg, sample, device) -> Family:
+    """The DDIM model and sampler as a run's Family (experiments/run.py)."""
     fp = load_unet(cfg, args.ckpt).to(device)
-    model, record, model_digest = fp, {"method": "fp", "weight_bit": 32, "act_bit": None}, None
-    if args.ptq:
-        job = QuantJob(fp=fp, schedule=sample.seq, sigmas=(1 - alphas_cumprod(sample.betas)).sqrt(),
-                       draw_calibration=lambda: calibration_set(fp, sample, args, logdir, device, identity["inputs"]),
-                       eps_correction=lambda q: eps_correction(q, fp, sample, args, device),
-                       inputs=identity["inputs"], sampling_flags=SAMPLING_FLAGS)
-        model, record = quantize_once(job, args, logdir, device, shard, payload)
-        model.check_timesteps(sample.seq)
-        made = logdir / "quantized.pt"
-        model_digest = file_digest(made if made.exists() and not (args.cali_ckpt and not args.eps_correction)
-                                   else args.cali_ckpt)
-
+    logdir = Path(args.logdir)
+    inputs = input_digests(args, cfg)
+    job = QuantJob(fp=fp, schedule=sample.seq, sigmas=(1 - alphas_cumprod(sample.betas)).sqrt(),
+                   draw_calibration=lambda: calibration_set(fp, sample, args, logdir, device, inputs),
+                   eps_correction=lambda q: eps_correction(q, fp, sample, args, device),
+                   inputs=inputs, sampling_flags=SAMPLING_FLAGS)
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    cache = (sample_cache(logdir, args, identity, model_digest, device) if shard.main
-             else logdir / "sample_batches")
-    dist.barrier(shard)
-    n_batches = -(-args.max_images // args.batch_size)
-    context, eps = inference(model, args.compile)
-    with context:
-        mine = sample_batches(eps, sample, args.max_images, shape, args.batch_size, args.seed, device,
-                              shard.batches(n_batches), cache, progress=shard.main)
-    done = dist.gather_to_main(shard, mine)
-    if not shard.main:
-        return None
-    images, seconds = join_batches(done)
-    save_samples(logdir, images)
-    record |= {"n_samples": len(images), "steps": args.timesteps, "skip_type": args.skip_type, "eta": args.eta,
-               "seed": args.seed, "config": str(args.config), "sampling_seconds": seconds,
-               "processes": shard.world, "compiled": args.compile}
-    if not args.no_fid:
-        from evaluation.fid import evaluate                       # FID's packages are needed only here
-        record |= evaluate(images, ref=reference(args, cfg), device=device)
-    record |= identity | {"method_version": METHOD_VERSION, "provenance": provenance(device)}
-    write_results(logdir, record)
-    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                   if not isinstance(v, dict)))
-    return record
+    noise = initial_noise(args.max_images, shape, args.seed)
+    current = {"model": fp}
+
+    def draw(b: int, gen: torch.Generator, tick) -> torch.Tensor:
+        x_T = noise[b * args.batch_size:(b + 1) * args.batch_size].to(device)
+        return sample(current["model"], x_T, generator=gen, on_step=tick)
+    return Family(job=job, install=lambda m: current.update(model=m), draw=draw, n_images=args.max_images,
+                  batch_size=args.batch_size, count_flag="max_images", steps=len(sample.seq),
+                  sampler=sampler_record(args), reference=None if args.no_fid else reference(args, cfg),
+                  record={"skip_type": args.skip_type, "eta": args.eta, "config": str(args.config)})

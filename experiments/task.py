@@ -9,6 +9,7 @@ to <out>/report.md, or to --report (e.g. results/mnist.md, to regenerate a commi
 from __future__ import annotations
 
 import argparse
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,11 @@ from pathlib import Path
 import yaml
 
 from common.errors import RunError, UsageError
-from ddim import load_config
 from experiments.flags import HelpFormatter
 from experiments.runtime import recorded_identity
 from experiments.report import write_report
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sample_diffusion_ddim.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _flags(options: dict) -> list[str]:
@@ -63,15 +63,27 @@ def run_argv(task: dict, name: str, out: Path, extra: list[str]) -> list[str]:
     return _flags(options | quant) + ["-l", str(out / name)] + extra
 
 
-def is_done(argv: list[str], results: Path) -> bool:
+PIPELINES = {"ddim": ("experiments.ddim_task", ROOT / "scripts" / "sample_diffusion_ddim.py"),
+             "ldm": ("experiments.ldm_task", ROOT / "scripts" / "sample_diffusion_ldm.py")}
+
+
+def pipeline(task: dict):
+    """(pipeline module, its script) of a task: `pipeline: ddim` (default) or `pipeline: ldm`."""
+    name = task.get("pipeline", "ddim")
+    if name not in PIPELINES:
+        raise UsageError(f"unknown pipeline {name!r} in the task; choose one of {sorted(PIPELINES)}")
+    module, script = PIPELINES[name]
+    return importlib.import_module(module), script
+
+
+def is_done(task: dict, argv: list[str], results: Path) -> bool:
     """Whether results.json records a finished run with exactly these settings and input contents."""
     recorded = recorded_identity(results)
     if recorded is None:
         return False
-    from experiments.ddim_task import build_parser, run_identity
-    args = build_parser().parse_args(argv)
+    module, _ = pipeline(task)
     try:
-        return run_identity(args, load_config(args.config)) == recorded
+        return module.identity(module.build_parser().parse_args(argv)) == recorded
     except (OSError, RunError):                         # an input is missing: not done (the run will say why)
         return False
 
@@ -97,13 +109,13 @@ def main(argv=None) -> Path:
     extra = [a for a in args.extra if a != "--"]
     for name in names:
         argv_run = run_argv(task, name, out, extra)
-        if is_done(argv_run, out / name / "results.json"):
+        if is_done(task, argv_run, out / name / "results.json"):
             print(f"[task] {name}: done with these settings and inputs, skipping ({out / name / 'results.json'})")
             continue
         print(f"[task] {name}", flush=True)
         # one process per run: on CPU, peak memory is the process's peak resident set, which must not
         # include earlier runs (or their FID Inception)
-        if subprocess.run([sys.executable, str(SCRIPT), *argv_run]).returncode:
+        if subprocess.run([sys.executable, str(pipeline(task)[1]), *argv_run]).returncode:
             raise RunError(f"run {name} failed (its error is above)", "fix it and rerun: finished runs are skipped")
     title = task.get("title", label) + (f", preset {args.preset}" if args.preset else "") + f" ({path})"
     report = write_report(out, Path(args.report or out / "report.md"), title=title)

@@ -133,8 +133,9 @@ def draw_over_steps(sample_fn: Callable, x_T: torch.Tensor, n: int, n_steps: int
                     generator: torch.Generator, batch_size: int = 256, halves: int = 1) -> CalibSet:
     """DilateQuant's random sampling strategy over fresh FP trajectories (module docstring).
 
-    sample_fn(x_T, on_step=...) runs the FP sampler (n_steps network calls); x_T [n_traj, ...] holds one
-    initial noise per trajectory, n_traj = trajectories_for(n, per_traj). Trajectories are run in batches
+    sample_fn(x_T[rows], on_step=..., rows=rows) runs the FP sampler (n_steps network calls) on trajectories
+    `rows` (indices into x_T, e.g. to pick their class labels); x_T [n_traj, ...] holds one initial noise per
+    trajectory, n_traj = trajectories_for(n, per_traj). Trajectories are run in batches
     ordered by their last needed step, and each batch stops there: about half the cost of full
     trajectories for per_traj = 1. Returns the n samples in a random order.
 
@@ -170,7 +171,7 @@ def draw_over_steps(sample_fn: Callable, x_T: torch.Tensor, n: int, n_steps: int
                 raise _Done
 
         try:
-            sample_fn(x_T[rows], on_step=on_step)
+            sample_fn(x_T[rows], on_step=on_step, rows=rows)
         except _Done:
             pass
     bar.close()

@@ -157,7 +157,13 @@ def layer_input_stats(qmodel: QuantModel, calib: CalibSet, batch_size: int = 64,
                 "x": torch.cat(st["x"])[:keep]} for n, st in stats.items()}
 
 
-def _fold_into_norm(norm: nn.GroupNorm | nn.LayerNorm, s: torch.Tensor) -> None:
+def can_fold(norm: nn.Module, s: torch.Tensor) -> bool:
+    """Whether norm(x)/s can be folded into the norm's affine: one weight and bias per channel of s."""
+    w, b = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    return (isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor) and w.shape == s.shape and b.shape == s.shape)
+
+
+def _fold_into_norm(norm: nn.Module, s: torch.Tensor) -> None:
     """norm(x)/s exactly: the affine weight and bias of each channel are divided by s."""
     norm.weight.div_(s)
     norm.bias.div_(s)
@@ -196,6 +202,8 @@ def dilate(qmodel: QuantModel, method: Scaling = Scaling.WEIGHT_DILATION,
     for group in groups:
         s, shift = group_transform(method, [layers[n] for n in group], stats.get(group[0]))
         producer = producers.get(group)
+        if producer is not None and not can_fold(qmodel.model.get_submodule(producer), s):
+            producer = None                        # e.g. LayerNorm([C, H, W]): keep X/s in the quantizer
         if producer is not None:
             _fold_into_norm(qmodel.model.get_submodule(producer), s.to(layers[group[0]].weight))
         for name in group:

@@ -11,7 +11,7 @@ def _sampler(model, calls: list):
     def counted(x, t):
         calls.append(len(x))
         return model(x, t)
-    return lambda x, on_step: ddim_sample(counted, x, TINY_SEQ, BETAS, on_step=on_step)
+    return lambda x, on_step, rows=None: ddim_sample(counted, x, TINY_SEQ, BETAS, on_step=on_step)
 
 
 @pytest.mark.parametrize("n,per_traj", [(16, 1), (15, 4), (12, 6)])

@@ -112,11 +112,11 @@ def test_a_rerun_with_other_settings_leaves_nothing_stale(tiny_task, tmp_path):
 
 def test_run_task_skips_only_runs_with_the_same_settings_and_inputs(tiny_task, tmp_path):
     from experiments.task import is_done
-    run_args = argv(tiny_task, tmp_path / "t", "--no_fid")
-    assert not is_done(run_args, tmp_path / "t" / "results.json")
+    run_args, task = argv(tiny_task, tmp_path / "t", "--no_fid"), {}
+    assert not is_done(task, run_args, tmp_path / "t" / "results.json")
     main(run_args)
-    assert is_done(run_args, tmp_path / "t" / "results.json")
-    assert not is_done(run_args + ["--eta", "0.5"], tmp_path / "t" / "results.json")
+    assert is_done(task, run_args, tmp_path / "t" / "results.json")
+    assert not is_done(task, run_args + ["--eta", "0.5"], tmp_path / "t" / "results.json")
 
 
 def test_a_second_run_on_a_locked_logdir_gets_one_line_naming_the_holder(tiny_task, tmp_path):

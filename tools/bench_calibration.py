@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.task import SCRIPT, load_task, run_argv  # noqa: E402
+from experiments.task import load_task, pipeline, run_argv  # noqa: E402
 
 SHORT_SAMPLING = ["--max_images", "4", "--batch_size", "4", "--no_fid"]
 
@@ -42,7 +42,8 @@ def start(path: Path, name: str, workdir: Path, threads: int) -> tuple[subproces
     logdir.mkdir(parents=True)
     log = logdir.parent / f"{name}.log"
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    argv = [sys.executable, str(SCRIPT), *run_argv(load_task(path, None), name, out, SHORT_SAMPLING)]
+    task = load_task(path, None)
+    argv = [sys.executable, str(pipeline(task)[1]), *run_argv(task, name, out, SHORT_SAMPLING)]
     return subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), logdir
 
 

@@ -39,7 +39,7 @@ def draw(fp, sample, n: int, seed: int, shape, per_traj: int = 1, gen_seed: int 
     """n (x_t, t) at random steps of FP trajectories started from noise `seed`, per_traj from each; the steps
     are picked with generator `gen_seed` (default: `seed`)."""
     x_T = initial_noise(trajectories_for(n, per_traj), shape, seed)
-    return draw_over_steps(lambda x, on_step: sample(fp, x, on_step=on_step), x_T, n, len(sample.seq), per_traj,
+    return draw_over_steps(lambda x, on_step, rows=None: sample(fp, x, on_step=on_step), x_T, n, len(sample.seq), per_traj,
                            torch.Generator().manual_seed(seed if gen_seed is None else gen_seed))
 
 

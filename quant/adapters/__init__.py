@@ -35,6 +35,9 @@ _REGISTRY: dict[str, ArchAdapter] = {}
 
 
 def register(class_path: str):
+    """Class decorator: `@register("pkg.module.ClassName")` makes the adapter serve models of that class.
+    Call it from your own code for a network of another codebase (docs/api.md, "Bring your own model";
+    tests/test_byo_model.py has a complete example)."""
     def deco(cls):
         _REGISTRY[class_path] = cls()
         return cls
@@ -44,8 +47,11 @@ def register(class_path: str):
 def adapter_for(model: nn.Module) -> ArchAdapter:
     key = f"{type(model).__module__}.{type(model).__qualname__}"
     if key not in _REGISTRY:
-        raise KeyError(f"no quantization adapter for {key}; add one in quant/adapters/ (known: {sorted(_REGISTRY)})")
+        raise KeyError(f"no quantization adapter for {key}: write one (units, edge layers, split channels, attention "
+                       f"matmuls, shared inputs, norm producers) and register it from your code with "
+                       f"@quant.adapters.register({key!r}); see docs/api.md 'Bring your own model' "
+                       f"(known: {sorted(_REGISTRY)})")
     return _REGISTRY[key]
 
 
-from quant.adapters import ddim_unet  # noqa: E402,F401  (registers the DDIM UNet adapter)
+from quant.adapters import ddim_unet, ldm_unet  # noqa: E402,F401  (register this repo's two UNets)

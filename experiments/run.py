@@ -1,0 +1,140 @@
+"""One sampling run, for any model family: lock the log directory -> quantize once (or load --cali_ckpt) ->
+sample, sharded over torchrun processes, cached per batch -> save -> FID -> results.json.
+
+A model family's pipeline (experiments/ddim_task.py, experiments/ldm_task.py) checks its flags, loads its
+model, and describes the run as a `Family`; everything after that is here, shared.
+"""
+from __future__ import annotations
+
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from common.files import file_digest
+from ddim.sampling import join_batches, run_batches, save_samples
+from experiments import dist
+from experiments.quantize import NOT_RESULT, QuantJob, quantize
+from experiments.runtime import (canonical, load_stage, locked, provenance, recorded_identity, save_args, save_stage,
+                                 write_results)
+from quant import METHOD_VERSION
+from quant.checkpoint import load_quantized
+from quant.model import QuantModel, frozen
+
+
+@dataclass
+class Family:
+    """What a model family supplies to a sampling run."""
+    job: QuantJob                                   # the network the quantizer wraps, and its calibration
+    install: Callable[[nn.Module], None]            # makes the family's sampler call this network (FP, quantized)
+    draw: Callable[[int, torch.Generator, Callable], torch.Tensor]   # batch b's images in [-1, 1] (run_batches)
+    n_images: int
+    batch_size: int
+    count_flag: str                                 # the flag giving n_images (batches do not depend on it)
+    steps: int                                      # sampling steps per batch (progress bar)
+    sampler: dict                                   # how samples are drawn (results.json, checkpoint meta)
+    reference: str | None                           # FID reference (None with --no_fid)
+    record: dict = field(default_factory=dict)      # more fields for results.json
+
+
+def run_identity(args, inputs: dict) -> dict:
+    """What makes a run's results: its settings and input contents (recorded in results.json; run_task skips a
+    run only when they match)."""
+    return {"settings": canonical({k: v for k, v in vars(args).items() if k not in NOT_RESULT}), "inputs": inputs}
+
+
+def clear_stale_outputs(logdir: Path, identity: dict) -> None:
+    """A results.json (and its samples) made with other settings or inputs is removed before this run writes:
+    the directory never shows one run's record beside another's samples."""
+    old = recorded_identity(logdir / "results.json")
+    if old is not None and old != identity:
+        for name in ("results.json", "samples.npz", "grid.png"):
+            (logdir / name).unlink(missing_ok=True)
+        shutil.rmtree(logdir / "images", ignore_errors=True)
+
+
+def quantize_once(job: QuantJob, args, logdir: Path, device, shard: dist.Shard, sampler: dict, payload: dict | None):
+    """quantize() on rank 0; the other ranks wait for its quantized.pt and load it."""
+    if shard.world == 1 or args.cali_ckpt and not args.eps_correction and not args.resume_w:
+        return quantize(job, args, logdir, device, sampler, payload)
+    result = quantize(job, args, logdir, device, sampler, payload) if shard.main else None
+    dist.barrier(shard)
+    if shard.main:
+        return result
+    qmodel, saved = load_quantized(logdir / "quantized.pt", job.fp)
+    return qmodel.eval(), {"method": saved["method"], "weight_bit": args.weight_bit,
+                           "act_bit": args.act_bit if args.quant_act else None}
+
+
+def sample_cache(logdir: Path, identity: dict, count_flag: str, model_digest: str | None, device) -> Path:
+    """<logdir>/sample_batches: finished sampling batches of this model (by content) and these settings (the
+    number of images aside: a batch's images do not depend on it)."""
+    settings = {k: v for k, v in identity["settings"].items() if k != count_flag}
+    key = {"settings": settings, "inputs": identity["inputs"], "model": model_digest, "device": device.type}
+    cache = logdir / "sample_batches"
+    if load_stage(cache / "key.json", key) is None:
+        shutil.rmtree(cache, ignore_errors=True)
+        save_stage(cache / "key.json", key, {})
+    return cache
+
+
+def inference(model, compile_model: bool):
+    """(context, callable) to sample with: a QuantModel's weights are quantized once (quant.model.frozen);
+    --compile wraps the callable in torch.compile."""
+    context = frozen(model) if isinstance(model, QuantModel) else nullcontext(model)
+    return context, (torch.compile(model) if compile_model else model)
+
+
+def execute(args, family: Family, identity: dict, payload: dict | None, shard: dist.Shard, device,
+            logdir: Path) -> dict | None:
+    """The run after its checks (see module doc); -> the results record on rank 0, None elsewhere."""
+    with locked(logdir) if shard.main else nullcontext():
+        return _execute(args, family, identity, payload, shard, device, logdir)
+
+
+def _execute(args, family: Family, identity: dict, payload, shard, device, logdir: Path) -> dict | None:
+    if shard.main:
+        clear_stale_outputs(logdir, identity)
+        save_args(logdir, args)
+    job = family.job
+    model, record, model_digest = job.fp, {"method": "fp", "weight_bit": 32, "act_bit": None}, None
+    if args.ptq:
+        model, record = quantize_once(job, args, logdir, device, shard, family.sampler, payload)
+        model.check_timesteps(job.schedule)
+        made = logdir / "quantized.pt"
+        from_ckpt = args.cali_ckpt and not args.eps_correction and not args.resume_w
+        model_digest = file_digest(args.cali_ckpt if from_ckpt else made)
+        record["unquantized_layers"] = model.unquantized              # listed, never counted as quantized
+    cache = sample_cache(logdir, identity, family.count_flag, model_digest, device) if shard.main \
+        else logdir / "sample_batches"
+    dist.barrier(shard)
+    n_batches = -(-family.n_images // family.batch_size)
+    context, eps = inference(model, args.compile)
+    family.install(eps)
+    try:
+        with context:
+            mine = run_batches(family.draw, family.n_images, family.batch_size, args.seed, device, family.steps,
+                               shard.batches(n_batches), cache, progress=shard.main)
+    finally:
+        family.install(job.fp)
+    done = dist.gather_to_main(shard, mine)
+    if not shard.main:
+        return None
+    images, seconds = join_batches(done)
+    save_samples(logdir, images)
+    record |= family.sampler | family.record | {"n_samples": len(images), "seed": args.seed,
+                                                "sampling_seconds": seconds, "processes": shard.world,
+                                                "compiled": args.compile}
+    if family.reference is not None:
+        from evaluation.fid import evaluate                       # FID's packages are needed only here
+        record |= evaluate(images, ref=family.reference, device=device)
+    record |= identity | {"method_version": METHOD_VERSION, "provenance": provenance(device)}
+    write_results(logdir, record)
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                   if not isinstance(v, (dict, list))))
+    return record
+
