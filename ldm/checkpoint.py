@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from common.checkpoint import load_strict, state_dict_mismatch
+from common.errors import CheckpointError
 
 EMA_PREFIX = "model_ema."
 EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
@@ -44,7 +45,7 @@ def read_checkpoint(path: str | Path, flag: str = "--ckpt") -> dict:
     Clear one-line errors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; pass the right path with {flag}")
+        raise CheckpointError(f"{flag} {path}: no such file (pass the right checkpoint path)")
     if path.suffix == ".safetensors":                       # a plain state_dict (e.g. sd-v1-4 converted)
         from safetensors.torch import load_file
         return load_file(str(path))
@@ -58,15 +59,15 @@ def read_checkpoint(path: str | Path, flag: str = "--ckpt") -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"cannot read checkpoint {path} as weights ({type(e).__name__}: {first}); "
-                         f"is it a PyTorch/Lightning checkpoint?") from None
+        raise CheckpointError(f"{flag} {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first}); "
+                              f"is it a PyTorch/Lightning checkpoint, and complete?") from None
 
 
 def checkpoint_state_dict(obj, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
     """The state_dict of a Lightning checkpoint ({'state_dict': ...}) or of a plain state_dict file."""
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state_dict of tensors")
+        raise CheckpointError(f"{path} holds no state_dict of tensors")
     return state
 
 
@@ -119,7 +120,7 @@ def load_model_from_config(config: dict, ckpt: str | Path | None = None, use_ema
     from ldm.util import instantiate_from_config
     path = ckpt or config.get("ckpt")
     if path is None:
-        raise FileNotFoundError(f"{config_path} names no checkpoint: pass --ckpt PATH (or -r/--resume)")
+        raise CheckpointError(f"{config_path} names no checkpoint: pass --ckpt PATH (or -r/--resume)")
     path = Path(path)
     if not path.is_absolute() and not path.exists():
         path = Path(__file__).resolve().parents[1] / path

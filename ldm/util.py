@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from common.errors import ConfigError
+
 # `target`s a config may name: our own package and torch.nn (e.g. the `torch.nn.Identity` loss configs)
 ALLOWED_TARGETS = ("ldm.", "torch.nn.")
 # cond_stage_config placeholders of the public configs
@@ -17,11 +19,11 @@ def load_config(path: str | Path) -> dict:
     """The YAML file as nested dicts; a missing file is a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found; pass --config configs/latent-diffusion/*.yaml "
-                                f"or configs/stable-diffusion/*.yaml")
+        raise ConfigError(f"config {path} not found; pass --config configs/latent-diffusion/*.yaml "
+                          f"or configs/stable-diffusion/*.yaml")
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, dict) or "model" not in raw:
-        raise ValueError(f"config {path} has no `model:` section (not a latent-diffusion config)")
+        raise ConfigError(f"config {path} has no `model:` section (not a latent-diffusion config)")
     return raw
 
 
