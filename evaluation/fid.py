@@ -277,19 +277,28 @@ def reference_stats(ref: str, extractor: InceptionExtractor, batch_size: int = 5
 
 def evaluate(images_uint8: np.ndarray, ref: str = "mnist", device: str | torch.device | None = None,
              batch_size: int = 50, progress: bool = True, cache_dir: Path = DEFAULT_CACHE_DIR,
-             is_weights: str | Path | None = None) -> dict[str, Any]:
-    """FID, sFID and IS of generated uint8 NHWC images against a reference set.
+             is_weights: str | Path | None = None, fp_samples: str | None = None) -> dict[str, Any]:
+    """FID, sFID and IS of generated uint8 NHWC images against a reference set; with `fp_samples` (an .npz of
+    the FP model's samples from the same noise), also FID/sFID against them (`fid_to_fp`, `sfid_to_fp`, from
+    the same Inception features) and the median paired PSNR (`psnr_to_fp_db`, evaluation/fidelity.py).
 
-    Returns {"fid", "sfid", "is" (None when unavailable), "is_note" (why, else None), "n_samples", "ref"}.
+    Returns {"fid", "sfid", "is" (None when unavailable), "is_note" (why, else None), "n_samples", "ref", ...}.
     """
     extractor = InceptionExtractor(device)
     real = reference_stats(ref, extractor, batch_size, progress, cache_dir)
     fake = feature_stats(extractor(images_uint8, batch_size, progress, desc=f"inception: {len(images_uint8)} samples"))
     if progress:
         print("[fid] Fréchet distances (two matrix square roots, up to a minute or two on a CPU)", flush=True)
+    out = {}
+    if fp_samples is not None:
+        from evaluation.fidelity import paired_psnr_db
+        to_fp = fid_sfid(fake, reference_stats(fp_samples, extractor, batch_size, progress, cache_dir))
+        psnr = paired_psnr_db(load_images_npz(fp_samples), images_uint8)
+        out = {"fid_to_fp": to_fp["fid"], "sfid_to_fp": to_fp["sfid"], "fp_samples": fp_samples,
+               "psnr_to_fp_db": float(np.median(psnr))}
     from evaluation.inception_score import ISUnavailable, inception_score
     try:
         isc, is_note = inception_score(images_uint8, extractor.device, batch_size, is_weights, progress), None
     except ISUnavailable as e:
         isc, is_note = None, str(e)
-    return fid_sfid(fake, real) | {"is": isc, "is_note": is_note, "n_samples": len(images_uint8), "ref": ref}
+    return fid_sfid(fake, real) | out | {"is": isc, "is_note": is_note, "n_samples": len(images_uint8), "ref": ref}

@@ -64,7 +64,7 @@ def check_flags(args, cfg) -> None:
                        ("batch_size", lambda v: v >= 1, ">= 1")])
     if args.ptq:
         check_quant_flags(args)
-    for flag in ("ckpt", "cali_data_path", "cali_ckpt"):
+    for flag in ("ckpt", "cali_data_path", "cali_ckpt", "fp_samples"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
             raise UsageError(f"--{flag} {path}: no such file")
@@ -81,7 +81,7 @@ def input_digests(args, cfg) -> dict:
     """Content hashes of every input file: a file replaced at the same path is another input."""
     return {"config": file_digest(args.config), "ckpt": file_digest(args.ckpt or cfg.ckpt),
             "cali_data": file_digest(args.cali_data_path) if args.ptq else None,
-            "cali_ckpt": file_digest(args.cali_ckpt) if args.ptq else None}
+            "cali_ckpt": file_digest(args.cali_ckpt) if args.ptq else None, "fp_samples": file_digest(args.fp_samples)}
 
 
 def identity(args) -> dict:
@@ -170,4 +170,5 @@ def family(args, cfg, sample, device) -> Family:
     return Family(job=job, install=lambda m: current.update(model=m), draw=draw, n_images=args.max_images,
                   batch_size=args.batch_size, count_flag="max_images", steps=len(sample.seq),
                   sampler=sampler_record(args), reference=None if args.no_fid else reference(args, cfg),
+                  fp_samples=None if args.no_fid else args.fp_samples,
                   record={"skip_type": args.skip_type, "eta": args.eta, "config": str(args.config)})

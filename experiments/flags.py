@@ -23,9 +23,13 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true", help="sample with torch.compile (the first call compiles)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("--fp_samples", default=None, help="samples.npz of the FP model drawn from the same noise (seed, "
+                                                      "count): results also get FID/sFID and median PSNR to them")
 
 
-def add_quant_flags(p: argparse.ArgumentParser) -> None:
+def add_quant_flags(p: argparse.ArgumentParser, resume_flag: bool = True) -> None:
+    """The quantization flags. resume_flag=False leaves out the boolean --resume (the LDM script's -r/--resume
+    names the checkpoint, as in Q-Diffusion); without it, --cali_ckpt is used as is, as with --resume."""
     q = p.add_argument_group("quantization")
     q.add_argument("--ptq", action="store_true", help="quantize the model")
     q.add_argument("--quant_mode", default=QuantMode.BASELINE.value, choices=[m.value for m in QuantMode])
@@ -53,7 +57,8 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cali_lr", type=float, default=QDiffConfig.act_lr, help="activation-step learning rate")
     r.add_argument("--cali_p", type=float, default=QDiffConfig.lp, help="norm of the activation range search")
     r.add_argument("--running_stat", action="store_true", help="running min/max activation ranges")
-    r.add_argument("--resume", action="store_true", help="with --cali_ckpt: use the calibrated model as is")
+    if resume_flag:
+        r.add_argument("--resume", action="store_true", help="with --cali_ckpt: use the calibrated model as is")
     r.add_argument("--resume_w", action="store_true",
                    help="with --cali_ckpt: keep its quantized weights, recalibrate the activations")
     d = p.add_argument_group("dilatequant (Table 3 switches: --no-wd, --no-tpq, --no-bkd)")
@@ -120,7 +125,7 @@ def check_rules(args, rules: Iterable[Rule]) -> None:
 def check_quant_flags(args) -> None:
     """Ranges and combinations of the quantization flags (before any work)."""
     check_rules(args, QUANT_RULES)
-    if args.resume and not args.cali_ckpt:
+    if getattr(args, "resume", None) is True and not args.cali_ckpt:
         raise UsageError("--resume needs --cali_ckpt (the calibrated checkpoint to resume from)")
     if args.resume_w and not (args.cali_ckpt and args.quant_mode == QuantMode.QDIFF.value):
         raise UsageError("--resume_w needs --quant_mode qdiff and --cali_ckpt")

@@ -38,6 +38,7 @@ class Family:
     steps: int                                      # sampling steps per batch (progress bar)
     sampler: dict                                   # how samples are drawn (results.json, checkpoint meta)
     reference: str | None                           # FID reference (None with --no_fid)
+    fp_samples: str | None = None                   # the FP model's samples (same noise): FID/PSNR to FP
     record: dict = field(default_factory=dict)      # more fields for results.json
 
 
@@ -131,7 +132,7 @@ def _execute(args, family: Family, identity: dict, payload, shard, device, logdi
                                                 "compiled": args.compile}
     if family.reference is not None:
         from evaluation.fid import evaluate                       # FID's packages are needed only here
-        record |= evaluate(images, ref=family.reference, device=device)
+        record |= evaluate(images, ref=family.reference, device=device, fp_samples=family.fp_samples)
     record |= identity | {"method_version": METHOD_VERSION, "provenance": provenance(device)}
     write_results(logdir, record)
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()

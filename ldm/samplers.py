@@ -181,6 +181,11 @@ class Sampler:
             raise ValueError(f"eta must be >= 0 and is only used by DDIM (got {self.eta} for {self.name})")
 
     @property
+    def calls(self) -> int:
+        """Network calls per trajectory (PLMS makes one more than its steps: a second call in its first step)."""
+        return len(self.timesteps) + (1 if self.name == "plms" else 0)
+
+    @property
     def timesteps(self) -> list[int]:
         n = len(self.alphas_cumprod)
         if self.name == "dpm_solver":

@@ -1,0 +1,294 @@
+"""Latent Diffusion pipeline (`scripts/sample_diffusion_ldm.py`): check -> load -> quantize the UNet (or load
+--cali_ckpt) -> sample with guidance -> decode -> evaluate -> results.json, through the run shared with DDIM
+(experiments/run.py).
+
+Flags follow Q-Diffusion's `sample_diffusion_ldm.py` (seed 003): -r/--resume (a checkpoint, its config.yaml
+beside it) or --config (a config that names its own checkpoint, like the embedded one), -n, --batch_size,
+-c/--custom_steps, -e/--eta, --seed, -l, plus the quantization flags of the DDIM script, --scale, --sampler.
+Only the UNet is quantized; the first stage and the conditioner stay FP. Class-conditional models sample
+classes 0, 1, ... in turn (image i gets class i mod classes) with classifier-free guidance against the null
+class; calibration data comes from guided FP trajectories of random classes, both halves of each guided call.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common.device import set_seed
+from common.errors import UsageError
+from common.files import file_digest
+from ddim.sampling import initial_noise
+from experiments import dist
+from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags, check_quant_flags, check_rules
+from experiments.quantize import QuantJob, check_cali_ckpt
+from experiments.run import Family, execute, run_identity
+from experiments.runtime import canonical, timer
+from ldm.checkpoint import load_model_from_config
+from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.samplers import Sampler, make_sampler
+from ldm.util import load_config
+from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
+from quant.checkpoint import read_quantized
+from quant.methods import QuantMode
+
+SAMPLERS = {"ddim": "ddim", "plms": "plms", "dpm": "dpm_solver"}
+SAMPLING_FLAGS = ("n_samples", "batch_size")
+CALIB_SETTINGS = ("custom_steps", "eta", "sampler", "scale", "seed", "cali_n", "cali_st", "cali_per_traj")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Sample (and optionally quantize) a latent diffusion model, then evaluate.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("-r", "--resume", default=None, help="a checkpoint (model.ckpt) with its config.yaml beside it")
+    p.add_argument("--config", default=None, help="a config; it may name its checkpoint (ckpt:), like "
+                                                  "configs/latent-diffusion/mnist-ldm-kl-4.yaml")
+    p.add_argument("--ckpt", default=None, help="the checkpoint for --config (default: the one it names)")
+    p.add_argument("-n", "--n_samples", type=int, default=1000, help="number of images to sample")
+    p.add_argument("--batch_size", type=int, default=100)
+    p.add_argument("-c", "--custom_steps", type=int, default=20, help="sampling steps")
+    p.add_argument("-e", "--eta", type=float, default=0.0, help="DDIM noise, 0..1 (DDIM only)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    p.add_argument("--dpm", action="store_true", help="Q-Diffusion's flag: the DPM-Solver sampler (= --sampler dpm)")
+    p.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale (conditional models)")
+    p.add_argument("--cond", action="store_true",
+                   help="Q-Diffusion compatibility: conditional models always calibrate on guided trajectories")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("-l", "--logdir", required=True)
+    p.add_argument("--ref", default=None, help="FID reference: a name (e.g. mnist) or an .npz of real uint8 NHWC "
+                                                "images (default: the config's image.reference, if any)")
+    p.add_argument("--no_fid", action="store_true", help="only sample")
+    add_common_flags(p)
+    add_quant_flags(p, resume_flag=False)        # -r/--resume is the checkpoint here, as in Q-Diffusion
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config and checkpoint, checks
+# ---------------------------------------------------------------------------------------------------
+
+def resolve(args) -> tuple[Path, Path | None]:
+    """(config path, checkpoint path or None for the config's own): -r finds config.yaml beside the checkpoint."""
+    if args.resume:
+        ckpt = Path(args.resume)
+        config = Path(args.config) if args.config else ckpt.parent / "config.yaml"
+        if not config.is_file():
+            raise UsageError(f"-r {ckpt}: no config.yaml beside it", "put the model's config.yaml there, or pass "
+                             "--config configs/latent-diffusion/<model>.yaml")
+        return config, ckpt
+    if not args.config:
+        raise UsageError("give the model: -r path/to/model.ckpt (config.yaml beside it) or --config CONFIG.yaml",
+                         "the embedded model: --config configs/latent-diffusion/mnist-ldm-kl-4.yaml")
+    return Path(args.config), Path(args.ckpt) if args.ckpt else None
+
+
+def check_flags(args, config: dict) -> None:
+    """Every flag's range and input file, before any work or write."""
+    if args.dpm:
+        args.sampler = "dpm"
+    steps = int(config["model"]["params"].get("timesteps", 1000))
+    check_rules(args, [("custom_steps", lambda v: 1 <= v < steps, f"1..{steps - 1}"),
+                       ("eta", lambda v: 0.0 <= v <= 1.0, "[0, 1]"), ("n_samples", lambda v: v >= 1, ">= 1"),
+                       ("batch_size", lambda v: v >= 1, ">= 1"), ("scale", lambda v: v >= 1.0, ">= 1 (1 = no guidance)")])
+    if args.eta > 0 and args.sampler != "ddim":
+        raise UsageError(f"--eta {args.eta} is a DDIM setting; --sampler {args.sampler} is deterministic",
+                         "use --eta 0 or --sampler ddim")
+    if args.ptq:
+        check_quant_flags(args)
+        if args.eps_correction:
+            raise UsageError("--eps_correction is offered for DDIM models only", "drop it for latent diffusion")
+    for flag in ("ckpt", "cali_data_path", "cali_ckpt", "fp_samples"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"--{flag} {path}: no such file")
+    if not args.no_fid:
+        from evaluation.fid import check_reference
+        check_reference(reference(args, config))
+
+
+def reference(args, config: dict) -> str | None:
+    return args.ref or config.get("image", {}).get("reference")
+
+
+def checkpoint_path(config: dict, ckpt: Path | None) -> Path | None:
+    path = ckpt or (Path(config["ckpt"]) if config.get("ckpt") else None)
+    if path is not None and not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parents[1] / path
+    return path
+
+
+def input_digests(args) -> dict:
+    config_path, ckpt = resolve(args)
+    config = load_config(config_path)
+    path = checkpoint_path(config, ckpt)
+    return {"config": file_digest(config_path), "ckpt": file_digest(path) if path and path.is_file() else None,
+            "cali_data": file_digest(args.cali_data_path) if args.ptq else None,
+            "cali_ckpt": file_digest(args.cali_ckpt) if args.ptq else None, "fp_samples": file_digest(args.fp_samples)}
+
+
+def identity(args) -> dict:
+    """The run's settings and input digests (experiments.run.run_identity), from its parsed flags."""
+    return run_identity(args, input_digests(args))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conditioning and the guided sampler
+# ---------------------------------------------------------------------------------------------------
+
+class Conditioning:
+    """How a LatentDiffusion is conditioned here: None (unconditional) or class labels (ClassEmbedder)."""
+
+    def __init__(self, ldm: nn.Module, config: dict):
+        self.ldm = ldm
+        encoder = getattr(ldm, "cond_stage_model", None)
+        self.kind = None if encoder is None else type(encoder).__name__
+        if self.kind not in (None, "ClassEmbedder"):
+            raise UsageError(f"this script samples unconditional and class-conditional models; this one is "
+                             f"conditioned by {self.kind}", "use scripts/txt2img.py for text-to-image models")
+        self.n_labels = encoder.embedding.num_embeddings if encoder is not None else 0
+        self.null = config.get("image", {}).get("null_class", self.n_labels - 1)
+        self.classes = self.n_labels - 1                         # all but the null class
+
+    @torch.no_grad()
+    def pair(self, labels: torch.Tensor | None):
+        """(cond, uncond) for the sampler; (None, None) for an unconditional model."""
+        if self.kind is None:
+            return None, None
+        cond = self.ldm.get_learned_conditioning({self.ldm.cond_stage_key: labels})
+        uncond = self.ldm.get_learned_conditioning({self.ldm.cond_stage_key: torch.full_like(labels, self.null)})
+        return cond, uncond
+
+    def labels_of_images(self, lo: int, hi: int, device) -> torch.Tensor | None:
+        return None if self.kind is None else torch.arange(lo, hi, device=device) % self.classes
+
+
+def guided_halves(cond: Conditioning, scale: float) -> int:
+    """Network rows per trajectory and call: 2 under classifier-free guidance (uncond, cond), else 1."""
+    return 2 if cond.kind is not None and scale != 1.0 else 1
+
+
+def calibration_set(ldm, cond: Conditioning, sampler: Sampler, args, logdir: Path, device,
+                    inputs: dict) -> tuple[CalibSet, float | None, bool]:
+    """--cali_data_path, or <logdir>/calib.pt of the same settings and inputs, or drawn anew from guided FP
+    trajectories of random classes (their own noise seed), every network input of a chosen call kept with its
+    conditioning (both halves of a guided call)."""
+    if args.cali_data_path:
+        drawn = CalibSet.meta(Path(args.cali_data_path)).get("record", {})
+        return CalibSet.load(args.cali_data_path), drawn.get("seconds"), True
+    mode = QuantMode(args.quant_mode)
+    path = logdir / "calib.pt"
+    key = canonical({k: getattr(args, k) for k in CALIB_SETTINGS} | {"evenly_spaced": mode is QuantMode.QDIFF,
+                                                                      "config": inputs["config"],
+                                                                      "ckpt": inputs["ckpt"]})
+    if path.exists():
+        meta = CalibSet.meta(path)
+        if meta.get("key") == key:
+            return CalibSet.load(path), meta.get("record", {}).get("seconds"), True
+    halves = guided_halves(cond, args.scale)
+    n_traj = args.cali_n if mode is QuantMode.QDIFF else trajectories_for(math.ceil(args.cali_n / halves),
+                                                                          args.cali_per_traj)
+    x_T = initial_noise(n_traj, latent_shape(ldm), args.seed + 7)
+    gen = torch.Generator().manual_seed(args.seed + 13)
+    labels = torch.randint(0, max(cond.classes, 1), (n_traj,), generator=gen)
+    unet = ldm.model.diffusion_model
+
+    def fp_sample(x, on_step, rows=None):
+        rows = torch.arange(len(x)) if rows is None else torch.as_tensor(rows)
+        c, u = cond.pair(labels[rows].to(device)) if cond.kind else (None, None)
+        hook = unet.register_forward_pre_hook(lambda m, a, kw: on_step(a[0], a[1], kw), with_kwargs=True)
+        try:
+            sampler.sample(ldm.apply_model, x.to(device), c, u, args.scale,
+                           generator=torch.Generator(device=device).manual_seed(args.seed + 17))
+        finally:
+            hook.remove()
+
+    draw_gen = torch.Generator().manual_seed(args.seed)
+    with timer() as t:
+        if mode is QuantMode.QDIFF:
+            calib = evenly_spaced_steps(collect_trajectories(fp_sample, x_T), args.cali_n, args.cali_st, draw_gen)
+        else:
+            calib = draw_over_steps(fp_sample, x_T, args.cali_n, sampler.calls, args.cali_per_traj, draw_gen,
+                                    batch_size=args.batch_size, halves=halves)
+    calib.save(path, key=key, record={"samples": len(calib.t), "seconds": t["seconds"]})
+    return calib, t["seconds"], False
+
+
+def config_alphas_cumprod(config: dict):
+    """ᾱ_t of the config's schedule (what the model computes), to know the sampler's timesteps before loading."""
+    import numpy as np
+    p = config["model"]["params"]
+    betas = make_beta_schedule(p.get("beta_schedule", "linear"), int(p.get("timesteps", 1000)),
+                               p.get("linear_start", 1e-4), p.get("linear_end", 2e-2), p.get("cosine_s", 8e-3))
+    return np.cumprod(1.0 - betas)
+
+
+def latent_shape(ldm) -> tuple[int, int, int]:
+    return ldm.channels, ldm.image_size, ldm.image_size
+
+
+def load_model(args, device) -> tuple[nn.Module, dict]:
+    config_path, ckpt = resolve(args)
+    config = load_config(config_path)
+    return load_model_from_config(config, checkpoint_path(config, ckpt), config_path=config_path).to(device), config
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+
+def sampler_record(args, sampler: Sampler) -> dict:
+    return {"sampler": args.sampler, "steps": args.custom_steps, "eta": args.eta, "scale": args.scale,
+            "network_calls": sampler.calls}
+
+
+def family(args, ldm, config: dict, sampler: Sampler, device, inputs: dict) -> Family:
+    """The LDM and its guided sampler as a run's Family: the quantizer wraps the UNet
+    (ldm.model.diffusion_model); sampling swaps the network in and decodes with the FP first stage."""
+    cond = Conditioning(ldm, config)
+    unet, logdir = ldm.model.diffusion_model, Path(args.logdir)
+    abar = ldm.alphas_cumprod.double().cpu()
+    job = QuantJob(fp=unet, schedule=sampler.timesteps, sigmas=(1 - abar).sqrt(),
+                   draw_calibration=lambda: calibration_set(ldm, cond, sampler, args, logdir, device, inputs),
+                   eps_correction=None, inputs=inputs, sampling_flags=SAMPLING_FLAGS)
+    noise = initial_noise(args.n_samples, latent_shape(ldm), args.seed)
+    crop = int(config.get("image", {}).get("crop", 0))
+
+    def install(network: nn.Module) -> None:
+        ldm.model.diffusion_model = network
+
+    @torch.no_grad()
+    def draw(b: int, gen: torch.Generator, tick) -> torch.Tensor:
+        lo, hi = b * args.batch_size, min((b + 1) * args.batch_size, args.n_samples)
+        c, u = cond.pair(cond.labels_of_images(lo, hi, device)) if cond.kind else (None, None)
+        z = sampler.sample(ldm.apply_model, noise[lo:hi].to(device), c, u, args.scale, on_step=tick, generator=gen)
+        x = ldm.decode_first_stage(z)
+        return x[..., crop:-crop, crop:-crop] if crop else x
+
+    record = {"config": str(resolve(args)[0]), "conditioning": cond.kind, "guided": guided_halves(cond, args.scale) == 2}
+    return Family(job=job, install=install, draw=draw, n_images=args.n_samples, batch_size=args.batch_size,
+                  count_flag="n_samples", steps=sampler.calls, sampler=sampler_record(args, sampler),
+                  reference=None if args.no_fid else reference(args, config),
+                  fp_samples=None if args.no_fid else args.fp_samples, record=record)
+
+
+def main(argv=None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    config = load_config(resolve(args)[0])
+    check_flags(args, config)
+    timesteps = make_sampler(SAMPLERS[args.sampler], args.custom_steps, config_alphas_cumprod(config)).timesteps
+    payload = read_quantized(args.cali_ckpt) if args.ptq and args.cali_ckpt else None
+    if payload is not None:
+        check_cali_ckpt(payload, args.cali_ckpt, args, timesteps)
+    set_seed(args.seed)
+    shard, device = dist.setup(args.device)
+    try:
+        ldm, config = load_model(args, device)
+        sampler = make_sampler(SAMPLERS[args.sampler], args.custom_steps, ldm.alphas_cumprod, args.eta)
+        inputs = input_digests(args)
+        return execute(args, family(args, ldm, config, sampler, device, inputs), run_identity(args, inputs), payload,
+                       shard, device, Path(args.logdir))
+    finally:
+        dist.teardown(shard)
