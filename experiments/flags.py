@@ -6,6 +6,8 @@ import argparse
 import re
 from typing import Callable, Iterable
 
+import torch
+
 from common.errors import UsageError
 from quant.dilation import Scaling
 from quant.distill import DistillConfig, LRSchedule
@@ -13,6 +15,10 @@ from quant.methods import QuantMode
 from quant.methods.dilatequant import DilateQuantConfig
 from quant.methods.qdiff import QDiffConfig
 from quant.settings import ALLOWED_BITS, QuantConfig
+
+
+# --cache_dtype: float32 keeps the model's precision (the default, bit for bit as before the flag existed)
+CACHE_DTYPES = {"float32": None, "float16": torch.float16}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -79,6 +85,11 @@ def add_quant_flags(p: argparse.ArgumentParser, resume_flag: bool = True) -> Non
     d.add_argument("--lr_schedule", default=DistillConfig.lr_schedule.value, choices=[m.value for m in LRSchedule],
                    help="learning rate over each unit's iterations: distillation (dilatequant) and the activation "
                         "steps (qdiff); cosine anneals to 0")
+    d.add_argument("--cache_dtype", default="float32", choices=sorted(CACHE_DTYPES),
+                   help="dilatequant, qdiff: dtype of each unit's cached inputs/targets (float16 halves the memory)")
+    d.add_argument("--cache_ram_gb", type=float, default=None,
+                   help="dilatequant, qdiff: a unit cache larger than this goes to a memory-mapped file in the logdir "
+                        "(the plan is printed first; default: always RAM)")
     d.add_argument("--t_weight_sigma", type=float, default=DistillConfig.t_weight_sigma,
                    help="(beyond the paper) weight each distillation sample by 1/(sigma_t^2 + this^2), mean 1: "
                         "more weight to small t, where feature errors become large eps errors; default: plain MSE")
@@ -110,7 +121,7 @@ QUANT_RULES: list[Rule] = [
     ("distill_batch_size", at_least(1), ">= 1"),
     ("lr_weight", at_least(0), ">= 0"), ("lr_quant", at_least(0), ">= 0"), ("lr_act", optional(at_least(0)), ">= 0"),
     ("lr_scale", at_least(0), ">= 0"), ("cali_lr", lambda v: v > 0, "> 0"), ("cali_p", lambda v: v > 0, "> 0"),
-    ("t_weight_sigma", optional(lambda v: v > 0), "> 0"),
+    ("t_weight_sigma", optional(lambda v: v > 0), "> 0"), ("cache_ram_gb", optional(lambda v: v > 0), "> 0"),
 ]
 
 
@@ -146,7 +157,7 @@ def dilatequant_config(args) -> DilateQuantConfig:
     distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
                             lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
                             lr_schedule=LRSchedule(args.lr_schedule), t_weight_sigma=args.t_weight_sigma,
-                            seed=args.seed)
+                            cache_dtype=CACHE_DTYPES[args.cache_dtype], cache_ram_gb=args.cache_ram_gb, seed=args.seed)
     return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
                              distillation=args.bkd, distill=distill)
 
@@ -154,7 +165,8 @@ def dilatequant_config(args) -> DilateQuantConfig:
 def qdiff_settings(args) -> QDiffConfig:
     return QDiffConfig(weight_iters=args.cali_iters, act_iters=args.cali_iters_a, act_lr=args.cali_lr, lp=args.cali_p,
                        act_lr_schedule=LRSchedule(args.lr_schedule), running_stat=args.running_stat,
-                       batch_size=args.distill_batch_size, seed=args.seed)
+                       batch_size=args.distill_batch_size, cache_dtype=CACHE_DTYPES[args.cache_dtype],
+                       cache_ram_gb=args.cache_ram_gb, seed=args.seed)
 
 
 EPS_CORRECTED = "+epsbc"   # method-name suffix of a model with the eps-mean correction (--eps_correction)

@@ -22,6 +22,7 @@ from common.checkpoint import state_dict_mismatch, torch_load
 from common.errors import CheckpointError
 from common.files import atomic_torch_save
 from quant.calib_data import CalibSet, to_device
+from quant.unit_cache import CachePolicy, Store, describe, per_sample_shapes, plan
 from quant.layers import QuantLayer, QuantMatMul
 from quant.model import QuantModel
 
@@ -44,6 +45,8 @@ class DistillConfig:
     lr_schedule: LRSchedule = LRSchedule.COSINE
     t_weight_sigma: float | None = None  # weight samples by 1/(σ_t² + this²) (timestep_weights); None: plain MSE
     cache_batch_size: int = 64
+    cache_dtype: torch.dtype | None = None   # unit caches: None = the model's dtype; float16 halves them (unit_cache)
+    cache_ram_gb: float | None = None        # a unit cache above this goes to a memory-mapped file (None: RAM)
     seed: int = 0
 
     def __post_init__(self):
@@ -81,12 +84,22 @@ class UnitData:
     t: torch.Tensor                   # [M] timesteps
     kwargs: dict[str, torch.Tensor] = field(default_factory=dict)   # keyword tensor inputs, each [M, ...]
     weight: torch.Tensor | None = None   # [M] per-sample loss weights (timestep_weights); None: equal
+    stores: list = field(default_factory=list)   # where the tensors live (quant.unit_cache.Store), for release()
 
-    def batch(self, idx: torch.Tensor, device: torch.device):
-        """(args, kwargs, target, t) of samples idx, on device."""
-        args = [None if a is None else a[idx].to(device) for a in self.args]
-        kwargs = {k: v[idx].to(device) for k, v in self.kwargs.items()}
-        return args, kwargs, self.target[idx].to(device), self.t[idx].to(device)
+    def batch(self, idx: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None):
+        """(args, kwargs, target, t) of samples idx, on device (floating tensors cast to `dtype` if given: a
+        float16 cache is used at the model's precision)."""
+        def get(v):
+            v = v[idx].to(device)
+            return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        args = [None if a is None else get(a) for a in self.args]
+        kwargs = {k: get(v) for k, v in self.kwargs.items()}
+        return args, kwargs, get(self.target), self.t[idx].to(device)
+
+    def release(self) -> None:
+        """Free the cache (and remove its memory-mapped files, if any)."""
+        for store in self.stores:
+            store.release()
 
     def weighted(self, idx: torch.Tensor, out: torch.Tensor, target: torch.Tensor):
         """out and target scaled by sqrt(weight) per sample, so any MSE of them is the weighted MSE."""
@@ -136,17 +149,32 @@ def _cat(parts: list):
 
 
 @torch.no_grad()
-def cache_unit_io(qmodel: QuantModel, fp_model: nn.Module, unit: str, calib: CalibSet,
-                  batch_size: int) -> UnitData:
+def cache_unit_io(qmodel: QuantModel, fp_model: nn.Module, unit: str, calib: CalibSet, batch_size: int,
+                  policy: CachePolicy = CachePolicy(), spill_dir: Path | None = None) -> UnitData:
+    """The unit's inputs (from the quantized chain) and FP targets for every calibration sample, kept as the
+    policy says (RAM or a memory-mapped file in spill_dir; the model's dtype or a smaller one)."""
     device = next(qmodel.parameters()).device
-    inputs, targets = [], []
+    n, stores = len(calib.t), None
     for x, t, cond in calib.batches(batch_size):
         x, t, cond = x.to(device), t.to(device), to_device(cond, device)
-        inputs.append(_capture(qmodel.model, lambda: qmodel(x, t, **cond), unit, output=False))
-        targets.append(_capture(fp_model, lambda: fp_model(x, t, **cond), unit, output=True))
-    args = [_cat([a[i] for a, _ in inputs]) for i in range(len(inputs[0][0]))]
-    kwargs = {k: torch.cat([kw[k] for _, kw in inputs]) for k in inputs[0][1]}
-    return UnitData(args, torch.cat(targets), calib.t.clone(), kwargs)
+        args, kwargs = _capture(qmodel.model, lambda: qmodel(x, t, **cond), unit, output=False)
+        target = _capture(fp_model, lambda: fp_model(x, t, **cond), unit, output=True)
+        named = {f"arg{i}": a for i, a in enumerate(args)} | {f"kw_{k}": v for k, v in kwargs.items()} | \
+            {"target": target}
+        if stores is None:                                     # allocated once the first batch shows the shapes
+            size = n * sum(v[0].numel() * policy.element_bytes(v.dtype) for v in named.values() if v is not None)
+            disk = spill_dir is not None and policy.ram_gb is not None and size > policy.ram_gb * 1024 ** 3
+            stores = {k: None if v is None else Store(n, tuple(v.shape[1:]), policy.dtype or v.dtype,
+                                                      spill_dir / f"{unit}.{k}.bin" if disk else None)
+                      for k, v in named.items()}
+        for k, v in named.items():
+            if v is not None:
+                stores[k].add(v)
+    tensors = {k: None if st is None else st.tensor for k, st in stores.items()}
+    args = [tensors[f"arg{i}"] for i in range(sum(k.startswith("arg") for k in tensors))]
+    kwargs = {k.removeprefix("kw_"): v for k, v in tensors.items() if k.startswith("kw_")}
+    return UnitData(args, tensors["target"], calib.t.clone(), kwargs,
+                    stores=[st for st in stores.values() if st is not None])
 
 
 class Objective(Protocol):
@@ -201,7 +229,7 @@ def unit_loss(qmodel: QuantModel, module: nn.Module, data: UnitData, batch_size:
     total = 0.0
     for i in range(0, len(data.t), batch_size):
         idx = torch.arange(i, min(i + batch_size, len(data.t)))
-        args, kwargs, target, t = data.batch(idx, device)
+        args, kwargs, target, t = data.batch(idx, device, _dtype(qmodel))
         with qmodel.slots.active(qmodel.slots.lookup(t)):
             total += float(F.mse_loss(*data.weighted(idx, module(*args, **kwargs), target), reduction="sum"))
     return total / data.target.numel()
@@ -228,7 +256,7 @@ def train_unit(qmodel: QuantModel, unit: str, data: UnitData, objective: Objecti
         bar = tqdm(range(cfg.iters), desc=desc, dynamic_ncols=True, leave=False)
         for it in bar:
             idx = torch.randint(0, len(data.t), (cfg.batch_size,), generator=gen)
-            args, kwargs, target, t = data.batch(idx, device)
+            args, kwargs, target, t = data.batch(idx, device, _dtype(qmodel))
             with qmodel.slots.active(qmodel.slots.lookup(t)):
                 loss = objective.loss(*data.weighted(idx, module(*args, **kwargs), target), it, cfg.iters)
             opt.zero_grad(set_to_none=True)
@@ -243,6 +271,10 @@ def train_unit(qmodel: QuantModel, unit: str, data: UnitData, objective: Objecti
     if after > before:
         module.load_state_dict(initial)
     return {"loss_before": before, "loss_after": min(before, after), "kept_initial": after > before}
+
+
+def _dtype(qmodel: QuantModel) -> torch.dtype:
+    return next(qmodel.parameters()).dtype
 
 
 def _unit_state(qmodel: QuantModel, unit: str) -> dict:
@@ -264,6 +296,12 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
     fp_model.eval()
     qmodel.eval()                                            # dropout off; parameters still train
     units = qmodel.adapter.units(qmodel.model)
+    policy = CachePolicy(cfg.cache_dtype, cfg.cache_ram_gb)
+    device = next(qmodel.parameters()).device
+    x, t, cond = next(calib.batches(1))
+    shapes = per_sample_shapes(qmodel.model, lambda: qmodel(x.to(device), t.to(device), **to_device(cond, device)),
+                               units)
+    print(describe(plan(shapes, len(calib.t), policy), len(calib.t), policy, run_dir / "cache"), flush=True)
     log = []
     for k, unit in enumerate(tqdm(units, desc=f"reconstruct units ({run_dir.name})", dynamic_ncols=True)):
         path = run_dir / f"unit_{k:02d}.pt"
@@ -276,10 +314,13 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
             qmodel.load_state_dict(saved["state"], strict=False)
             log.append(saved["log"])
             continue
-        data = cache_unit_io(qmodel, fp_model, unit, calib, cfg.cache_batch_size)
+        data = cache_unit_io(qmodel, fp_model, unit, calib, cfg.cache_batch_size, policy, run_dir / "cache")
         data.weight = weight
-        entry = {"unit": unit} | train_unit(qmodel, unit, data, objective, cfg, seed=cfg.seed * 1000 + k,
-                                            desc=f"[{k}] {unit}")
+        try:
+            entry = {"unit": unit} | train_unit(qmodel, unit, data, objective, cfg, seed=cfg.seed * 1000 + k,
+                                                desc=f"[{k}] {unit}")
+        finally:
+            data.release()
         atomic_torch_save({"state": {k: v.cpu() for k, v in _unit_state(qmodel, unit).items()}, "log": entry}, path)
         log.append(entry)
     return log

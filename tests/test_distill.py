@@ -247,3 +247,22 @@ def test_weighted_distillation_loss_is_the_weighted_mean_of_sample_errors(tiny_u
     log = distill(w4a4(tiny_unet, calib), tiny_unet, calib, cfg, tmp_path / "w", sigmas)
     plain = distill(w4a4(tiny_unet, calib), tiny_unet, calib, DistillConfig(iters=2, batch_size=8), tmp_path / "p")
     assert [e["loss_before"] for e in log] != [e["loss_before"] for e in plain]    # the weighted MSE is reported
+
+
+def test_unit_caches_on_disk_or_in_float16_are_bounded_and_faithful(tiny_unet, calib, tmp_path, capsys):
+    """A unit cache over the RAM budget goes to a memory-mapped file (same values, file removed when done);
+    a float16 cache halves the bytes and trains to nearly the same unit; the plan is printed first."""
+    from quant.unit_cache import CachePolicy
+    q = w4a4(tiny_unet, calib)
+    ram = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16)
+    disk = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16, CachePolicy(ram_gb=1e-6), tmp_path / "spill")
+    files = list((tmp_path / "spill").glob("*.bin"))
+    assert files and torch.equal(disk.target, ram.target) and torch.equal(disk.args[0], ram.args[0])
+    disk.release()
+    assert not any(f.exists() for f in files)
+    half = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16, CachePolicy(dtype=torch.float16))
+    assert half.target.dtype == torch.float16 and half.target.element_size() * 2 == ram.target.element_size()
+    torch.testing.assert_close(half.target.float(), ram.target, rtol=1e-3, atol=1e-3)
+    cfg = DistillConfig(iters=2, batch_size=8, cache_ram_gb=1e-6)
+    distill(w4a4(tiny_unet, calib), tiny_unet, calib, cfg, tmp_path / "run")
+    assert "[distill] plan:" in capsys.readouterr().out and not list((tmp_path / "run" / "cache").glob("*.bin"))

@@ -12,9 +12,12 @@ TASKS = sorted((ROOT / "configs" / "tasks").glob("*.yml"))
 
 @pytest.mark.parametrize("path", TASKS, ids=[p.stem for p in TASKS])
 def test_every_run_of_every_task_parses(path):
+    from experiments.task import pipeline
     task = load_task(path, None)
+    module, script = pipeline(task)
+    assert script.is_file()
     for name in task["runs"]:
-        args = build_parser().parse_args(run_argv(task, name, Path("runs"), []))
+        args = module.build_parser().parse_args(run_argv(task, name, Path("runs"), []))
         quantized = "quant_mode" in (task["common"] | (task["runs"][name] or {}))
         assert args.ptq == quantized
         assert args.logdir == str(Path("runs") / name)

@@ -39,6 +39,8 @@ class QDiffConfig:
     round_weight: float = 0.01     # λ of the rounding regulariser
     warmup: float = 0.2            # fraction of iterations without the regulariser
     beta: tuple[float, float] = (20.0, 2.0)  # annealed from the first to the second value
+    cache_dtype: torch.dtype | None = None   # unit caches (quant.unit_cache.CachePolicy)
+    cache_ram_gb: float | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -91,7 +93,8 @@ class ActStepSizeObjective:
 
 
 def _recon_cfg(qd: QDiffConfig, iters: int, schedule: LRSchedule) -> DistillConfig:
-    return DistillConfig(iters=iters, batch_size=qd.batch_size, lr_schedule=schedule, seed=qd.seed)
+    return DistillConfig(iters=iters, batch_size=qd.batch_size, lr_schedule=schedule, cache_dtype=qd.cache_dtype,
+                         cache_ram_gb=qd.cache_ram_gb, seed=qd.seed)
 
 
 def qdiff_config(config: QuantConfig, qd: QDiffConfig) -> QuantConfig:
