@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -93,6 +94,10 @@ def check_flags(args, config: dict) -> None:
     check_rules(args, [("custom_steps", lambda v: 1 <= v < steps, f"1..{steps - 1}"),
                        ("eta", lambda v: 0.0 <= v <= 1.0, "[0, 1]"), ("n_samples", lambda v: v >= 1, ">= 1"),
                        ("batch_size", lambda v: v >= 1, ">= 1"), ("scale", lambda v: v >= 1.0, ">= 1 (1 = no guidance)")])
+    try:
+        make_sampler(SAMPLERS[args.sampler], args.custom_steps, config_alphas_cumprod(config)).timesteps
+    except ValueError as e:                            # e.g. CompVis's uniform rule leaving the schedule
+        raise UsageError(f"{args.custom_steps} sampling steps ({args.sampler}): {e}") from None
     if args.eta > 0 and args.sampler != "ddim":
         raise UsageError(f"--eta {args.eta} is a DDIM setting; --sampler {args.sampler} is deterministic",
                          "use --eta 0 or --sampler ddim")
@@ -104,6 +109,10 @@ def check_flags(args, config: dict) -> None:
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
             raise UsageError(f"--{flag} {path}: no such file")
+    model_ckpt = checkpoint_path(config, resolve(args)[1])
+    if model_ckpt is None or not model_ckpt.is_file():
+        raise UsageError(f"no model checkpoint at {model_ckpt}" if model_ckpt else "the config names no checkpoint",
+                         "pass -r path/to/model.ckpt or --ckpt PATH")
     if not args.no_fid:
         from evaluation.fid import check_reference
         check_reference(reference(args, config))
@@ -139,30 +148,52 @@ def identity(args) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 class Conditioning:
-    """How a LatentDiffusion is conditioned here: None (unconditional) or class labels (ClassEmbedder)."""
+    """How a LatentDiffusion is conditioned: None (unconditional), class labels (ClassEmbedder; images take
+    classes 0, 1, ... in turn, calibration trajectories random classes, guidance against the null class) or
+    text (FrozenCLIPEmbedder; prompts given per image and per calibration trajectory, guidance against "")."""
 
-    def __init__(self, ldm: nn.Module, config: dict):
+    def __init__(self, ldm: nn.Module, config: dict, prompts: list[str] | None = None,
+                 cali_prompts: list[str] | None = None):
         self.ldm = ldm
         encoder = getattr(ldm, "cond_stage_model", None)
         self.kind = None if encoder is None else type(encoder).__name__
-        if self.kind not in (None, "ClassEmbedder"):
-            raise UsageError(f"this script samples unconditional and class-conditional models; this one is "
-                             f"conditioned by {self.kind}", "use scripts/txt2img.py for text-to-image models")
-        self.n_labels = encoder.embedding.num_embeddings if encoder is not None else 0
-        self.null = config.get("image", {}).get("null_class", self.n_labels - 1)
-        self.classes = self.n_labels - 1                         # all but the null class
+        if self.kind not in (None, "ClassEmbedder", "FrozenCLIPEmbedder"):
+            raise UsageError(f"no sampling route for a model conditioned by {self.kind}")
+        if self.kind == "FrozenCLIPEmbedder" and not prompts:
+            raise UsageError("a text-conditioned model samples from prompts", "use scripts/txt2img.py --prompt ...")
+        self.prompts, self.cali_prompts = prompts, cali_prompts or prompts
+        if self.kind == "ClassEmbedder":
+            self.n_labels = encoder.embedding.num_embeddings
+            self.null = config.get("image", {}).get("null_class", self.n_labels - 1)
+            self.classes = self.n_labels - 1                     # all but the null class
+
+    def for_images(self, lo: int, hi: int):
+        """What images lo..hi-1 are conditioned on (labels, prompts, or None)."""
+        if self.kind == "ClassEmbedder":
+            return torch.arange(lo, hi) % self.classes
+        if self.kind == "FrozenCLIPEmbedder":
+            return [self.prompts[i % len(self.prompts)] for i in range(lo, hi)]
+        return None
+
+    def for_trajectories(self, n: int, seed: int):
+        """What n calibration trajectories are conditioned on: random classes (seeded), prompts in turn."""
+        if self.kind == "ClassEmbedder":
+            return torch.randint(0, self.classes, (n,), generator=torch.Generator().manual_seed(seed))
+        if self.kind == "FrozenCLIPEmbedder":
+            return [self.cali_prompts[i % len(self.cali_prompts)] for i in range(n)]
+        return None
 
     @torch.no_grad()
-    def pair(self, labels: torch.Tensor | None):
+    def pair(self, items, device):
         """(cond, uncond) for the sampler; (None, None) for an unconditional model."""
         if self.kind is None:
             return None, None
-        cond = self.ldm.get_learned_conditioning({self.ldm.cond_stage_key: labels})
-        uncond = self.ldm.get_learned_conditioning({self.ldm.cond_stage_key: torch.full_like(labels, self.null)})
-        return cond, uncond
-
-    def labels_of_images(self, lo: int, hi: int, device) -> torch.Tensor | None:
-        return None if self.kind is None else torch.arange(lo, hi, device=device) % self.classes
+        key = self.ldm.cond_stage_key
+        if self.kind == "ClassEmbedder":
+            labels = items.to(device)
+            return (self.ldm.get_learned_conditioning({key: labels}),
+                    self.ldm.get_learned_conditioning({key: torch.full_like(labels, self.null)}))
+        return self.ldm.get_learned_conditioning(list(items)), self.ldm.get_learned_conditioning([""] * len(items))
 
 
 def guided_halves(cond: Conditioning, scale: float) -> int:
@@ -190,14 +221,13 @@ def calibration_set(ldm, cond: Conditioning, sampler: Sampler, args, logdir: Pat
     halves = guided_halves(cond, args.scale)
     n_traj = args.cali_n if mode is QuantMode.QDIFF else trajectories_for(math.ceil(args.cali_n / halves),
                                                                           args.cali_per_traj)
-    x_T = initial_noise(n_traj, latent_shape(ldm), args.seed + 7)
-    gen = torch.Generator().manual_seed(args.seed + 13)
-    labels = torch.randint(0, max(cond.classes, 1), (n_traj,), generator=gen)
+    x_T = initial_noise(n_traj, latent_shape(ldm, args), args.seed + 7)
+    items = cond.for_trajectories(n_traj, args.seed + 13)
     unet = ldm.model.diffusion_model
 
     def fp_sample(x, on_step, rows=None):
-        rows = torch.arange(len(x)) if rows is None else torch.as_tensor(rows)
-        c, u = cond.pair(labels[rows].to(device)) if cond.kind else (None, None)
+        rows = list(range(len(x))) if rows is None else [int(r) for r in rows]
+        c, u = cond.pair(_take(items, rows), device)
         hook = unet.register_forward_pre_hook(lambda m, a, kw: on_step(a[0], a[1], kw), with_kwargs=True)
         try:
             sampler.sample(ldm.apply_model, x.to(device), c, u, args.scale,
@@ -225,8 +255,17 @@ def config_alphas_cumprod(config: dict):
     return np.cumprod(1.0 - betas)
 
 
-def latent_shape(ldm) -> tuple[int, int, int]:
+def latent_shape(ldm, args=None) -> tuple[int, int, int]:
+    """[C, h, w] of the latents: the model's, or txt2img's --C, --H/--f, --W/--f."""
+    if getattr(args, "latent_shape", None):
+        return tuple(args.latent_shape)
     return ldm.channels, ldm.image_size, ldm.image_size
+
+
+def _take(items, rows: list[int]):
+    if items is None:
+        return None
+    return items[torch.as_tensor(rows)] if isinstance(items, torch.Tensor) else [items[r] for r in rows]
 
 
 def load_model(args, device) -> tuple[nn.Module, dict]:
@@ -244,16 +283,18 @@ def sampler_record(args, sampler: Sampler) -> dict:
             "network_calls": sampler.calls}
 
 
-def family(args, ldm, config: dict, sampler: Sampler, device, inputs: dict) -> Family:
+def family(args, ldm, config: dict, sampler: Sampler, device, inputs: dict, cond: Conditioning | None = None,
+           count_flag: str = "n_samples", record: dict | None = None, autocast: bool = False) -> Family:
     """The LDM and its guided sampler as a run's Family: the quantizer wraps the UNet
-    (ldm.model.diffusion_model); sampling swaps the network in and decodes with the FP first stage."""
-    cond = Conditioning(ldm, config)
+    (ldm.model.diffusion_model); sampling swaps the network in and decodes with the FP first stage.
+    autocast: sample under float16 autocast (CUDA only)."""
+    cond = cond or Conditioning(ldm, config)
     unet, logdir = ldm.model.diffusion_model, Path(args.logdir)
     abar = ldm.alphas_cumprod.double().cpu()
     job = QuantJob(fp=unet, schedule=sampler.timesteps, sigmas=(1 - abar).sqrt(),
                    draw_calibration=lambda: calibration_set(ldm, cond, sampler, args, logdir, device, inputs),
                    eps_correction=None, inputs=inputs, sampling_flags=SAMPLING_FLAGS)
-    noise = initial_noise(args.n_samples, latent_shape(ldm), args.seed)
+    noise = initial_noise(args.n_samples, latent_shape(ldm, args), args.seed)
     crop = int(config.get("image", {}).get("crop", 0))
 
     def install(network: nn.Module) -> None:
@@ -262,20 +303,26 @@ def family(args, ldm, config: dict, sampler: Sampler, device, inputs: dict) -> F
     @torch.no_grad()
     def draw(b: int, gen: torch.Generator, tick) -> torch.Tensor:
         lo, hi = b * args.batch_size, min((b + 1) * args.batch_size, args.n_samples)
-        c, u = cond.pair(cond.labels_of_images(lo, hi, device)) if cond.kind else (None, None)
-        z = sampler.sample(ldm.apply_model, noise[lo:hi].to(device), c, u, args.scale, on_step=tick, generator=gen)
-        x = ldm.decode_first_stage(z)
+        c, u = cond.pair(cond.for_images(lo, hi), device)
+        start = 0 if getattr(args, "fixed_code", False) else lo      # txt2img --fixed_code: the first batch's noise
+        x_T = noise[start:start + hi - lo].to(device)
+        with torch.autocast("cuda", dtype=torch.float16) if autocast and device.type == "cuda" else nullcontext():
+            z = sampler.sample(ldm.apply_model, x_T, c, u, args.scale, on_step=tick, generator=gen)
+            x = ldm.decode_first_stage(z).float()
         return x[..., crop:-crop, crop:-crop] if crop else x
 
-    record = {"config": str(resolve(args)[0]), "conditioning": cond.kind, "guided": guided_halves(cond, args.scale) == 2}
+    record = {"config": str(resolve(args)[0]), "conditioning": cond.kind,
+              "guided": guided_halves(cond, args.scale) == 2} | (record or {})
     return Family(job=job, install=install, draw=draw, n_images=args.n_samples, batch_size=args.batch_size,
-                  count_flag="n_samples", steps=sampler.calls, sampler=sampler_record(args, sampler),
+                  count_flag=count_flag, steps=sampler.calls, sampler=sampler_record(args, sampler),
                   reference=None if args.no_fid else reference(args, config),
                   fp_samples=None if args.no_fid else args.fp_samples, record=record)
 
 
-def main(argv=None) -> dict | None:
-    args = build_parser().parse_args(argv)
+def run(args, make_conditioning=None, **family_options) -> dict | None:
+    """Check everything (flags, files, --cali_ckpt against the sampler) before any work, then load and execute.
+    make_conditioning(ldm, config) -> Conditioning (default: the model's own, unconditional or class labels);
+    family_options go to family() (count_flag, record, autocast)."""
     config = load_config(resolve(args)[0])
     check_flags(args, config)
     timesteps = make_sampler(SAMPLERS[args.sampler], args.custom_steps, config_alphas_cumprod(config)).timesteps
@@ -288,7 +335,12 @@ def main(argv=None) -> dict | None:
         ldm, config = load_model(args, device)
         sampler = make_sampler(SAMPLERS[args.sampler], args.custom_steps, ldm.alphas_cumprod, args.eta)
         inputs = input_digests(args)
-        return execute(args, family(args, ldm, config, sampler, device, inputs), run_identity(args, inputs), payload,
-                       shard, device, Path(args.logdir))
+        cond = make_conditioning(ldm, config) if make_conditioning else None
+        fam = family(args, ldm, config, sampler, device, inputs, cond, **family_options)
+        return execute(args, fam, run_identity(args, inputs), payload, shard, device, Path(args.logdir))
     finally:
         dist.teardown(shard)
+
+
+def main(argv=None) -> dict | None:
+    return run(build_parser().parse_args(argv))

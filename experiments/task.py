@@ -60,11 +60,13 @@ def run_argv(task: dict, name: str, out: Path, extra: list[str]) -> list[str]:
     options = {k: v.replace("{out}", str(out)) if isinstance(v, str) else v
                for k, v in (task["common"] | (task["runs"][name] or {})).items()}
     quant = {"ptq": True, "quant_act": "act_bit" in options} if "quant_mode" in options else {}
-    return _flags(options | quant) + ["-l", str(out / name)] + extra
+    logdir_flag = PIPELINES[task.get("pipeline", "ddim")][2] if task.get("pipeline", "ddim") in PIPELINES else "-l"
+    return _flags(options | quant) + [logdir_flag, str(out / name)] + extra
 
 
-PIPELINES = {"ddim": ("experiments.ddim_task", ROOT / "scripts" / "sample_diffusion_ddim.py"),
-             "ldm": ("experiments.ldm_task", ROOT / "scripts" / "sample_diffusion_ldm.py")}
+PIPELINES = {"ddim": ("experiments.ddim_task", ROOT / "scripts" / "sample_diffusion_ddim.py", "-l"),
+             "ldm": ("experiments.ldm_task", ROOT / "scripts" / "sample_diffusion_ldm.py", "-l"),
+             "txt2img": ("experiments.txt2img_task", ROOT / "scripts" / "txt2img.py", "--outdir")}
 
 
 def pipeline(task: dict):
@@ -72,7 +74,7 @@ def pipeline(task: dict):
     name = task.get("pipeline", "ddim")
     if name not in PIPELINES:
         raise UsageError(f"unknown pipeline {name!r} in the task; choose one of {sorted(PIPELINES)}")
-    module, script = PIPELINES[name]
+    module, script, _ = PIPELINES[name]
     return importlib.import_module(module), script
 
 
