@@ -1,7 +1,7 @@
 """Which timesteps' quantization error costs FID: sample with the quantized model inside one band of
 timesteps and the FP model everywhere else, then FID/sFID against the real digits and PSNR to FP.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tools/band_fid.py runs/mnist/dilatequant_w4a4_split/quantized.pt \\
+    .venv/bin/python studies/band_fid.py runs/mnist/dilatequant_w4a4_split/quantized.pt \\
         --bands 0:50 50:200 --fp_npz runs/mnist/fp/samples.npz --out results/mnist_band_fid_w4a4.json
 
 A band lo:hi holds the sampler calls whose timestep t satisfies lo <= t < hi. Same noise, seed and sampler

@@ -1,7 +1,7 @@
 """How much a method's result depends on the calibration draw: calibrate the same model on several draws
 of calibration data and compare what reaches the images.
 
-    python tools/calib_draw_spread.py --method baseline --bits 4/4 --per_traj 49 --seeds 1241:1234 1 2 3 4 \\
+    python studies/calib_draw_spread.py --method baseline --bits 4/4 --per_traj 49 --seeds 1241:1234 1 2 3 4 \\
         --calib runs/mnist/dilatequant_w4a4/calib.pt --out results/calib_draw_spread_baseline_w4a4.json
 
 A draw is (--per_traj, seeds): --cali_n samples at random steps of FP trajectories, per_traj from each
@@ -11,7 +11,7 @@ pipeline draws with noise seed+7 and generator seed: `1241:1234` is a --seed 123
 saved calibration sets (a run's calib.pt). For each draw it reports the paired PSNR to FP of --sample_n final
 samples (same noise for every draw, median), their mean pixel, and how far the calibrated activation steps
 are from the first draw's (median and max |log2 ratio| over all activation quantizers and slots).
-`--method dilatequant` runs WD + TPQ without distillation (a PTQ start; distillation is tools/distill_sweep.py).
+`--method dilatequant` runs WD + TPQ without distillation (a PTQ start; distillation is studies/distill_sweep.py).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Compare distillation settings of DilateQuant on held-out data: calibration-set rule, learning-rate schedule,
 iterations and learning rates.
 
-    python tools/distill_sweep.py --bits 4/4 \\
+    python studies/distill_sweep.py --bits 4/4 \\
         --variants per_traj=49,schedule=constant per_traj=49,schedule=cosine \\
                    per_traj=1,schedule=constant per_traj=1,schedule=cosine \\
         --out results/distill_sweep_calib_w4a4.json

@@ -1,7 +1,7 @@
 """How FID on the embedded model reacts to small pixel changes: FID/sFID of sample sets against real images
 after (a) i.i.d. Gaussian pixel noise of a few grey levels, (b) setting faint pixels (values 1..k) to black.
 
-    python tools/fid_perturb.py runs/mnist/fp/samples.npz --noise 0.5 1 2 \\
+    python studies/fid_perturb.py runs/mnist/fp/samples.npz --noise 0.5 1 2 \\
         --floor 8 --floor_runs runs/mnist/dilatequant_w6a6/samples.npz runs/mnist/dilatequant_w4a4/samples.npz \\
         --out results/mnist_fid_perturb.json
 

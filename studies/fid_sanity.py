@@ -1,6 +1,6 @@
 """FID/sFID sanity on real data: real half vs other half (small), real vs Gaussian noise (large).
 
-    python tools/fid_sanity.py --out results/fid_sanity.json
+    python studies/fid_sanity.py --out results/fid_sanity.json
 
 Extracts Inception features of all 5,000 real MNIST digits once, caches them as the `mnist` reference
 statistics (the same file `evaluate(ref="mnist")` uses), and the 1,000-digit `mnist-1k` subset's too.

@@ -1,7 +1,7 @@
 """How calibrated models' samples differ from FP's, image by image (same noise): SQNR, and the intensity
 statistics FID is sensitive to on MNIST (mean pixel, shares of pure-black and faint background pixels).
 
-    python tools/sample_drift.py runs/mnist/{baseline_w8a8,qdiff_w8a8,qdiff_w4a8,qdiff_w4a4}/quantized.pt \\
+    python studies/sample_drift.py runs/mnist/{baseline_w8a8,qdiff_w8a8,qdiff_w4a8,qdiff_w4a4}/quantized.pt \\
         --research_acts --npz results/mnist_runs/*.npz --n 48 --out results/mnist_sample_drift.json
 
 Each checkpoint is measured as saved, with its activation quantizers off (weights only) and, with

@@ -1,6 +1,6 @@
 """How far training moved the step sizes Δ_x (and Δ_w): a calibrated checkpoint before training vs after.
 
-    python tools/step_drift.py runs/mnist_ablation/tpq/quantized.pt runs/mnist_ablation/tpq_bkd/quantized.pt \\
+    python studies/step_size_drift.py runs/mnist_ablation/tpq/quantized.pt runs/mnist_ablation/tpq_bkd/quantized.pt \\
         --calib runs/mnist_ablation/tpq_bkd/calib.pt --out results/mnist_step_drift.json
 
 Both checkpoints must hold the same quantizers (e.g. a Table 3 row without BKD and the same row with BKD:

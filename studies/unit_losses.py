@@ -1,6 +1,6 @@
 """Distillation losses unit by unit, side by side for several runs (from each run's distill/unit_*.pt).
 
-    python tools/unit_losses.py runs/mnist/dilatequant_w4a4 runs/mnist/dilatequant_w4a4_split \\
+    python studies/unit_losses.py runs/mnist/dilatequant_w4a4 runs/mnist/dilatequant_w4a4_split \\
         --out results/mnist_unit_losses_w4a4.json
 
 Per unit: the MSE to the FP unit output over all calibration samples before and after training (what

@@ -255,7 +255,7 @@ def test_fidelity_cli_ranks_runs_by_distance_to_fp(tmp_path, monkeypatch):
         fidelity.main([str(tmp_path / "fp.npz"), str(tmp_path / "short.npz")])
 
 
-# ---- tools/fid_perturb.py: how FID reacts to small pixel changes ---------------------------------------
+# ---- studies/fid_perturb.py: how FID reacts to small pixel changes ---------------------------------------
 
 def test_pixel_noise_and_floor_are_exact_and_seeded():
     images = np.array([0, 1, 8, 9, 128, 255], np.uint8).reshape(1, 2, 3, 1)

@@ -194,7 +194,7 @@ def forward_times(fp, qmodel, x, t, repeats: int = 5) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_setup_args(p, cali_n=512)                     # the defaults made results/mnist_quant_report.json
+    add_setup_args(p, cali_n=512)
     p.add_argument("--bits", nargs="+", default=["8/8", "4/4"])
     p.add_argument("--sample_n", type=int, default=32, help="images sampled per setting for the sample SQNR")
     args = p.parse_args(argv)
