@@ -99,9 +99,10 @@ def run_stage(model: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tenso
 def autoencoder_loss(ae: nn.Module, images: torch.Tensor, batch_size: int, kl_weight: float) -> Callable:
     """loss(gen): mean |x - D(z)|, z ~ q(z|x), + kl_weight * KL(q || N(0, I)) per pixel, on a random batch."""
     def loss(gen: torch.Generator) -> torch.Tensor:
-        x = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
+        dev = next(ae.parameters()).device                       # draws on the CPU generator, math on the model's device
+        x = images[torch.randint(0, len(images), (batch_size,), generator=gen)].to(dev)
         posterior = ae.encode(x)
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(dev)
         rec = ae.decode(z)
         return F.l1_loss(rec, x) + kl_weight * posterior.kl().mean() / x[0].numel()
     return loss
@@ -112,11 +113,13 @@ def diffusion_loss(ldm: nn.Module, z_mean: torch.Tensor, z_std: torch.Tensor, la
     """loss(gen): || eps - eps_theta(sqrt(abar_t) z + sqrt(1 - abar_t) eps, t, c) ||^2 with z drawn from the
     stored posteriors (already scaled), t ~ U{0..T-1}, labels replaced by null_class with prob p_uncond."""
     def loss(gen: torch.Generator) -> torch.Tensor:
+        dev = next(ldm.parameters()).device                      # draws on the CPU generator, math on the model's device
         idx = torch.randint(0, len(z_mean), (batch_size,), generator=gen)
         z = z_mean[idx] + z_std[idx] * torch.randn(z_mean[idx].shape, generator=gen)
         y = torch.where(torch.rand(batch_size, generator=gen) < p_uncond, null_class, labels[idx])
         t = torch.randint(0, ldm.num_timesteps, (batch_size,), generator=gen)
         eps = torch.randn(z.shape, generator=gen)
+        z, y, t, eps = z.to(dev), y.to(dev), t.to(dev), eps.to(dev)
         c = ldm.get_learned_conditioning({ldm.cond_stage_key: y})
         return F.mse_loss(ldm.apply_model(ldm.q_sample(z, t, eps), t, c), eps)
     return loss
@@ -126,10 +129,11 @@ def diffusion_loss(ldm: nn.Module, z_mean: torch.Tensor, z_std: torch.Tensor, la
 def encode_dataset(ae: nn.Module, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every image. -> ([N, C, h, w], [N, C, h, w])"""
     means, stds = [], []
+    dev = next(ae.parameters()).device
     for i in range(0, len(images), batch_size):
-        posterior = ae.encode(images[i:i + batch_size])
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+        posterior = ae.encode(images[i:i + batch_size].to(dev))
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -163,7 +167,7 @@ def build_from_config(config: dict) -> nn.Module:
 
 
 def train_first_stage(config: dict, images: torch.Tensor, cfg: StageConfig, run_dir: Path,
-                      kl_weight: float = 1e-6) -> tuple[nn.Module, dict]:
+                      kl_weight: float = 1e-6, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Stage 1 (resumable): the config's first stage on `images` [N, C, H, W] in [-1, 1]; returns the trained
     weights (not the EMA: the public first stages keep none, and over a few thousand steps the EMA lags the
     reconstruction quality) and {'steps', 'seconds'}. A finished stage (steps reached or --max_minutes spent)
@@ -171,7 +175,7 @@ def train_first_stage(config: dict, images: torch.Tensor, cfg: StageConfig, run_
     import json
     from ldm.util import instantiate_from_config
     done, state = run_dir / "ae_done.json", run_dir / "ae_state.pt"
-    ae = instantiate_from_config(config["model"]["params"]["first_stage_config"])
+    ae = instantiate_from_config(config["model"]["params"]["first_stage_config"]).to(device)
     if done.exists():
         ae.load_state_dict(torch.load(state, map_location="cpu", weights_only=False)["model"])
         return ae.eval(), json.loads(done.read_text())
@@ -183,9 +187,10 @@ def train_first_stage(config: dict, images: torch.Tensor, cfg: StageConfig, run_
 
 
 def train_latent_diffusion(config: dict, first_stage: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                           cfg: StageConfig, run_dir: Path, null_class: int, p_uncond: float = 0.1):
+                           cfg: StageConfig, run_dir: Path, null_class: int, p_uncond: float = 0.1,
+                           device: torch.device | str = "cpu"):
     """Stage 2 (resumable): LatentDiffusion with the trained first stage frozen; returns (EMA model, info)."""
-    ldm = build_from_config(config)
+    ldm = build_from_config(config).to(device)
     ldm.first_stage_model.load_state_dict(first_stage.state_dict())
     z_mean, z_std = encode_dataset(ldm.first_stage_model, images)
     scale = latent_scale(z_mean, z_std, cfg.seed)

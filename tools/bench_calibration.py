@@ -35,7 +35,7 @@ def parse_run(spec: str) -> tuple[Path, str]:
     return Path(path), name
 
 
-def start(path: Path, name: str, workdir: Path, threads: int) -> tuple[subprocess.Popen, Path]:
+def start(path: Path, name: str, workdir: Path, threads: int, device: str | None = None) -> tuple[subprocess.Popen, Path]:
     out = workdir / path.stem
     logdir = out / name
     shutil.rmtree(logdir, ignore_errors=True)
@@ -43,7 +43,8 @@ def start(path: Path, name: str, workdir: Path, threads: int) -> tuple[subproces
     log = logdir.parent / f"{name}.log"
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     task = load_task(path, None)
-    argv = [sys.executable, str(pipeline(task)[1]), *run_argv(task, name, out, SHORT_SAMPLING)]
+    argv = [sys.executable, str(pipeline(task)[1]),
+            *run_argv(task, name, out, SHORT_SAMPLING + (["--device", device] if device else []))]
     return subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), logdir
 
 
@@ -51,11 +52,12 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="<task.yml>:<run name>")
     p.add_argument("--threads", type=int, default=1, help="threads per run")
+    p.add_argument("--device", default=None, help="passed to every run (default: cuda if available, else cpu)")
     p.add_argument("--workdir", default="runs/bench_calibration")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
     specs = [parse_run(s) for s in args.runs]
-    started = [(name, *start(path, name, Path(args.workdir), args.threads)) for path, name in specs]
+    started = [(name, *start(path, name, Path(args.workdir), args.threads, args.device)) for path, name in specs]
     rows = []
     for name, proc, logdir in started:
         if proc.wait():

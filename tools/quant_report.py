@@ -23,15 +23,14 @@ import torch  # noqa: E402
 from ddim import load_config, make_betas  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
 from ddim.sampling import initial_noise, make_sampler  # noqa: E402
-from quant.calib_data import CalibSet, draw_over_steps, trajectories_for  # noqa: E402
+from quant.calib_data import CalibSet, draw_over_steps, to_device, trajectories_for  # noqa: E402
 from quant.calibrate import calibrate  # noqa: E402
 from quant.dilation import dilate  # noqa: E402
-from quant.layers import QuantLayer  # noqa: E402
 from quant.model import QuantModel, quant_enabled  # noqa: E402
-from quant.quantizer import fake_quant, range_to_params  # noqa: E402
+from quant.quantizer import range_to_params  # noqa: E402
 from quant.range_search import init_range, init_weight_quantizers  # noqa: E402
 from quant.settings import QuantConfig  # noqa: E402
-from common.device import set_seed  # noqa: E402
+from common.device import pick_device, set_seed  # noqa: E402
 from tools.common import parse_bits  # noqa: E402
 
 
@@ -39,7 +38,9 @@ def draw(fp, sample, n: int, seed: int, shape, per_traj: int = 1, gen_seed: int 
     """n (x_t, t) at random steps of FP trajectories started from noise `seed`, per_traj from each; the steps
     are picked with generator `gen_seed` (default: `seed`)."""
     x_T = initial_noise(trajectories_for(n, per_traj), shape, seed)
-    return draw_over_steps(lambda x, on_step, rows=None: sample(fp, x, on_step=on_step), x_T, n, len(sample.seq), per_traj,
+    device = next(fp.parameters()).device
+    return draw_over_steps(lambda x, on_step, rows=None: sample(fp, x.to(device), on_step=on_step), x_T, n,
+                           len(sample.seq), per_traj,
                            torch.Generator().manual_seed(seed if gen_seed is None else gen_seed))
 
 
@@ -52,12 +53,13 @@ def add_setup_args(p: argparse.ArgumentParser, cali_n: int) -> None:
     p.add_argument("--cali_per_traj", type=int, default=1, help="calibration samples per FP trajectory")
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
-def load_model(config: str, ckpt: str | None, timesteps: int, skip_type: str):
-    """(FP model, DDIM sampler with eta 0, image shape) of a model config and checkpoint."""
+def load_model(config: str, ckpt: str | None, timesteps: int, skip_type: str, device: str | None = None):
+    """(FP model on `device`, DDIM sampler with eta 0, image shape) of a model config and checkpoint."""
     cfg = load_config(config)
-    fp = load_unet(cfg, ckpt)
+    fp = load_unet(cfg, ckpt).to(pick_device(device))
     sample = make_sampler(make_betas(cfg.diffusion), timesteps, skip_type, 0.0)
     return fp, sample, (cfg.channels, cfg.image_size, cfg.image_size)
 
@@ -66,7 +68,7 @@ def load_setup(args):
     """(FP model, sampler, held-out set, image shape): 512 held-out samples at random steps of 512 FP
     trajectories of their own noise seed."""
     set_seed(args.seed)
-    fp, sample, shape = load_model(args.config, args.ckpt, args.timesteps, args.skip_type)
+    fp, sample, shape = load_model(args.config, args.ckpt, args.timesteps, args.skip_type, args.device)
     return fp, sample, draw(fp, sample, 512, 200 + args.seed, shape), shape
 
 
@@ -80,7 +82,9 @@ def setup(args):
 @torch.no_grad()
 def sqnr_db(fp, qmodel, data: CalibSet, batch: int = 128) -> float:
     sig = err = 0.0
+    device = next(fp.parameters()).device
     for x, t, cond in data.batches(batch):
+        x, t, cond = x.to(device), t.to(device), to_device(cond, device)
         ref = fp(x, t, **cond)
         sig += float(ref.pow(2).sum())
         err += float((qmodel(x, t, **cond) - ref).pow(2).sum())
@@ -135,7 +139,8 @@ def layer_inputs(qmodel: QuantModel, data: CalibSet) -> dict[str, torch.Tensor]:
         hooks.append(layer.register_forward_pre_hook(
             lambda m, a, name=name: seen.__setitem__(name, _channels_first(m.quantizer_input(a[0]), bool(m.conv_args)))))
     with quant_enabled(qmodel, weight=False, act=False):
-        qmodel(data.x, data.t)
+        device = next(qmodel.parameters()).device
+        qmodel(data.x.to(device), data.t.to(device), **to_device(data.cond, device))
     for h in hooks:
         h.remove()
     return seen
@@ -200,7 +205,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     fp, sample, calib, held = setup(args)
     report = {"config": args.config, "timesteps": args.timesteps, "cali_n": args.cali_n, "sqnr_db": {}}
-    x_T = initial_noise(args.sample_n, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution), 300 + args.seed)
+    x_T = initial_noise(args.sample_n, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution),
+                        300 + args.seed).to(next(fp.parameters()).device)
     with torch.no_grad():
         fp_samples = sample(fp, x_T)
     report |= {"sqnr_db_by_t": {}, "sample_sqnr_db": {}, "sample_n": args.sample_n}
@@ -225,7 +231,8 @@ def main(argv=None):
         if bits == args.bits[-1]:
             report[f"dilation W{w}A{a}"] = dilation_stats(fp, config, held.subset(torch.arange(min(128, len(held.t)))))
             print("Table 8 (means over layers):", report[f"dilation W{w}A{a}"]["mean"], flush=True)
-            x, t = held.x[:100], held.t[:100]
+            device = next(fp.parameters()).device
+            x, t = held.x[:100].to(device), held.t[:100].to(device)
             report["timing"] = forward_times(fp, q, x, t)
             print({k: v for k, v in report["timing"].items() if k != "profile"})
             print(report["timing"]["profile"])

@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from ddim.data import mnist_uint8, to_model_range  # noqa: E402
 from ldm.train import StageConfig, reconstruction_psnr, train_first_stage, train_latent_diffusion  # noqa: E402
 from ldm.util import load_config  # noqa: E402
-from common.device import set_seed  # noqa: E402
+from common.device import pick_device, set_seed  # noqa: E402
 
 
 def mnist_labels() -> torch.Tensor:
@@ -53,6 +53,7 @@ def main(argv=None):
     p.add_argument("--stop", type=int, default=None, help="end stage 2 at this step (lr schedule over --steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,13 +68,15 @@ def main(argv=None):
 
     ae_cfg = StageConfig(steps=args.ae_steps, batch_size=args.ae_batch_size, lr=args.ae_lr, warmup=100,
                          seed=args.seed, max_minutes=args.ae_minutes, stop_at=args.ae_stop)
-    ae, ae_info = train_first_stage(config, images, ae_cfg, run_dir, args.kl_weight)
-    psnr = reconstruction_psnr(ae, images, crop)
+    device = pick_device(args.device)
+    ae, ae_info = train_first_stage(config, images, ae_cfg, run_dir, args.kl_weight, device)
+    psnr = reconstruction_psnr(ae, images.to(device), crop).cpu()
     print(f"autoencoder: {ae_info['steps']} steps, recon PSNR {psnr.mean():.2f} dB (median {psnr.median():.2f})")
 
     ldm_cfg = StageConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=200, seed=args.seed,
                           max_minutes=args.max_minutes, stop_at=args.stop)
-    ema, ldm_info = train_latent_diffusion(config, ae, images, labels, ldm_cfg, run_dir, null_class, args.p_uncond)
+    ema, ldm_info = train_latent_diffusion(config, ae, images, labels, ldm_cfg, run_dir, null_class, args.p_uncond,
+                                           device)
 
     out = Path(args.out or config["ckpt"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,4 +98,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from common.errors import entry_point
+    entry_point(main)
