@@ -15,6 +15,10 @@ from quant.settings import QuantConfig
 from quant.slots import SlotIndex
 
 
+# Normalization layers keep FP affine parameters (their weight may be [C, H, W]); they are not weight layers.
+NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
@@ -53,8 +57,8 @@ class QuantModel(nn.Module):
         # Weight layers this wrapper cannot quantize (e.g. ConvTranspose2d, Embedding) stay FP: listed here, in
         # the log and in results.json, never silently counted as quantized.
         self.unquantized = [f"{name} ({type(m).__name__})" for name, m in self.model.named_modules()
-                            if not isinstance(m, QUANTIZABLE) and isinstance(getattr(m, "weight", None), nn.Parameter)
-                            and m.weight.dim() >= 2]
+                            if isinstance(getattr(m, "weight", None), nn.Parameter)
+                            and not isinstance(m, QUANTIZABLE + NORMS) and m.weight.dim() >= 2]
         if self.unquantized:
             warnings.warn(f"{len(self.unquantized)} weight layer(s) stay in full precision (no quantized form): "
                           f"{', '.join(self.unquantized[:6])}{' ...' if len(self.unquantized) > 6 else ''}")

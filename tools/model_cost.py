@@ -11,6 +11,7 @@ Decoders and text encoders are not counted (SPEC §6). No weights are needed: sh
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -24,15 +25,16 @@ from quant.adapters import adapter_for  # noqa: E402
 from tools.common import parse_bits  # noqa: E402
 
 
-def count_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, tuple[str, int]]:
-    """name -> (kind, MACs) for every conv, linear and attention matmul, from one forward."""
+def count_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **cond) -> dict[str, tuple[str, int]]:
+    """name -> (kind, MACs) for every conv (1d/2d), linear and attention matmul, from one forward
+    model(x, t, **cond) (cond: e.g. context= of a cross-attention UNet; the meta device works)."""
     macs, hooks = {}, []
     matmuls = adapter_for(model).softmax_operands(model)
 
     def hook(name):
         def fn(mod, args, out):
-            if isinstance(mod, nn.Conv2d):
-                k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+                k = mod.in_channels // mod.groups * math.prod(mod.kernel_size)
                 macs[name] = ("layer", out.numel() * k)
             elif isinstance(mod, nn.Linear):
                 macs[name] = ("layer", out.numel() * mod.in_features)
@@ -41,12 +43,14 @@ def count_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, 
         return fn
 
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) or name in matmuls:
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) or name in matmuls:
             hooks.append(m.register_forward_hook(hook(name)))
-    with torch.no_grad():
-        model(x, t)
-    for h in hooks:
-        h.remove()
+    try:
+        with torch.no_grad():
+            model(x, t, **cond)
+    finally:
+        for h in hooks:
+            h.remove()
     return macs
 
 

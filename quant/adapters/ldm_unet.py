@@ -77,5 +77,6 @@ class LDMUNetAdapter:
             out[(f"{name}.proj_in",)] = f"{name}.norm"
         for name, _ in _named(model, "AttentionBlock"):
             out[(f"{name}.qkv",)] = f"{name}.norm"
-        layers = {name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
+        layers = {name for name, m in model.named_modules()              # FP layers, or QuantLayers once wrapped
+                  if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() > 1}
         return {group: norm for group, norm in out.items() if set(group) <= layers}

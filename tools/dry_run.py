@@ -1,0 +1,323 @@
+"""Plan a real-scale LDM/SD quantization run without the weights: sizes, distillation memory and time.
+
+    python tools/dry_run.py --config configs/stable-diffusion/v1-inference.yaml --cali_n 512
+    python tools/dry_run.py --config configs/latent-diffusion/lsun_bedrooms-ldm-vq-4.yaml \\
+        configs/latent-diffusion/lsun_churches-ldm-kl-8.yaml configs/latent-diffusion/cin256-v2.yaml \\
+        configs/stable-diffusion/v1-inference.yaml --out results/ldm_dry_run.md
+
+Per config, the full-size UNet is built on the `meta` device (shapes only, no memory) and wrapped as DilateQuant
+wraps it (W4A4, TPQ over the sampler's steps, split); one meta forward of one sample (with its context: 77
+CLIP tokens for SD, one token for a ClassEmbedder, none for unconditional models) gives every distillation
+unit's per-sample input and output shapes (quant.unit_cache). Reported: parameters, quantized and FP weight
+layers, model size at FP32 and the --bits (tools/model_cost.py; first and last layer at 8 bits), the unit with
+the largest cache (inputs + FP targets of --cali_n samples) in float32 and float16, and
+
+    peak ≈ FP UNet + quantized UNet + Adam state of that unit (2 x its trained parameters) + its cache
+
+(float32 parameters; the unit's autograd activations, which grow with the training batch, come on top; the
+timing below measures the ones saved at --time_batch). Then, unless --no_time, only that unit is materialised
+on the CPU with random weights (quantizer ranges from the weights, activations in [-4, 4], softmax in [0, 1])
+and one distillation iteration (forward at mixed timesteps, MSE, backward, Adam step) is timed at
+--time_batch: the median of --time_iters after one warm-up, with a linear extrapolation to the paper's batch 32.
+
+Calibration sizes and steps default to the paper's (SPEC §9) for the four public configs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common.errors import UsageError  # noqa: E402
+from ldm.samplers import ddim_timesteps  # noqa: E402
+from ldm.util import instantiate_from_config, load_config  # noqa: E402
+from quant.distill import DistillConfig, unit_param_groups  # noqa: E402
+from quant.layers import QuantLayer, QuantMatMul  # noqa: E402
+from quant.model import QuantModel, quant_enabled  # noqa: E402
+from quant.quantizer import ActQuantizer  # noqa: E402
+from quant.settings import QuantConfig, Signedness  # noqa: E402
+from quant.unit_cache import GB, CachePolicy, per_sample_shapes, plan  # noqa: E402
+from tools.common import parse_bits  # noqa: E402
+from tools.model_cost import cost, count_macs  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Paper:
+    cali_n: int      # calibration samples (SPEC §9)
+    steps: int       # sampler steps: the TPQ schedule
+
+
+PAPER = {"lsun_bedrooms-ldm-vq-4": Paper(5120, 100), "lsun_churches-ldm-kl-8": Paper(5120, 100),
+         "cin256-v2": Paper(1024, 20), "v1-inference": Paper(512, 50)}
+PAPER_BATCH = 32
+
+
+def build_unet(config: dict) -> nn.Module:
+    """The config's UNet on the meta device: every shape, no storage."""
+    with torch.device("meta"):
+        return instantiate_from_config(config["model"]["params"]["unet_config"]).eval()
+
+
+def network_inputs(config: dict, unet: nn.Module, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(x, t, cond) of one network call on the meta device: latents [B, C, H, W], t [B], and for a
+    cross-attention UNet its context [B, tokens, context_dim] (CLIP: max_length tokens; ClassEmbedder: 1)."""
+    p = config["model"]["params"]
+    size = int(p.get("image_size", unet.image_size))
+    x = torch.zeros(batch, unet.in_channels, size, size, device="meta")
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    cond_stage = p.get("cond_stage_config")
+    context_dim = p["unet_config"]["params"].get("context_dim")
+    if context_dim is None:
+        return x, t, {}
+    target = cond_stage.get("target", "") if isinstance(cond_stage, dict) else ""
+    tokens = 1 if target.endswith("ClassEmbedder") else int((cond_stage.get("params") or {}).get("max_length", 77))
+    return x, t, {"context": torch.zeros(batch, tokens, context_dim, device="meta")}
+
+
+def nbytes(tensors) -> int:
+    return sum(v.numel() * v.element_size() for v in tensors)
+
+
+def describe(config_path: Path, cali_n: int, steps: int, bits: list[tuple[int, int]]) -> tuple[dict, dict]:
+    """The meta-device facts of one config -> (report row, what timing needs)."""
+    config = load_config(config_path)
+    unet = build_unet(config)
+    num_timesteps = int(config["model"]["params"].get("timesteps", 1000))
+    q = QuantModel(unet, QuantConfig(weight_bit=4, act_bit=4, temporal=True, split=True),
+                   ddim_timesteps(steps, num_timesteps))
+    units = q.adapter.units(q.model)
+    x, t, cond = network_inputs(config, unet)
+    calls = {}
+    hooks = [q.model.get_submodule(u).register_forward_pre_hook(
+        lambda mod, args, kwargs, u=u: calls.__setitem__(u, (args, kwargs)), with_kwargs=True) for u in units]
+    try:
+        with quant_enabled(q, weight=False, act=False):                  # shapes only: no ranges needed
+            shapes = per_sample_shapes(q.model, lambda: q(x, t, **cond), units)
+    finally:
+        for h in hooks:
+            h.remove()
+    caches = {dtype: {p.unit: p.bytes for p in plan(shapes, cali_n, CachePolicy(dtype))}
+              for dtype in (torch.float32, torch.float16)}
+    largest = max(units, key=lambda u: caches[torch.float32][u])
+    trained = sum(p.numel() for g in unit_param_groups(q.model.get_submodule(largest), DistillConfig())
+                  for p in g["params"])
+    macs = count_macs(unet, x, t, **cond)
+    fp_bytes = nbytes(unet.parameters())
+    q_bytes = nbytes(q.parameters()) + nbytes(b for b in q.buffers() if b is not None)
+    base = fp_bytes + q_bytes + 2 * 4 * trained
+    row = {"config": config_path.stem, "path": str(config_path), "cali_n": cali_n, "steps": steps,
+           "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
+           "weight_layers": sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in unet.modules()),
+           "quant_layers": sum(1 for _ in q.quant_layers()),
+           "matmuls": sum(isinstance(m, QuantMatMul) for m in q.model.modules()),
+           "unquantized": list(q.unquantized), "units": units,
+           "context": {k: tuple(v.shape[1:]) for k, v in cond.items()},
+           "gmacs": sum(n for _, n in macs.values()) / 1e9,
+           "size_mb": {f"W{w}A{a}": cost(unet, macs, w, a)["size_mb"] for w, a in [(32, 32)] + bits},
+           "largest": largest, "largest_shapes": [s for s, _ in shapes[largest]], "largest_trained_m": trained / 1e6,
+           "cache_gb": {str(d).removeprefix("torch."): caches[d][largest] / GB for d in caches},
+           "fp_gb": fp_bytes / GB, "quant_gb": q_bytes / GB, "adam_gb": 2 * 4 * trained / GB,
+           "peak_gb": {str(d).removeprefix("torch."): (base + caches[d][largest]) / GB for d in caches}}
+    return row, {"qmodel": q, "unit": largest, "call": calls[largest], "out_shape": shapes[largest][-1][0]}
+
+
+@torch.no_grad()
+def materialize(unit: nn.Module, seed: int = 0) -> None:
+    """Give a meta unit CPU storage and plausible values: weights N(0, 1/fan_in), norms reset, quantizer ranges
+    from the weights, activation ranges [-4, 4] ([0, 1] for softmax operands), all quantizers calibrated."""
+    gen = torch.Generator().manual_seed(seed)
+    unit.to_empty(device="cpu")
+    for m in unit.modules():
+        if isinstance(m, QuantLayer):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / math.sqrt(m.weight[0].numel()))
+            if m.bias is not None:
+                m.bias.zero_()
+            m.in_scale.fill_(1.0)
+            w = m.weight.flatten(1)
+            m.w_quant.set_range(w.amin(1), w.amax(1))
+        elif isinstance(m, ActQuantizer):
+            n = m.delta.numel()
+            lo = 0.0 if m.spec.signedness is Signedness.UNSIGNED else -4.0
+            hi = 1.0 if m.spec.signedness is Signedness.UNSIGNED else 4.0
+            m.set_range(torch.full((n,), lo), torch.full((n,), hi))
+        elif hasattr(m, "reset_parameters") and not isinstance(m, QuantMatMul):
+            m.reset_parameters()
+    bad = [k for k, v in unit.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RuntimeError(f"materialize left uninitialised values in {bad[:3]}: add an initialiser for them")
+
+
+def time_unit(q: QuantModel, name: str, call: tuple, out_shape: tuple, batch: int, iters: int,
+              seed: int = 0) -> dict:
+    """Seconds per distillation iteration of unit `name` at `batch` (median of `iters` after one warm-up) and
+    the bytes autograd saves for backward in one iteration (distinct storages)."""
+    unit = q.model.get_submodule(name)
+    materialize(unit, seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def like(v):
+        return torch.randn((batch, *v.shape[1:]), generator=gen) if torch.is_tensor(v) else v
+
+    args, kwargs = call
+    args, kwargs = [like(a) for a in args], {k: like(v) for k, v in kwargs.items()}
+    target = torch.randn((batch, *out_shape), generator=gen)
+    slots = torch.randint(0, q.slots.num_slots, (batch,), generator=gen)     # a mixed-timestep batch
+    opt = torch.optim.Adam(unit_param_groups(unit, DistillConfig()))
+    saved: dict[int, int] = {}
+
+    def pack(v):
+        saved[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+        return v
+
+    def step(record: bool = False) -> float:
+        start = time.perf_counter()
+        with q.slots.active(slots), torch.autograd.graph.saved_tensors_hooks(pack if record else (lambda v: v),
+                                                                            lambda v: v):
+            loss = F.mse_loss(unit(*args, **kwargs), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    step(record=True)                                                        # warm-up
+    seconds = statistics.median(step() for _ in range(iters))
+    return {"batch": batch, "iters": iters, "seconds": seconds, "saved_gb": sum(saved.values()) / GB,
+            "seconds_32": seconds * PAPER_BATCH / batch}
+
+
+def paper_setting(path: Path, given: int | None, what: str) -> int:
+    if given is not None:
+        return given
+    if path.stem not in PAPER:
+        raise UsageError(f"{path} is not one of the public configs {sorted(PAPER)}: no paper default for --{what}",
+                         f"pass --{what}")
+    return getattr(PAPER[path.stem], what)
+
+
+def per_config(values: list[int] | None, n: int, flag: str) -> list[int | None]:
+    if values is None:
+        return [None] * n
+    if len(values) not in (1, n):
+        raise UsageError(f"--{flag} takes one value or one per --config ({n}), got {len(values)}")
+    return values * n if len(values) == 1 else values
+
+
+def gb(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def markdown(rows: list[dict], command: str, machine: str | None) -> str:
+    bits = list(rows[0]["size_mb"])
+    lines = ["# LDM/SD quantization plan at full size (dry run, no weights)", "", f"    {command}", "",
+             "Full-size UNets built on the meta device and wrapped as DilateQuant wraps them (W4A4, TPQ over the "
+             "sampler's steps, split shortcut); shapes from one meta forward of one sample. Sizes in MB = 10^6 bytes "
+             "(tools/model_cost.py: first and last layer at 8 bits, biases and norms at 32); memory in GB = 2^30 "
+             "bytes.", "",
+             "| config | UNet params (M) | conv+linear layers | quantized layers | attention matmuls | "
+             "unquantized weight layers | units | GMACs / call | " + " | ".join(f"size {b} (MB)" for b in bits) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(bits)]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['params_m']:.2f} | {r['weight_layers']} | {r['quant_layers']} | "
+                     f"{r['matmuls']} | {len(r['unquantized'])} | {len(r['units'])} | {r['gmacs']:.1f} | "
+                     + " | ".join(f"{r['size_mb'][b]:.1f}" for b in bits) + " |")
+    lines += ["", "Distillation memory: peak ≈ FP UNet + quantized UNet + Adam state of the largest unit (2 x its "
+              "trained parameters, float32) + that unit's cache (inputs from the quantized chain and FP targets of "
+              "every calibration sample). The unit's autograd activations at the training batch come on top "
+              "(measured below at the timing batch).", "",
+              "| config | cali_n | TPQ steps | largest unit (by cache) | its per-sample inputs -> output | trained "
+              "params (M) | cache fp32 (GB) | cache fp16 (GB) | FP UNet (GB) | quantized UNet (GB) | Adam (GB) | "
+              "peak, fp32 cache (GB) | peak, fp16 cache (GB) |", "|---" * 13 + "|"]
+    for r in rows:
+        shapes = ", ".join("x".join(map(str, s)) for s in r["largest_shapes"][:-1]) + " -> " + \
+            "x".join(map(str, r["largest_shapes"][-1]))
+        lines.append(f"| {r['config']} | {r['cali_n']} | {r['steps']} | {r['largest']} | {shapes} | "
+                     f"{r['largest_trained_m']:.2f} | {gb(r['cache_gb']['float32'])} | "
+                     f"{gb(r['cache_gb']['float16'])} | "
+                     f"{gb(r['fp_gb'])} | {gb(r['quant_gb'])} | {gb(r['adam_gb'])} | {gb(r['peak_gb']['float32'])} | "
+                     f"{gb(r['peak_gb']['float16'])} |")
+    timed = [r for r in rows if r.get("time")]
+    if timed:
+        lines += ["", f"Distillation time of the largest unit, MEASURED on the CPU ({machine}): one iteration = "
+                  "forward at mixed timesteps, MSE, backward, Adam step, random weights; median of the timed "
+                  "iterations after one warm-up. Columns marked 'extrapolated' are LINEAR EXTRAPOLATIONS from the "
+                  "measured batch to the paper's batch 32 (not measured); the 5K-iteration total uses the paper's "
+                  "5K iterations per unit.", "",
+                  "| config | unit | batch | iterations timed | s / iteration (measured) | autograd saved tensors "
+                  "(GB, measured) | s / iteration at batch 32 (extrapolated) | 5K iterations at batch 32 (h, "
+                  "extrapolated) | saved tensors at batch 32 (GB, extrapolated) | peak at batch 32, fp16 cache (GB, "
+                  "extrapolated) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in timed:
+            tm = r["time"]
+            saved_32 = tm["saved_gb"] * PAPER_BATCH / tm["batch"]
+            lines.append(f"| {r['config']} | {r['largest']} | {tm['batch']} | {tm['iters']} | {tm['seconds']:.2f} | "
+                         f"{tm['saved_gb']:.2f} | {tm['seconds_32']:.1f} | {tm['seconds_32'] * 5000 / 3600:.1f} | "
+                         f"{saved_32:.1f} | {r['peak_gb']['float16'] + saved_32:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine_note() -> str:
+    """Threads used, and whether other jobs shared the CPU (the 1-minute load average counts this process too)."""
+    threads, load = torch.get_num_threads(), os.getloadavg()[0]
+    shared = "shared with other jobs" if load > threads + 0.5 else "not visibly shared"
+    return (f"torch {torch.__version__}, {threads} thread(s) of {os.cpu_count()} cores; 1-minute load average "
+            f"{load:.2f} when timing started: {shared}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", nargs="+", required=True, help="LDM/SD configs (YAML)")
+    p.add_argument("--cali_n", type=int, nargs="+", default=None,
+                   help="calibration samples: one for all configs or one per config (default: the paper's, "
+                        "bedroom/church 5120, cin256-v2 1024, SD v1 512)")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="sampler steps, the TPQ schedule (default: the paper's, 100 / 100 / 20 / 50)")
+    p.add_argument("--bits", nargs="+", default=["6/6", "4/4"], help="W/A pairs for the model size")
+    p.add_argument("--time_batch", type=int, default=2, help="batch of the timed distillation iterations")
+    p.add_argument("--time_iters", type=int, default=3, help="timed iterations (after one warm-up)")
+    p.add_argument("--no_time", action="store_true", help="shapes and memory only (no timing)")
+    p.add_argument("--out", default=None, help="write the markdown table here")
+    return p
+
+
+def main(argv=None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.time_batch < 1 or args.time_iters < 1:
+        raise UsageError("--time_batch and --time_iters must be >= 1")
+    bits = [parse_bits(b) for b in args.bits]
+    paths = [Path(c) for c in args.config]
+    cali = per_config(args.cali_n, len(paths), "cali_n")
+    steps = per_config(args.steps, len(paths), "steps")
+    rows, machine = [], None
+    for path, n, s in zip(paths, cali, steps):
+        row, timing = describe(path, paper_setting(path, n, "cali_n"), paper_setting(path, s, "steps"), bits)
+        if not args.no_time:
+            machine = machine or machine_note()
+            row["time"] = time_unit(timing["qmodel"], timing["unit"], timing["call"], timing["out_shape"],
+                                    args.time_batch, args.time_iters)
+        rows.append(row)
+        print(f"[dry_run] {row['config']}: {row['params_m']:.2f} M parameters, largest unit {row['largest']} "
+              f"({row['cache_gb']['float32']:.2f} GB cache)", flush=True)
+    text = markdown(rows, "python tools/dry_run.py " + " ".join(shlex.quote(a) for a in argv), machine)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return rows
+
+
+if __name__ == "__main__":
+    from common.errors import entry_point
+    entry_point(main)
