@@ -19,7 +19,7 @@ from ddim.sampling import make_grid
 from evaluation.fidelity import paired_psnr_db
 
 COLUMNS = [("run", "{}"), ("method", "{}"), ("W/A", "{}"), ("FID", "{:.2f}"), ("sFID", "{:.2f}"),
-           ("PSNR to FP dB", "{:.2f}"), ("IS", "{:.2f}"),
+           ("FID to FP", "{:.2f}"), ("PSNR to FP dB", "{:.2f}"), ("IS", "{:.2f}"),
            ("calib s", "{:.0f}"), ("peak MB", "{:.0f}"), ("sampling s", "{:.0f}"), ("n", "{}"), ("steps", "{}"),
            ("commit", "{}")]
 
@@ -39,7 +39,8 @@ def commit_of(r: dict) -> str | None:
 
 
 def row(name: str, r: dict) -> list[str]:
-    values = [name, r.get("method"), _bits(r), r.get("fid"), r.get("sfid"), r.get("psnr_to_fp_db"), r.get("is"),
+    values = [name, r.get("method"), _bits(r), r.get("fid"), r.get("sfid"), r.get("fid_to_fp"), r.get("psnr_to_fp_db"),
+              r.get("is"),
               r.get("calib_seconds"), r.get("peak_mem_mb"), r.get("sampling_seconds"), r.get("n_samples"),
               r.get("steps"), commit_of(r)]
     return ["n/a" if v is None else fmt.format(v) for v, (_, fmt) in zip(values, COLUMNS)]
@@ -52,7 +53,7 @@ def collect(runs: Path) -> list[tuple[str, dict]]:
     return [(p.parent.name, json.loads(p.read_text())) for p in sorted(runs.glob("*/results.json"))]
 
 
-PAIRING = ("n_samples", "steps", "skip_type", "eta", "seed", "config")
+PAIRING = ("n_samples", "steps", "skip_type", "eta", "seed", "config", "sampler", "scale")
 
 
 def add_psnr_to_fp(runs: Path, results: list[tuple[str, dict]]) -> None:
@@ -62,6 +63,8 @@ def add_psnr_to_fp(runs: Path, results: list[tuple[str, dict]]) -> None:
     for name, record in results:
         ref = next((n for n, r in fps if all(r.get(k) == record.get(k) for k in PAIRING)), None)
         if record.get("method") == "fp" or ref is None or not (runs / name / "samples.npz").exists():
+            continue
+        if record.get("fp_samples"):                            # the run paired itself (--fp_samples)
             continue
         psnr = paired_psnr_db(np.load(runs / ref / "samples.npz")["arr_0"], np.load(runs / name / "samples.npz")["arr_0"])
         record["psnr_to_fp_db"], record["psnr_ref"] = float(np.median(psnr)), ref
@@ -84,7 +87,8 @@ def markdown(results: list[tuple[str, dict]], title: str) -> str:
     head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
     sep = "|" + "---|" * len(COLUMNS)
     body = ["| " + " | ".join(row(n, r)) + " |" for n, r in results]
-    note = ("PSNR to FP: median over images of the PSNR between a run's sample and the FP run's sample from the same "
+    note = ("FID to FP: FID against the FP model's own samples from the same noise (runs given --fp_samples). "
+            "PSNR to FP: median over images of the PSNR between a run's sample and the FP run's sample from the same "
             "noise (what quantization keeps; n/a where no paired FP run was in the same run folder). "
             "IS is n/a: it needs the real Inception classifier head, which no package here ships. "
             "peak MB: CUDA peak allocation, or on CPU the process's peak resident memory at the end of calibration.")
