@@ -240,11 +240,16 @@ def test_torchrun_shards_sampling_with_identical_images(tiny_task, tmp_path):
     """2 gloo processes (rank 0 calibrates, both sample half the batches) = one process, byte for byte."""
     q = ["--ptq", "--quant_mode", "baseline", "--weight_bit", "8", "--quant_act", "--act_bit", "8", "--cali_n", "16",
          "--eta", "0.5"]
-    single = run(tiny_task, tmp_path / "one", *q, "--no_fid")
+    # both sides in 1-thread subprocesses: CPU kernels may sum in a thread-count-dependent order, which is not
+    # what this test is about
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = str(ROOT / "scripts" / "sample_diffusion_ddim.py")
+    subprocess.run([sys.executable, script, *_script_argv(tiny_task, tmp_path / "one", *q), "--device", "cpu"],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(ROOT / "scripts" / "sample_diffusion_ddim.py"), *_script_argv(tiny_task, tmp_path / "two", *q),
+                    script, *_script_argv(tiny_task, tmp_path / "two", *q),
                     "--device", "cpu"], check=True, cwd=ROOT, env=env, capture_output=True)
+    single = json.loads((tmp_path / "one" / "results.json").read_text())
     out = json.loads((tmp_path / "two" / "results.json").read_text())
     assert out["processes"] == 2 and single["processes"] == 1
     a = np.load(tmp_path / "one" / "samples.npz")["arr_0"]
