@@ -127,7 +127,7 @@ def frozen(qmodel: QuantModel) -> Iterator[QuantModel]:
     try:
         with torch.no_grad():
             for layer in layers:
-                layer.frozen_weight = layer.op_weight()
+                layer.frozen_weight = layer.op_weight().detach()   # a plain tensor, also when it is W itself
         yield qmodel
     finally:
         for layer in layers:

@@ -10,7 +10,7 @@ from quant.calibrate import calibrate
 from quant.checkpoint import load_quantized, save_quantized
 from quant.layers import QuantLayer, QuantMatMul
 from quant.methods.baseline import quantize_baseline
-from quant.model import QuantModel, quant_enabled
+from quant.model import QuantModel, frozen, quant_enabled
 from quant.settings import QuantConfig, Signedness
 from quant.slots import UncalibratedTimestepError
 
@@ -37,6 +37,20 @@ def test_wrapping_covers_every_layer_and_keeps_fp_outputs(tiny_unet):
     x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 5, 999])
     with torch.no_grad(), quant_enabled(q, weight=False, act=False):
         assert torch.equal(q(x, t), tiny_unet(x, t))
+
+
+def test_frozen_works_with_weight_quantization_off_and_can_be_reentered(tiny_unet):
+    """frozen() with weights unquantized (op weight = W, a Parameter) used to register W as a parameter and
+    fail on the next entry with quantized weights."""
+    q = quantize_baseline(tiny_unet, QuantConfig(weight_bit=4), None)      # weights calibrated, no activations
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([0, 999])
+    with torch.no_grad():
+        with quant_enabled(q, weight=False, act=False), frozen(q):
+            first = q(x, t)
+        with quant_enabled(q, weight=True, act=False), frozen(q):      # now a quantized (plain) tensor
+            q(x, t)
+    assert torch.equal(first, tiny_unet(x, t))
+    assert not any(name.endswith("frozen_weight") for name, _ in q.named_parameters())
 
 
 def test_edge_layers_stay_8_bit_and_softmax_is_unsigned(tiny_unet):
