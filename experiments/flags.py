@@ -58,6 +58,10 @@ def add_quant_flags(p: argparse.ArgumentParser, resume_flag: bool = True) -> Non
     q.add_argument("--eps_correction", type=int, default=0, metavar="N",
                    help="beyond the paper, any method: subtract the per-timestep mean eps error, estimated on N "
                         "trajectories of the quantized model (quant/bias_correction.py); 0 = off")
+    q.add_argument("--eps_rescale", action="store_true",
+                   help="beyond the paper, any method: scale the quantized eps per timestep by the factor that "
+                        "undoes its shrinkage against the FP eps, fitted on the calibration set (PTQD's "
+                        "correlated-noise correction; quant/bias_correction.py)")
     r = p.add_argument_group("qdiff (BRECQ reconstruction with AdaRound)")
     r.add_argument("--cali_iters_a", type=int, default=QDiffConfig.act_iters, help="activation-step iterations per block")
     r.add_argument("--cali_lr", type=float, default=QDiffConfig.act_lr, help="activation-step learning rate")
@@ -140,6 +144,8 @@ def check_quant_flags(args) -> None:
         raise UsageError("--resume needs --cali_ckpt (the calibrated checkpoint to resume from)")
     if args.resume_w and not (args.cali_ckpt and args.quant_mode == QuantMode.QDIFF.value):
         raise UsageError("--resume_w needs --quant_mode qdiff and --cali_ckpt")
+    if args.eps_rescale and args.eps_correction:
+        raise UsageError("--eps_rescale and --eps_correction are two corrections of the same output: use one")
     if args.quant_mode != QuantMode.DILATEQUANT.value and args.scaling != Scaling.WEIGHT_DILATION.value:
         raise UsageError(f"--scaling {args.scaling} is a DilateQuant setting: add --quant_mode dilatequant")
 
@@ -170,12 +176,13 @@ def qdiff_settings(args) -> QDiffConfig:
 
 
 EPS_CORRECTED = "+epsbc"   # method-name suffix of a model with the eps-mean correction (--eps_correction)
+EPS_RESCALED = "+rescale"  # method-name suffix of a model with the eps rescale (--eps_rescale)
 
 
 def method_name(args) -> str:
     """'dilatequant', e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row; '+epsbc' with --eps_correction,
-    '+tw0.2' with --t_weight_sigma 0.2 (beyond the paper)."""
-    suffix = EPS_CORRECTED if args.eps_correction else ""
+    '+rescale' with --eps_rescale, '+tw0.2' with --t_weight_sigma 0.2 (beyond the paper)."""
+    suffix = correction_suffix(args)
     if args.quant_mode != QuantMode.DILATEQUANT.value:
         return args.quant_mode + suffix
     if args.bkd and args.t_weight_sigma is not None:
@@ -185,6 +192,15 @@ def method_name(args) -> str:
     scaling = "wd" if args.scaling == Scaling.WEIGHT_DILATION.value else args.scaling
     parts = [n for n, on in ((scaling, args.wd), ("tpq", args.tpq), ("bkd", args.bkd)) if on]
     return f"dilatequant[{','.join(parts) or 'none'}]{suffix}"
+
+
+def corrects_output(args) -> bool:
+    """A per-timestep correction of the quantized eps is asked for (--eps_correction, --eps_rescale)."""
+    return bool(args.eps_correction or getattr(args, "eps_rescale", False))
+
+
+def correction_suffix(args) -> str:
+    return EPS_CORRECTED if args.eps_correction else EPS_RESCALED if getattr(args, "eps_rescale", False) else ""
 
 
 def base_method(method: str) -> str:

@@ -18,11 +18,12 @@ import torch.nn as nn
 
 from common.errors import UsageError
 from common.files import file_digest
-from experiments.flags import (EPS_CORRECTED, base_method, dilatequant_config, method_name, qdiff_settings,
-                               quant_config)
+from experiments.flags import (base_method, correction_suffix, corrects_output, dilatequant_config, method_name,
+                               qdiff_settings, quant_config)
 from experiments.runtime import (canonical, load_stage, peak_memory_mb, provenance, reset_peak_memory, save_stage,
                                  timer)
 from quant import METHOD_VERSION
+from quant.bias_correction import correct_eps_gain
 from quant.calib_data import CalibSet
 from quant.checkpoint import load_quantized, load_quantized_weights, save_quantized
 from quant.methods import QuantMode
@@ -89,7 +90,8 @@ def check_cali_ckpt(payload: dict, path: str, args, schedule: Sequence[int]) -> 
 
 def _calibrate(job: QuantJob, args, logdir: Path, device: torch.device, dq_config) -> tuple[QuantModel, dict]:
     config, mode = quant_config(args), QuantMode(args.quant_mode)
-    needs_data = config.quant_act or mode is QuantMode.QDIFF or (mode is QuantMode.DILATEQUANT and args.bkd)
+    needs_data = (config.quant_act or mode is QuantMode.QDIFF or (mode is QuantMode.DILATEQUANT and args.bkd)
+                  or args.eps_rescale)
     reset_peak_memory(device)
     calib, data_seconds, reused = None, None, False
     with timer() as t:
@@ -106,11 +108,21 @@ def _calibrate(job: QuantJob, args, logdir: Path, device: torch.device, dq_confi
         else:
             qmodel = quantize_qdiff(job.fp, config, calib, qdiff_settings(args), logdir,
                                     batch_size=args.cali_batch_size)
-        stats = job.eps_correction(qmodel) if args.eps_correction else {}
+        stats = correct_output(job, args, qmodel, calib)
     # a reused calibration set counts with the seconds of its original draw (None: not recorded, not counted)
     seconds = t["seconds"] + ((data_seconds or 0.0) if reused else 0.0)
     return qmodel, stats | {"calib_seconds": seconds, "calib_data_seconds": data_seconds,
                             "calib_data_reused": reused, "peak_mem_mb": peak_memory_mb(device)}
+
+
+def correct_output(job: QuantJob, args, qmodel: QuantModel, calib: CalibSet | None) -> dict:
+    """--eps_correction (on the quantized model's own trajectories) or --eps_rescale (on the calibration set):
+    installs the correction on qmodel; -> its statistics."""
+    if args.eps_correction:
+        return job.eps_correction(qmodel)
+    if args.eps_rescale:
+        return correct_eps_gain(qmodel, job.fp, calib, job.schedule, args.cali_batch_size)
+    return {}
 
 
 def _clear_stale_units(logdir: Path, key: dict) -> None:
@@ -132,14 +144,16 @@ def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: d
         cfg = payload["config"]
         record |= {"method": payload["method"], "weight_bit": cfg["weight_bit"], "act_bit": cfg["act_bit"],
                    "quantized_from": checkpoint_summary(args.cali_ckpt, payload)}
-        if not args.eps_correction:
+        if not corrects_output(args):
             return qmodel.eval(), record | {"calib_seconds": None, "peak_mem_mb": None}
-        if not record["method"].endswith(EPS_CORRECTED):
-            record["method"] += EPS_CORRECTED
-        stats = job.eps_correction(qmodel)                       # calib_seconds: the correction alone
+        suffix = correction_suffix(args)
+        if not record["method"].endswith(suffix):
+            record["method"] += suffix
+        with timer() as t:                                       # calib_seconds: the correction alone
+            stats = correct_output(job, args, qmodel, job.draw_calibration()[0] if args.eps_rescale else None)
         save_quantized(logdir / "quantized.pt", qmodel, record["method"], sampler=sampler,
                        cali_ckpt=str(args.cali_ckpt), stage_key=canonical(stage_key(args, job)))
-        return qmodel.eval(), record | stats | {"calib_seconds": stats["eps_correction_seconds"], "peak_mem_mb": None}
+        return qmodel.eval(), record | stats | {"calib_seconds": t["seconds"], "peak_mem_mb": None}
     key = canonical(stage_key(args, job))
     path = logdir / "quantized.pt"
     if path.exists():

@@ -18,6 +18,7 @@ import torch.nn as nn
 from common.files import file_digest
 from ddim.sampling import join_batches, run_batches, save_samples
 from experiments import dist
+from experiments.flags import corrects_output
 from experiments.quantize import NOT_RESULT, QuantJob, quantize
 from experiments.runtime import (canonical, load_stage, locked, provenance, recorded_identity, save_args, save_stage,
                                  write_results)
@@ -60,7 +61,7 @@ def clear_stale_outputs(logdir: Path, identity: dict) -> None:
 
 def quantize_once(job: QuantJob, args, logdir: Path, device, shard: dist.Shard, sampler: dict, payload: dict | None):
     """quantize() on rank 0; the other ranks wait for its quantized.pt and load it."""
-    if shard.world == 1 or args.cali_ckpt and not args.eps_correction and not args.resume_w:
+    if shard.world == 1 or args.cali_ckpt and not corrects_output(args) and not args.resume_w:
         return quantize(job, args, logdir, device, sampler, payload)
     result = quantize(job, args, logdir, device, sampler, payload) if shard.main else None
     dist.barrier(shard)
@@ -107,7 +108,7 @@ def _execute(args, family: Family, identity: dict, payload, shard, device, logdi
         model, record = quantize_once(job, args, logdir, device, shard, family.sampler, payload)
         model.check_timesteps(job.schedule)
         made = logdir / "quantized.pt"
-        from_ckpt = args.cali_ckpt and not args.eps_correction and not args.resume_w
+        from_ckpt = args.cali_ckpt and not corrects_output(args) and not args.resume_w
         model_digest = file_digest(args.cali_ckpt if from_ckpt else made)
         record["unquantized_layers"] = model.unquantized              # listed, never counted as quantized
     cache = sample_cache(logdir, identity, family.count_flag, model_digest, device) if shard.main \

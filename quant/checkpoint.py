@@ -42,8 +42,11 @@ def _install_optional_tensors(qmodel: QuantModel, state: dict) -> None:
             layer.make_scale_learnable()
     if "eps_bias" in state:                                   # eps-mean correction (--eps_correction)
         qmodel.set_eps_bias(state["eps_bias_t"], state["eps_bias"])
+    if "eps_gain" in state:                                   # eps rescale (--eps_rescale)
+        qmodel.set_eps_gain(state["eps_gain_t"], state["eps_gain"])
 
 
+CORRECTIONS = ("eps_bias", "eps_gain")                        # output corrections: not part of the weights
 MISMATCH_HINT = "It was calibrated for another model, config or bit setting: check --config/--ckpt/--split."
 
 
@@ -66,9 +69,9 @@ def load_quantized_weights(path: str | Path, fp_model: nn.Module, config: QuantC
         raise CheckpointError(f"--cali_ckpt {path} has weights for W{saved.weight_bit} (split {saved.split}), not "
                               f"W{config.weight_bit} (split {config.split})")
     qmodel = QuantModel(fp_model, replace(config, temporal=saved.temporal), payload["schedule"] or None)
-    weights = {k: v for k, v in payload["state_dict"].items() if ".a_quant." not in k and not k.startswith("eps_bias")}
+    weights = {k: v for k, v in payload["state_dict"].items() if ".a_quant." not in k and not k.startswith(CORRECTIONS)}
     _install_optional_tensors(qmodel, weights)
-    expected = {k: v for k, v in qmodel.state_dict().items() if ".a_quant." not in k and not k.startswith("eps_bias")}
+    expected = {k: v for k, v in qmodel.state_dict().items() if ".a_quant." not in k and not k.startswith(CORRECTIONS)}
     problem = state_dict_mismatch(expected, weights)
     if problem:
         raise CheckpointError(f"--cali_ckpt {path} does not match the model: {problem}. {MISMATCH_HINT}")

@@ -47,6 +47,9 @@ class QuantModel(nn.Module):
         self.register_buffer("eps_bias_t", None)               # optional eps-mean correction [S] and [S, C]
         self.register_buffer("eps_bias", None)                 # (quant/bias_correction.py; off unless set)
         self._bias_index: SlotIndex | None = None
+        self.register_buffer("eps_gain_t", None)               # optional eps rescale [S] and [S]
+        self.register_buffer("eps_gain", None)                 # (quant/bias_correction.py; off unless set)
+        self._gain_index: SlotIndex | None = None
         self._wrap()
 
     def _wrap(self) -> None:
@@ -82,22 +85,28 @@ class QuantModel(nn.Module):
     def check_timesteps(self, timesteps: Sequence[int]) -> None:
         """One-line error unless every timestep a sampler will visit was calibrated (call before sampling)."""
         self.slots.check_timesteps(timesteps)
-        if self._bias_index is not None:
-            self._bias_index.check_timesteps(timesteps)
+        for index in (self._bias_index, self._gain_index):
+            if index is not None:
+                index.check_timesteps(timesteps)
 
     def raw_eps(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        """The quantized network's output, without the eps-mean correction."""
+        """The quantized network's output, without the eps corrections (mean, rescale)."""
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         with self.slots.active(self.slots.lookup(t)):
             return self.model(x, t, **cond)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         eps = self.raw_eps(x, t, **cond)                       # [B, C, ...]
-        if self.eps_bias is None:
+        if self.eps_bias is None and self.eps_gain is None:
             return eps
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        bias = self.eps_bias[self._bias_index.lookup(t)]       # [B, C]
-        return eps - bias.view(*bias.shape, *([1] * (eps.dim() - 2)))
+        if self.eps_gain is not None:
+            gain = self.eps_gain[self._gain_index.lookup(t)]   # [B]
+            eps = eps * gain.view(-1, *([1] * (eps.dim() - 1)))
+        if self.eps_bias is not None:
+            bias = self.eps_bias[self._bias_index.lookup(t)]   # [B, C]
+            eps = eps - bias.view(*bias.shape, *([1] * (eps.dim() - 2)))
+        return eps
 
     def set_eps_bias(self, timesteps: torch.Tensor, bias: torch.Tensor) -> None:
         """Install b_t: forward then returns eps - b_t for t in `timesteps` [S] (bias [S, C]); any other
@@ -109,6 +118,17 @@ class QuantModel(nn.Module):
         self.eps_bias_t = timesteps[order].long().to(self.like["device"])
         self.eps_bias = bias[order.to(bias.device)].to(**self.like)
         self._bias_index = SlotIndex(timesteps[order].tolist())
+
+    def set_eps_gain(self, timesteps: torch.Tensor, gain: torch.Tensor) -> None:
+        """Install g_t: forward then returns g_t * eps for t in `timesteps` [S] (gain [S]); any other timestep
+        is an UncalibratedTimestepError."""
+        timesteps = timesteps.cpu()
+        order = torch.argsort(timesteps)
+        if len(torch.unique(timesteps)) != len(timesteps) or gain.shape != timesteps.shape:
+            raise ValueError("eps gain needs distinct timesteps [S] and a gain [S]")
+        self.eps_gain_t = timesteps[order].long().to(self.like["device"])
+        self.eps_gain = gain[order.to(gain.device)].to(**self.like)
+        self._gain_index = SlotIndex(timesteps[order].tolist())
 
     def quant_layers(self) -> Iterator[tuple[str, QuantLayer]]:
         return ((n, m) for n, m in self.model.named_modules() if isinstance(m, QuantLayer))

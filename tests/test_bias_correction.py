@@ -1,10 +1,12 @@
-"""Per-timestep eps-mean correction (quant/bias_correction.py)."""
+"""Per-timestep eps corrections (quant/bias_correction.py): the mean (--eps_correction) and the scale
+(--eps_rescale)."""
 import pytest
 import torch
 
 from conftest import BETAS, TINY_SEQ
 from ddim import ddim_sample
-from quant.bias_correction import correct_eps_bias, estimate_eps_bias
+from quant.bias_correction import correct_eps_bias, correct_eps_gain, estimate_eps_bias, estimate_eps_gain
+from quant.calib_data import CalibSet
 from quant.calibrate import calibrate
 from quant.checkpoint import load_quantized, save_quantized
 from quant.model import QuantModel
@@ -68,3 +70,46 @@ def test_bad_bias_shapes_are_refused(tiny_unet):
     q = w8_with_offset(tiny_unet, 0.0)
     with pytest.raises(ValueError, match="distinct timesteps"):
         q.set_eps_bias(torch.tensor([1, 1]), torch.zeros(2, 1))
+
+
+def w8_scaled(tiny_unet, factor: float) -> QuantModel:
+    """W8 weights, FP activations, conv_out's weight and bias times `factor`: eps_q ≈ factor * eps_fp."""
+    q = calibrate(QuantModel(tiny_unet, QuantConfig(weight_bit=8)), None)
+    with torch.no_grad():
+        q.model.conv_out.weight *= factor
+        q.model.conv_out.bias *= factor
+        q.model.conv_out.w_quant.delta *= factor
+    return q
+
+
+def calib_over(timesteps, per_step: int = 3) -> CalibSet:
+    t = torch.tensor(timesteps).repeat_interleave(per_step)
+    return CalibSet(torch.randn(len(t), 1, 16, 16, generator=torch.Generator().manual_seed(2)), t)
+
+
+def test_estimated_gain_undoes_a_shrunk_output_at_every_step(tiny_unet):
+    q = w8_scaled(tiny_unet, 0.8)
+    steps, gain = estimate_eps_gain(q, tiny_unet, calib_over(sorted(set(TINY_SEQ))), TINY_SEQ, batch_size=5)
+    assert steps.tolist() == sorted(set(TINY_SEQ)) and gain.shape == steps.shape
+    assert torch.allclose(gain, torch.full_like(gain, 1 / 0.8), rtol=1e-2)     # W8 weight noise aside
+    stats = correct_eps_gain(q, tiny_unet, calib_over(sorted(set(TINY_SEQ))), TINY_SEQ, batch_size=5)
+    assert abs(stats["eps_gain_median"] - 1 / 0.8) < 1e-2
+    x, t = torch.randn(4, 1, 16, 16), torch.full((4,), TINY_SEQ[1])
+    with torch.no_grad():
+        before = (q.raw_eps(x, t) - tiny_unet(x, t)).abs().mean()
+        after = (q(x, t) - tiny_unet(x, t)).abs().mean()
+    assert after < 0.1 * before
+
+
+def test_gain_needs_every_step_and_survives_save_and_load(tiny_unet, tmp_path):
+    q = w8_scaled(tiny_unet, 0.9)
+    with pytest.raises(ValueError, match="no sample at timesteps"):
+        estimate_eps_gain(q, tiny_unet, calib_over(sorted(set(TINY_SEQ))[1:]), TINY_SEQ, batch_size=5)
+    correct_eps_gain(q, tiny_unet, calib_over(sorted(set(TINY_SEQ))), TINY_SEQ, batch_size=5)
+    with pytest.raises(UncalibratedTimestepError, match="not calibrated"):
+        q.check_timesteps([TINY_SEQ[0], 500])
+    save_quantized(tmp_path / "q.pt", q, "baseline+rescale")
+    back, _ = load_quantized(tmp_path / "q.pt", tiny_unet)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([TINY_SEQ[0], TINY_SEQ[-1]])
+    with torch.no_grad():
+        assert torch.equal(back(x, t), q(x, t)) and torch.equal(back.eps_gain, q.eps_gain)

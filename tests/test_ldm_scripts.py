@@ -60,6 +60,13 @@ def test_embedded_ldm_runs_fp_and_quantized_and_reloads_identically(tmp_path):
     assert again["quantized_from"]["method"] == "dilatequant"
     assert np.array_equal(np.load(tmp_path / "q" / "samples.npz")["arr_0"],
                           np.load(tmp_path / "reload" / "samples.npz")["arr_0"])
+    rescaled = main([*EMBEDDED, *SMALL, *W4A4, "-l", str(tmp_path / "rescale"), "--eps_rescale",
+                     "--cali_ckpt", str(tmp_path / "q" / "quantized.pt"), "--cali_data_path", str(tmp_path / "q" / "calib.pt")])
+    assert rescaled["method"] == "dilatequant+rescale" and 0.5 < rescaled["eps_gain_median"] < 2
+    assert not np.array_equal(np.load(tmp_path / "q" / "samples.npz")["arr_0"],
+                              np.load(tmp_path / "rescale" / "samples.npz")["arr_0"])
+    with pytest.raises(UsageError, match="use one"):
+        main([*EMBEDDED, *SMALL, *W4A4, "--eps_rescale", "--eps_correction", "4", "-l", str(tmp_path / "both")])
     with pytest.raises(UsageError, match="has TPQ parameters for .* timesteps"):  # DPM-Solver visits other t
         main([*EMBEDDED, *SMALL, *W4A4, "--sampler", "dpm", "-l", str(tmp_path / "dpm"),
               "--cali_ckpt", str(tmp_path / "q" / "quantized.pt")])
