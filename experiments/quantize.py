@@ -153,7 +153,8 @@ def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: d
             stats = correct_output(job, args, qmodel, job.draw_calibration()[0] if args.eps_rescale else None)
         save_quantized(logdir / "quantized.pt", qmodel, record["method"], sampler=sampler,
                        cali_ckpt=str(args.cali_ckpt), stage_key=canonical(stage_key(args, job)))
-        return qmodel.eval(), record | stats | {"calib_seconds": t["seconds"], "peak_mem_mb": None}
+        seconds = stats.get("eps_correction_seconds", t["seconds"])
+        return qmodel.eval(), record | stats | {"calib_seconds": seconds, "peak_mem_mb": None}
     key = canonical(stage_key(args, job))
     path = logdir / "quantized.pt"
     if path.exists():

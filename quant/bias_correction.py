@@ -22,7 +22,7 @@ starts 0, 0, 0, 0, 1, ...) keeps the mean of its visits. Data-free: only the FP 
 ## Scale
 Block-wise distillation fits each unit to its FP output by MSE, from inputs that already carry the upstream
 quantization error; the least-squares fit to a noisy input shrinks the output towards zero (regression
-dilution). On the embedded LDM at W4A4 the distilled eps comes out about 2% too small at every timestep (27%
+dilution). On the embedded LDM at W4A4 the distilled eps comes out about 1.5-2% too small at high noise (22%
 at t = 1), and the noise it fails to remove stays in the samples as a gray haze. PTQD (He et al., NeurIPS
 2023) models the quantized output as (1 + k_t) eps_fp + uncorrelated noise and divides by 1 + k_t; here k_t
 is fitted on the calibration set (FP-trajectory inputs, one scalar per timestep):

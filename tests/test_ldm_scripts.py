@@ -65,6 +65,13 @@ def test_embedded_ldm_runs_fp_and_quantized_and_reloads_identically(tmp_path):
     assert rescaled["method"] == "dilatequant+rescale" and 0.5 < rescaled["eps_gain_median"] < 2
     assert not np.array_equal(np.load(tmp_path / "q" / "samples.npz")["arr_0"],
                               np.load(tmp_path / "rescale" / "samples.npz")["arr_0"])
+    from studies.ldm_error_anatomy import main as anatomy           # the study runs on these checkpoints
+    out = anatomy([str(tmp_path / "q" / "quantized.pt"), str(tmp_path / "rescale" / "quantized.pt"), *EMBEDDED,
+                   "--calib", str(tmp_path / "q" / "calib.pt"), "--n", "8", "--out", str(tmp_path / "anatomy.json")])
+    plain, fixed = (out["runs"][str(tmp_path / d / "quantized.pt")] for d in ("q", "rescale"))
+    assert set(plain["groups"]) >= {"skip projections", "attention matmuls"} and plain["groups"]["skip projections"]["layers"] == 7
+    assert plain["mse"]["all quantized"] > 0 and plain["guided"]["mse_guided"] > 0
+    assert plain["per_timestep"].keys() == fixed["per_timestep"].keys()
     with pytest.raises(UsageError, match="use one"):
         main([*EMBEDDED, *SMALL, *W4A4, "--eps_rescale", "--eps_correction", "4", "-l", str(tmp_path / "both")])
     with pytest.raises(UsageError, match="has TPQ parameters for .* timesteps"):  # DPM-Solver visits other t
