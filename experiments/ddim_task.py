@@ -20,13 +20,12 @@ from ddim.sampling import SAMPLE_TYPES, initial_noise, make_sampler
 from ddim.schedule import SKIP_TYPES, alphas_cumprod
 from experiments import dist
 from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags, check_quant_flags, check_rules
-from experiments.quantize import QuantJob, check_cali_ckpt
+from experiments.quantize import QuantJob, cached_calibration, check_cali_ckpt
 from experiments.run import Family, execute, run_identity
-from experiments.runtime import canonical, timer
+from experiments.runtime import timer
 from quant.bias_correction import correct_eps_bias
-from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
+from quant.calib_data import CalibSet
 from quant.checkpoint import read_quantized
-from quant.methods import QuantMode
 from common.device import set_seed
 
 SAMPLING_FLAGS = ("max_images", "batch_size")      # change what is sampled, not the calibrated model
@@ -90,33 +89,13 @@ def identity(args) -> dict:
 
 
 def calibration_set(fp, sample, args, logdir: Path, device, inputs: dict) -> tuple[CalibSet, float | None, bool]:
-    """--cali_data_path, or <logdir>/calib.pt drawn with the same settings and inputs (its key is inside the
-    file), or drawn anew from FP trajectories started from their own noise seed and saved there.
-    -> (calibration set, seconds its draw took (None if not recorded), whether it was reused)."""
-    if args.cali_data_path:
-        drawn = CalibSet.meta(Path(args.cali_data_path)).get("record", {})
-        return CalibSet.load(args.cali_data_path), drawn.get("seconds"), True
-    mode = QuantMode(args.quant_mode)
-    path = logdir / "calib.pt"
-    key = canonical({k: getattr(args, k) for k in CALIB_SETTINGS} | {"evenly_spaced": mode is QuantMode.QDIFF,
-                                                                      "config": inputs["config"],
-                                                                      "ckpt": inputs["ckpt"]})
-    if path.exists():
-        meta = CalibSet.meta(path)
-        if meta.get("key") == key:
-            return CalibSet.load(path), meta.get("record", {}).get("seconds"), True
-    n_traj = args.cali_n if mode is QuantMode.QDIFF else trajectories_for(args.cali_n, args.cali_per_traj)
-    x_T = initial_noise(n_traj, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution), args.seed + 7)
-    fp_sample = lambda x, on_step, rows=None: sample(fp, x.to(device), on_step=on_step)  # noqa: E731
-    gen = torch.Generator().manual_seed(args.seed)
-    with timer() as t:
-        if mode is QuantMode.QDIFF:
-            calib = evenly_spaced_steps(collect_trajectories(fp_sample, x_T), args.cali_n, args.cali_st, gen)
-        else:
-            calib = draw_over_steps(fp_sample, x_T, args.cali_n, len(sample.seq), args.cali_per_traj, gen,
-                                    batch_size=args.batch_size)
-    calib.save(path, key=key, record={"samples": len(calib.t), "seconds": t["seconds"]})
-    return calib, t["seconds"], False
+    """The run's calibration set (experiments.quantize.cached_calibration), drawn from FP trajectories started
+    from their own noise seed."""
+    def start(n_traj: int):
+        x_T = initial_noise(n_traj, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution), args.seed + 7)
+        return x_T, lambda x, on_step, rows=None: sample(fp, x.to(device), on_step=on_step)
+
+    return cached_calibration(args, logdir, CALIB_SETTINGS, inputs, start, len(sample.seq))
 
 
 def eps_correction(qmodel, fp, sample, args, device) -> dict:

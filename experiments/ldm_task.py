@@ -12,7 +12,6 @@ class; calibration data comes from guided FP trajectories of random classes, bot
 from __future__ import annotations
 
 import argparse
-import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,16 +24,14 @@ from common.files import file_digest
 from ddim.sampling import initial_noise
 from experiments import dist
 from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags, check_quant_flags, check_rules
-from experiments.quantize import QuantJob, check_cali_ckpt
+from experiments.quantize import QuantJob, cached_calibration, check_cali_ckpt
 from experiments.run import Family, execute, run_identity
-from experiments.runtime import canonical, timer
 from ldm.checkpoint import load_model_from_config
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.samplers import Sampler, make_sampler
 from ldm.util import load_config
-from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
+from quant.calib_data import CalibSet
 from quant.checkpoint import read_quantized
-from quant.methods import QuantMode
 
 SAMPLERS = {"ddim": "ddim", "plms": "plms", "dpm": "dpm_solver"}
 SAMPLING_FLAGS = ("n_samples", "batch_size")
@@ -203,47 +200,28 @@ def guided_halves(cond: Conditioning, scale: float) -> int:
 
 def calibration_set(ldm, cond: Conditioning, sampler: Sampler, args, logdir: Path, device,
                     inputs: dict) -> tuple[CalibSet, float | None, bool]:
-    """--cali_data_path, or <logdir>/calib.pt of the same settings and inputs, or drawn anew from guided FP
-    trajectories of random classes (their own noise seed), every network input of a chosen call kept with its
-    conditioning (both halves of a guided call)."""
-    if args.cali_data_path:
-        drawn = CalibSet.meta(Path(args.cali_data_path)).get("record", {})
-        return CalibSet.load(args.cali_data_path), drawn.get("seconds"), True
-    mode = QuantMode(args.quant_mode)
-    path = logdir / "calib.pt"
-    key = canonical({k: getattr(args, k) for k in CALIB_SETTINGS} | {"evenly_spaced": mode is QuantMode.QDIFF,
-                                                                      "config": inputs["config"],
-                                                                      "ckpt": inputs["ckpt"]})
-    if path.exists():
-        meta = CalibSet.meta(path)
-        if meta.get("key") == key:
-            return CalibSet.load(path), meta.get("record", {}).get("seconds"), True
-    halves = guided_halves(cond, args.scale)
-    n_traj = args.cali_n if mode is QuantMode.QDIFF else trajectories_for(math.ceil(args.cali_n / halves),
-                                                                          args.cali_per_traj)
-    x_T = initial_noise(n_traj, latent_shape(ldm, args), args.seed + 7)
-    items = cond.for_trajectories(n_traj, args.seed + 13)
+    """The run's calibration set (experiments.quantize.cached_calibration), drawn from guided FP trajectories
+    of random classes (their own noise seed), every network input of a chosen call kept with its conditioning
+    (both halves of a guided call)."""
     unet = ldm.model.diffusion_model
 
-    def fp_sample(x, on_step, rows=None):
-        rows = list(range(len(x))) if rows is None else [int(r) for r in rows]
-        c, u = cond.pair(_take(items, rows), device)
-        hook = unet.register_forward_pre_hook(lambda m, a, kw: on_step(a[0], a[1], kw), with_kwargs=True)
-        try:
-            sampler.sample(ldm.apply_model, x.to(device), c, u, args.scale,
-                           generator=torch.Generator(device=device).manual_seed(args.seed + 17))
-        finally:
-            hook.remove()
+    def start(n_traj: int):
+        items = cond.for_trajectories(n_traj, args.seed + 13)
 
-    draw_gen = torch.Generator().manual_seed(args.seed)
-    with timer() as t:
-        if mode is QuantMode.QDIFF:
-            calib = evenly_spaced_steps(collect_trajectories(fp_sample, x_T), args.cali_n, args.cali_st, draw_gen)
-        else:
-            calib = draw_over_steps(fp_sample, x_T, args.cali_n, sampler.calls, args.cali_per_traj, draw_gen,
-                                    batch_size=args.batch_size, halves=halves)
-    calib.save(path, key=key, record={"samples": len(calib.t), "seconds": t["seconds"]})
-    return calib, t["seconds"], False
+        def fp_sample(x, on_step, rows=None):
+            rows = list(range(len(x))) if rows is None else [int(r) for r in rows]
+            c, u = cond.pair(_take(items, rows), device)
+            hook = unet.register_forward_pre_hook(lambda m, a, kw: on_step(a[0], a[1], kw), with_kwargs=True)
+            try:
+                sampler.sample(ldm.apply_model, x.to(device), c, u, args.scale,
+                               generator=torch.Generator(device=device).manual_seed(args.seed + 17))
+            finally:
+                hook.remove()
+
+        return initial_noise(n_traj, latent_shape(ldm, args), args.seed + 7), fp_sample
+
+    return cached_calibration(args, logdir, CALIB_SETTINGS, inputs, start, sampler.calls,
+                              halves=guided_halves(cond, args.scale))
 
 
 def config_alphas_cumprod(config: dict):

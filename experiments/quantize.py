@@ -8,6 +8,7 @@ another key are removed only once the run has passed every check (and holds the 
 """
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from experiments.runtime import (canonical, load_stage, peak_memory_mb, provenan
                                  timer)
 from quant import METHOD_VERSION
 from quant.bias_correction import correct_eps_gain
-from quant.calib_data import CalibSet
+from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
 from quant.checkpoint import load_quantized, load_quantized_weights, save_quantized
 from quant.methods import QuantMode
 from quant.methods.baseline import quantize_baseline
@@ -113,6 +114,42 @@ def _calibrate(job: QuantJob, args, logdir: Path, device: torch.device, dq_confi
     seconds = t["seconds"] + ((data_seconds or 0.0) if reused else 0.0)
     return qmodel, stats | {"calib_seconds": seconds, "calib_data_seconds": data_seconds,
                             "calib_data_reused": reused, "peak_mem_mb": peak_memory_mb(device)}
+
+
+def cached_calibration(args, logdir: Path, key_settings: Sequence[str], inputs: Mapping[str, str | None],
+                       start: Callable[[int], tuple[torch.Tensor, Callable]], n_steps: int,
+                       halves: int = 1) -> tuple[CalibSet, float | None, bool]:
+    """The calibration set of a run, for any model family: --cali_data_path, or <logdir>/calib.pt drawn with
+    the same settings (`key_settings` of args) and inputs (its key is inside the file), or drawn anew and saved
+    there. `start(n_traj)` -> (x_T of n_traj FP trajectories, fp_sample(x, on_step, rows=None)); the
+    trajectories are n_steps network calls of `halves` rows each (2 under classifier-free guidance).
+    Q-Diffusion takes --cali_n samples at each of --cali_st evenly spaced steps, the others --cali_n samples at
+    random steps, --cali_per_traj per trajectory.
+    -> (calibration set, seconds its draw took (None if not recorded), whether it was reused)."""
+    if args.cali_data_path:
+        drawn = CalibSet.meta(Path(args.cali_data_path)).get("record", {})
+        return CalibSet.load(args.cali_data_path), drawn.get("seconds"), True
+    mode = QuantMode(args.quant_mode)
+    path = logdir / "calib.pt"
+    key = canonical({k: getattr(args, k) for k in key_settings} | {"evenly_spaced": mode is QuantMode.QDIFF,
+                                                                    "config": inputs["config"],
+                                                                    "ckpt": inputs["ckpt"]})
+    if path.exists():
+        meta = CalibSet.meta(path)
+        if meta.get("key") == key:
+            return CalibSet.load(path), meta.get("record", {}).get("seconds"), True
+    n_traj = (args.cali_n if mode is QuantMode.QDIFF
+              else trajectories_for(math.ceil(args.cali_n / halves), args.cali_per_traj))
+    x_T, fp_sample = start(n_traj)
+    gen = torch.Generator().manual_seed(args.seed)
+    with timer() as t:
+        if mode is QuantMode.QDIFF:
+            calib = evenly_spaced_steps(collect_trajectories(fp_sample, x_T), args.cali_n, args.cali_st, gen)
+        else:
+            calib = draw_over_steps(fp_sample, x_T, args.cali_n, n_steps, args.cali_per_traj, gen,
+                                    batch_size=args.batch_size, halves=halves)
+    calib.save(path, key=key, record={"samples": len(calib.t), "seconds": t["seconds"]})
+    return calib, t["seconds"], False
 
 
 def correct_output(job: QuantJob, args, qmodel: QuantModel, calib: CalibSet | None) -> dict:
