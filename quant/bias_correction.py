@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from quant.calib_data import CalibSet, to_device
+from quant.calib_data import CalibSet
 from quant.model import QuantModel
 
 
@@ -93,10 +93,10 @@ def estimate_eps_gain(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, 
     device = qmodel.like["device"]
     num = torch.zeros(len(timesteps), dtype=torch.float64, device=device)
     den = torch.zeros(len(timesteps), dtype=torch.float64, device=device)
-    for x, t, cond in calib.batches(batch_size):
-        x, t, cond = x.to(device), t.to(device), to_device(cond, device)
+    sorted_t = timesteps.to(device)
+    for x, t, cond in calib.batches(batch_size, device):
         eps_q, eps_fp = qmodel.raw_eps(x, t, **cond).double(), fp_model(x, t, **cond).double()
-        slot = torch.searchsorted(timesteps.to(device), t)
+        slot = torch.searchsorted(sorted_t, t)
         num.index_add_(0, slot, (eps_fp * eps_fp).flatten(1).sum(1))
         den.index_add_(0, slot, (eps_q * eps_fp).flatten(1).sum(1))
     if not bool((den > 0).all()):

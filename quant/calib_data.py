@@ -66,10 +66,12 @@ class CalibSet:
         if len(self.x) != len(self.t) or any(len(v) != len(self.t) for v in self.cond.values()):
             raise ValueError("a calibration set needs one t (and one of each conditioning tensor) per sample")
 
-    def batches(self, batch_size: int):
-        """(x, t, cond) in chunks of batch_size; call the network as model(x, t, **cond)."""
+    def batches(self, batch_size: int, device: torch.device | None = None):
+        """(x, t, cond) in chunks of batch_size, moved to `device` if given; call the network as
+        model(x, t, **cond)."""
         for i in range(0, len(self.t), batch_size):
-            yield self.x[i:i + batch_size], self.t[i:i + batch_size], _rows(self.cond, slice(i, i + batch_size))
+            x, t, cond = self.x[i:i + batch_size], self.t[i:i + batch_size], _rows(self.cond, slice(i, i + batch_size))
+            yield (x, t, cond) if device is None else (x.to(device), t.to(device), to_device(cond, device))
 
     def subset(self, idx: torch.Tensor) -> "CalibSet":
         return CalibSet(self.x[idx], self.t[idx], _rows(self.cond, idx))

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from common.errors import NonFiniteError
 
-from quant.calib_data import CalibSet, to_device
+from quant.calib_data import CalibSet
 from quant.layers import QuantLayer
 from quant.model import QuantModel, quant_enabled
 from quant.quantizer import ActQuantizer
@@ -112,9 +112,9 @@ def calibrate_activations(qmodel: QuantModel, calib: CalibSet, batch_size: int =
         hooks.append(module.register_forward_pre_hook(hook))
     try:
         with quant_enabled(qmodel, weight=True, act=False):
-            for x, t, cond in tqdm(calib.batches(batch_size), total=-(-len(calib.t) // batch_size),
+            for x, t, cond in tqdm(calib.batches(batch_size, device), total=-(-len(calib.t) // batch_size),
                              desc="calibrate activations", dynamic_ncols=True):
-                qmodel(x.to(device), t.to(device), **to_device(cond, device))
+                qmodel(x, t, **cond)
     finally:
         for h in hooks:
             h.remove()

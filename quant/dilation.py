@@ -23,7 +23,7 @@ from enum import Enum
 import torch
 import torch.nn as nn
 
-from quant.calib_data import CalibSet, to_device
+from quant.calib_data import CalibSet
 from quant.layers import QuantLayer
 from quant.model import QuantModel, quant_enabled
 from quant.quantizer import fake_quant, range_to_params
@@ -148,8 +148,8 @@ def layer_input_stats(qmodel: QuantModel, calib: CalibSet, batch_size: int = 64,
     device = next(qmodel.parameters()).device
     try:
         with quant_enabled(qmodel, weight=False, act=False):
-            for x, t, cond in calib.batches(batch_size):
-                qmodel(x.to(device), t.to(device), **to_device(cond, device))
+            for x, t, cond in calib.batches(batch_size, device):
+                qmodel(x, t, **cond)
     finally:
         for h in hooks:
             h.remove()

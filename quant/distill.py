@@ -21,7 +21,7 @@ from tqdm import tqdm
 from common.checkpoint import state_dict_mismatch, torch_load
 from common.errors import CheckpointError
 from common.files import atomic_torch_save
-from quant.calib_data import CalibSet, to_device
+from quant.calib_data import CalibSet
 from quant.unit_cache import CachePolicy, Store, describe, per_sample_shapes, plan
 from quant.layers import QuantLayer, QuantMatMul
 from quant.model import QuantModel
@@ -155,8 +155,7 @@ def cache_unit_io(qmodel: QuantModel, fp_model: nn.Module, unit: str, calib: Cal
     policy says (RAM or a memory-mapped file in spill_dir; the model's dtype or a smaller one)."""
     device = next(qmodel.parameters()).device
     n, stores = len(calib.t), None
-    for x, t, cond in calib.batches(batch_size):
-        x, t, cond = x.to(device), t.to(device), to_device(cond, device)
+    for x, t, cond in calib.batches(batch_size, device):
         args, kwargs = _capture(qmodel.model, lambda: qmodel(x, t, **cond), unit, output=False)
         target = _capture(fp_model, lambda: fp_model(x, t, **cond), unit, output=True)
         named = {f"arg{i}": a for i, a in enumerate(args)} | {f"kw_{k}": v for k, v in kwargs.items()} | \
@@ -298,9 +297,8 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
     units = qmodel.adapter.units(qmodel.model)
     policy = CachePolicy(cfg.cache_dtype, cfg.cache_ram_gb)
     device = next(qmodel.parameters()).device
-    x, t, cond = next(calib.batches(1))
-    shapes = per_sample_shapes(qmodel.model, lambda: qmodel(x.to(device), t.to(device), **to_device(cond, device)),
-                               units)
+    x, t, cond = next(calib.batches(1, device))
+    shapes = per_sample_shapes(qmodel.model, lambda: qmodel(x, t, **cond), units)
     print(describe(plan(shapes, len(calib.t), policy), len(calib.t), policy, run_dir / "cache"), flush=True)
     log = []
     for k, unit in enumerate(tqdm(units, desc=f"reconstruct units ({run_dir.name})", dynamic_ncols=True)):

@@ -108,27 +108,28 @@ class QuantModel(nn.Module):
             eps = eps - bias.view(*bias.shape, *([1] * (eps.dim() - 2)))
         return eps
 
+    def _per_timestep(self, timesteps: torch.Tensor, values: torch.Tensor, ok: bool,
+                      what: str) -> tuple[torch.Tensor, torch.Tensor, SlotIndex]:
+        """(sorted timesteps, their values, their SlotIndex) on the model's device, for an output correction."""
+        timesteps = timesteps.cpu()
+        if len(torch.unique(timesteps)) != len(timesteps) or not ok:
+            raise ValueError(f"eps {what}")
+        order = torch.argsort(timesteps)
+        return (timesteps[order].long().to(self.like["device"]), values[order.to(values.device)].to(**self.like),
+                SlotIndex(timesteps[order].tolist()))
+
     def set_eps_bias(self, timesteps: torch.Tensor, bias: torch.Tensor) -> None:
         """Install b_t: forward then returns eps - b_t for t in `timesteps` [S] (bias [S, C]); any other
         timestep is an UncalibratedTimestepError."""
-        timesteps = timesteps.cpu()
-        order = torch.argsort(timesteps)
-        if len(torch.unique(timesteps)) != len(timesteps) or bias.dim() != 2 or len(bias) != len(timesteps):
-            raise ValueError("eps bias needs distinct timesteps [S] and a bias [S, C]")
-        self.eps_bias_t = timesteps[order].long().to(self.like["device"])
-        self.eps_bias = bias[order.to(bias.device)].to(**self.like)
-        self._bias_index = SlotIndex(timesteps[order].tolist())
+        ok = bias.dim() == 2 and len(bias) == len(timesteps)
+        self.eps_bias_t, self.eps_bias, self._bias_index = self._per_timestep(
+            timesteps, bias, ok, "bias needs distinct timesteps [S] and a bias [S, C]")
 
     def set_eps_gain(self, timesteps: torch.Tensor, gain: torch.Tensor) -> None:
         """Install g_t: forward then returns g_t * eps for t in `timesteps` [S] (gain [S]); any other timestep
         is an UncalibratedTimestepError."""
-        timesteps = timesteps.cpu()
-        order = torch.argsort(timesteps)
-        if len(torch.unique(timesteps)) != len(timesteps) or gain.shape != timesteps.shape:
-            raise ValueError("eps gain needs distinct timesteps [S] and a gain [S]")
-        self.eps_gain_t = timesteps[order].long().to(self.like["device"])
-        self.eps_gain = gain[order.to(gain.device)].to(**self.like)
-        self._gain_index = SlotIndex(timesteps[order].tolist())
+        self.eps_gain_t, self.eps_gain, self._gain_index = self._per_timestep(
+            timesteps, gain, gain.shape == timesteps.shape, "gain needs distinct timesteps [S] and a gain [S]")
 
     def quant_layers(self) -> Iterator[tuple[str, QuantLayer]]:
         return ((n, m) for n, m in self.model.named_modules() if isinstance(m, QuantLayer))

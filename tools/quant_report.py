@@ -83,8 +83,7 @@ def setup(args):
 def sqnr_db(fp, qmodel, data: CalibSet, batch: int = 128) -> float:
     sig = err = 0.0
     device = next(fp.parameters()).device
-    for x, t, cond in data.batches(batch):
-        x, t, cond = x.to(device), t.to(device), to_device(cond, device)
+    for x, t, cond in data.batches(batch, device):
         ref = fp(x, t, **cond)
         sig += float(ref.pow(2).sum())
         err += float((qmodel(x, t, **cond) - ref).pow(2).sum())
