@@ -97,6 +97,10 @@ def add_quant_flags(p: argparse.ArgumentParser, resume_flag: bool = True) -> Non
     d.add_argument("--t_weight_sigma", type=float, default=DistillConfig.t_weight_sigma,
                    help="(beyond the paper) weight each distillation sample by 1/(sigma_t^2 + this^2), mean 1: "
                         "more weight to small t, where feature errors become large eps errors; default: plain MSE")
+    d.add_argument("--distill_fp_input", type=float, default=DistillConfig.fp_input,
+                   help="dilatequant, qdiff (beyond the papers): probability that a reconstruction sample's block input "
+                        "comes from the FP model instead of the quantized chain: 0 = the papers (eq. 17), 1 = FP inputs, "
+                        "0.5 = mixed")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,6 +130,7 @@ QUANT_RULES: list[Rule] = [
     ("lr_weight", at_least(0), ">= 0"), ("lr_quant", at_least(0), ">= 0"), ("lr_act", optional(at_least(0)), ">= 0"),
     ("lr_scale", at_least(0), ">= 0"), ("cali_lr", lambda v: v > 0, "> 0"), ("cali_p", lambda v: v > 0, "> 0"),
     ("t_weight_sigma", optional(lambda v: v > 0), "> 0"), ("cache_ram_gb", optional(lambda v: v > 0), "> 0"),
+    ("distill_fp_input", lambda v: 0 <= v <= 1, "0..1 (a probability)"),
 ]
 
 
@@ -146,6 +151,9 @@ def check_quant_flags(args) -> None:
         raise UsageError("--resume_w needs --quant_mode qdiff and --cali_ckpt")
     if args.eps_rescale and args.eps_correction:
         raise UsageError("--eps_rescale and --eps_correction are two corrections of the same output: use one")
+    if args.distill_fp_input > 0 and args.quant_mode == QuantMode.BASELINE.value:
+        raise UsageError("--distill_fp_input sets the inputs of block reconstruction, which the baseline does not run: "
+                         "use --quant_mode dilatequant or qdiff")
     if args.quant_mode != QuantMode.DILATEQUANT.value and args.scaling != Scaling.WEIGHT_DILATION.value:
         raise UsageError(f"--scaling {args.scaling} is a DilateQuant setting: add --quant_mode dilatequant")
 
@@ -163,7 +171,7 @@ def dilatequant_config(args) -> DilateQuantConfig:
     distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
                             lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
                             lr_schedule=LRSchedule(args.lr_schedule), t_weight_sigma=args.t_weight_sigma,
-                            cache_dtype=CACHE_DTYPES[args.cache_dtype], cache_ram_gb=args.cache_ram_gb, seed=args.seed)
+                            cache_dtype=CACHE_DTYPES[args.cache_dtype], cache_ram_gb=args.cache_ram_gb, fp_input=args.distill_fp_input, seed=args.seed)
     return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
                              distillation=args.bkd, distill=distill)
 
@@ -172,7 +180,7 @@ def qdiff_settings(args) -> QDiffConfig:
     return QDiffConfig(weight_iters=args.cali_iters, act_iters=args.cali_iters_a, act_lr=args.cali_lr, lp=args.cali_p,
                        act_lr_schedule=LRSchedule(args.lr_schedule), running_stat=args.running_stat,
                        batch_size=args.distill_batch_size, cache_dtype=CACHE_DTYPES[args.cache_dtype],
-                       cache_ram_gb=args.cache_ram_gb, seed=args.seed)
+                       cache_ram_gb=args.cache_ram_gb, fp_input=args.distill_fp_input, seed=args.seed)
 
 
 EPS_CORRECTED = "+epsbc"   # method-name suffix of a model with the eps-mean correction (--eps_correction)
@@ -181,8 +189,13 @@ EPS_RESCALED = "+rescale"  # method-name suffix of a model with the eps rescale 
 
 def method_name(args) -> str:
     """'dilatequant', e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row; '+epsbc' with --eps_correction,
-    '+rescale' with --eps_rescale, '+tw0.2' with --t_weight_sigma 0.2 (beyond the paper)."""
+    '+rescale' with --eps_rescale, '+tw0.2' with --t_weight_sigma 0.2, '+fpin0.5' with --distill_fp_input 0.5
+    (beyond the paper)."""
     suffix = correction_suffix(args)
+    reconstructs = args.quant_mode == QuantMode.QDIFF.value or (args.quant_mode == QuantMode.DILATEQUANT.value and
+                                                                 args.bkd)
+    if reconstructs and args.distill_fp_input > 0:
+        suffix = f"+fpin{args.distill_fp_input:g}" + suffix
     if args.quant_mode != QuantMode.DILATEQUANT.value:
         return args.quant_mode + suffix
     if args.bkd and args.t_weight_sigma is not None:

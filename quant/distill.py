@@ -1,7 +1,8 @@
 """Block-wise reconstruction, resumable unit by unit: DilateQuant's BKD and Q-Diffusion's BRECQ.
 
 Unit k of the quantized model is trained to match the FP unit k's output, its input taken from the
-already-quantized chain: MSE(B_k∘…∘B_1(x), B̂_k∘…∘B̂_1(x))  (paper eq. 17; SPEC §4). What is trained is an
+already-quantized chain: MSE(B_k∘…∘B_1(x), B̂_k∘…∘B̂_1(x))  (paper eq. 17; SPEC §4). Beyond the paper,
+`DistillConfig.fp_input` takes each training sample's input from the FP chain instead with that probability. What is trained is an
 `Objective`: BKD trains weights, Δ_w and the per-timestep Δ_x, z_x together on mixed-timestep batches
 (`DistillObjective`); Q-Diffusion's passes train AdaRound rounding or activation steps (`quant/methods/qdiff.py`).
 Only one unit's graph lives at a time; its inputs and targets are cached on the CPU.
@@ -47,6 +48,7 @@ class DistillConfig:
     cache_batch_size: int = 64
     cache_dtype: torch.dtype | None = None   # unit caches: None = the model's dtype; float16 halves them (unit_cache)
     cache_ram_gb: float | None = None        # a unit cache above this goes to a memory-mapped file (None: RAM)
+    fp_input: float = 0.0      # probability a training sample's unit input is the FP chain's (0: the paper's eq. 17)
     seed: int = 0
 
     def __post_init__(self):
@@ -54,7 +56,10 @@ class DistillConfig:
                   ("lr_quant", self.lr_quant, 0), ("lr_act", self.act_lr, 0), ("lr_scale", self.lr_scale, 0)]
         if self.t_weight_sigma is not None:
             checks.append(("t_weight_sigma", self.t_weight_sigma, 1e-4))
+        checks.append(("fp_input", self.fp_input, 0.0))
         bad = [f"{name} = {value} (must be >= {low})" for name, value, low in checks if value < low]
+        if self.fp_input > 1:
+            bad.append(f"fp_input = {self.fp_input} (a probability: must be <= 1)")
         if bad:
             raise ValueError(f"invalid distillation setting: {', '.join(bad)}")
 
@@ -78,22 +83,34 @@ def timestep_weights(t: torch.Tensor, sigmas: torch.Tensor, sigma0: float) -> to
 
 @dataclass
 class UnitData:
-    """A unit's cached inputs (from the quantized chain) and FP targets, on the CPU."""
+    """A unit's cached inputs (from the quantized chain; with fp_args/fp_kwargs also from the FP chain) and FP
+    targets, on the CPU."""
     args: list[torch.Tensor | None]   # positional inputs of the unit, each [M, ...] (None where the call passed None)
     target: torch.Tensor              # FP unit output [M, ...]
     t: torch.Tensor                   # [M] timesteps
     kwargs: dict[str, torch.Tensor] = field(default_factory=dict)   # keyword tensor inputs, each [M, ...]
     weight: torch.Tensor | None = None   # [M] per-sample loss weights (timestep_weights); None: equal
     stores: list = field(default_factory=list)   # where the tensors live (quant.unit_cache.Store), for release()
+    fp_args: list[torch.Tensor | None] | None = None   # the FP model's inputs to the unit (DistillConfig.fp_input)
+    fp_kwargs: dict[str, torch.Tensor] | None = None
 
-    def batch(self, idx: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None):
+    def batch(self, idx: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None,
+              fp_rows: torch.Tensor | None = None):
         """(args, kwargs, target, t) of samples idx, on device (floating tensors cast to `dtype` if given: a
-        float16 cache is used at the model's precision)."""
-        def get(v):
+        float16 cache is used at the model's precision). fp_rows [len(idx)] (bool): those samples take the FP
+        chain's inputs."""
+        def get(v, fp=None):
             v = v[idx].to(device)
+            if fp is not None:
+                rows = fp_rows.to(device).view(-1, *[1] * (v.dim() - 1))
+                v = torch.where(rows, fp[idx].to(device), v)
             return v.to(dtype) if dtype is not None and v.is_floating_point() else v
-        args = [None if a is None else get(a) for a in self.args]
-        kwargs = {k: get(v) for k, v in self.kwargs.items()}
+        mixed = fp_rows is not None
+        if mixed and self.fp_args is None:
+            raise ValueError("fp_rows needs the FP chain's inputs (cache_unit_io with fp_inputs=True)")
+        fp_args = self.fp_args if mixed else [None] * len(self.args)
+        args = [None if a is None else get(a, f) for a, f in zip(self.args, fp_args)]
+        kwargs = {k: get(v, self.fp_kwargs[k] if mixed else None) for k, v in self.kwargs.items()}
         return args, kwargs, get(self.target), self.t[idx].to(device)
 
     def release(self) -> None:
@@ -117,30 +134,33 @@ def _cpu(v):
     return v.detach().cpu() if torch.is_tensor(v) else v
 
 
-def _capture(model: nn.Module, call, unit: str, output: bool):
-    """Run `call()` and return the inputs (positional list, keyword dict) or the output of submodule `unit`."""
+def _capture(model: nn.Module, call, unit: str, inputs: bool, output: bool):
+    """Run `call()` up to submodule `unit` and return its inputs (positional list, keyword dict) and/or its
+    output: inputs, output, or (inputs, output)."""
     box = []
 
     def pre(_, args, kwargs):
         box.append(([_cpu(a) for a in args], {k: _cpu(v) for k, v in kwargs.items() if torch.is_tensor(v)}))
-        raise _Captured
+        if not output:
+            raise _Captured
 
     def post(_, args, out):
         box.append(_cpu(out))
         raise _Captured
 
     module = model.get_submodule(unit)
-    handle = (module.register_forward_hook(post) if output
-              else module.register_forward_pre_hook(pre, with_kwargs=True))
+    handles = ([module.register_forward_pre_hook(pre, with_kwargs=True)] if inputs else []) + \
+        ([module.register_forward_hook(post)] if output else [])
     try:
         call()
     except _Captured:
         pass
     finally:
-        handle.remove()
-    if not box:
+        for h in handles:
+            h.remove()
+    if len(box) < inputs + output:
         raise RuntimeError(f"unit {unit} was never called")
-    return box[0]
+    return tuple(box) if inputs and output else box[0]
 
 
 def _cat(parts: list):
@@ -150,16 +170,24 @@ def _cat(parts: list):
 
 @torch.no_grad()
 def cache_unit_io(qmodel: QuantModel, fp_model: nn.Module, unit: str, calib: CalibSet, batch_size: int,
-                  policy: CachePolicy = CachePolicy(), spill_dir: Path | None = None) -> UnitData:
-    """The unit's inputs (from the quantized chain) and FP targets for every calibration sample, kept as the
-    policy says (RAM or a memory-mapped file in spill_dir; the model's dtype or a smaller one)."""
+                  policy: CachePolicy = CachePolicy(), spill_dir: Path | None = None,
+                  fp_inputs: bool = False) -> UnitData:
+    """The unit's inputs (from the quantized chain; with fp_inputs, also the FP model's) and FP targets for
+    every calibration sample, kept as the policy says (RAM or a memory-mapped file in spill_dir; the model's
+    dtype or a smaller one)."""
     device = next(qmodel.parameters()).device
     n, stores = len(calib.t), None
     for x, t, cond in calib.batches(batch_size, device):
-        args, kwargs = _capture(qmodel.model, lambda: qmodel(x, t, **cond), unit, output=False)
-        target = _capture(fp_model, lambda: fp_model(x, t, **cond), unit, output=True)
-        named = {f"arg{i}": a for i, a in enumerate(args)} | {f"kw_{k}": v for k, v in kwargs.items()} | \
-            {"target": target}
+        args, kwargs = _capture(qmodel.model, lambda: qmodel(x, t, **cond), unit, inputs=True, output=False)
+        fp_call = lambda: fp_model(x, t, **cond)                          # noqa: E731
+        named = {f"arg{i}": a for i, a in enumerate(args)} | {f"kw_{k}": v for k, v in kwargs.items()}
+        if fp_inputs:
+            (fp_args, fp_kwargs), target = _capture(fp_model, fp_call, unit, inputs=True, output=True)
+            named |= {f"fp_arg{i}": a for i, a in enumerate(fp_args)} | \
+                {f"fp_kw_{k}": v for k, v in fp_kwargs.items()}
+        else:
+            target = _capture(fp_model, fp_call, unit, inputs=False, output=True)
+        named["target"] = target
         if stores is None:                                     # allocated once the first batch shows the shapes
             size = n * sum(v[0].numel() * policy.element_bytes(v.dtype) for v in named.values() if v is not None)
             disk = spill_dir is not None and policy.ram_gb is not None and size > policy.ram_gb * 1024 ** 3
@@ -170,10 +198,14 @@ def cache_unit_io(qmodel: QuantModel, fp_model: nn.Module, unit: str, calib: Cal
             if v is not None:
                 stores[k].add(v)
     tensors = {k: None if st is None else st.tensor for k, st in stores.items()}
-    args = [tensors[f"arg{i}"] for i in range(sum(k.startswith("arg") for k in tensors))]
-    kwargs = {k.removeprefix("kw_"): v for k, v in tensors.items() if k.startswith("kw_")}
+
+    def inputs(prefix: str):
+        args = [tensors[f"{prefix}arg{i}"] for i in range(sum(k.startswith(f"{prefix}arg") for k in tensors))]
+        return args, {k.removeprefix(f"{prefix}kw_"): v for k, v in tensors.items() if k.startswith(f"{prefix}kw_")}
+    args, kwargs = inputs("")
+    fp_args, fp_kwargs = inputs("fp_") if fp_inputs else (None, None)
     return UnitData(args, tensors["target"], calib.t.clone(), kwargs,
-                    stores=[st for st in stores.values() if st is not None])
+                    stores=[st for st in stores.values() if st is not None], fp_args=fp_args, fp_kwargs=fp_kwargs)
 
 
 class Objective(Protocol):
@@ -255,7 +287,8 @@ def train_unit(qmodel: QuantModel, unit: str, data: UnitData, objective: Objecti
         bar = tqdm(range(cfg.iters), desc=desc, dynamic_ncols=True, leave=False)
         for it in bar:
             idx = torch.randint(0, len(data.t), (cfg.batch_size,), generator=gen)
-            args, kwargs, target, t = data.batch(idx, device, _dtype(qmodel))
+            fp_rows = torch.rand(cfg.batch_size, generator=gen) < cfg.fp_input if cfg.fp_input > 0 else None
+            args, kwargs, target, t = data.batch(idx, device, _dtype(qmodel), fp_rows)
             with qmodel.slots.active(qmodel.slots.lookup(t)):
                 loss = objective.loss(*data.weighted(idx, module(*args, **kwargs), target), it, cfg.iters)
             opt.zero_grad(set_to_none=True)
@@ -299,7 +332,8 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
     device = next(qmodel.parameters()).device
     x, t, cond = next(calib.batches(1, device))
     shapes = per_sample_shapes(qmodel.model, lambda: qmodel(x, t, **cond), units)
-    print(describe(plan(shapes, len(calib.t), policy), len(calib.t), policy, run_dir / "cache"), flush=True)
+    print(describe(plan(shapes, len(calib.t), policy, cfg.fp_input > 0), len(calib.t), policy, run_dir / "cache"),
+          flush=True)
     log = []
     for k, unit in enumerate(tqdm(units, desc=f"reconstruct units ({run_dir.name})", dynamic_ncols=True)):
         path = run_dir / f"unit_{k:02d}.pt"
@@ -312,7 +346,8 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
             qmodel.load_state_dict(saved["state"], strict=False)
             log.append(saved["log"])
             continue
-        data = cache_unit_io(qmodel, fp_model, unit, calib, cfg.cache_batch_size, policy, run_dir / "cache")
+        data = cache_unit_io(qmodel, fp_model, unit, calib, cfg.cache_batch_size, policy, run_dir / "cache",
+                             fp_inputs=cfg.fp_input > 0)
         data.weight = weight
         try:
             entry = {"unit": unit} | train_unit(qmodel, unit, data, objective, cfg, seed=cfg.seed * 1000 + k,

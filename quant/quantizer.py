@@ -37,10 +37,10 @@ def fake_quant(x: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, qmin: i
     delta = delta.clamp_min(_MIN_DELTA)
     step = delta if in_scale is None else delta * in_scale
     if not torch.is_grad_enabled():
-        # Δ·round(clip(x/step, qmin - z, qmax - z)): five passes, in place on the one fresh tensor. Since the
+        # Δ·round(clip(x/step, qmin - z, qmax - z)): four passes, in place on the one fresh tensor. Since the
         # bounds are integers and rounding is monotone, this equals Δ·clip(round(x/step), ...) bit for bit.
         z = zero.round()
-        q = _divide(x, step).clamp_min_(qmin - z).clamp_max_(qmax - z)
+        q = _divide(x, step).clamp_(qmin - z, qmax - z)
         return q.round_().mul_(delta)
     z = round_ste(zero)
     return (torch.clamp(round_ste(x / step) + z, qmin, qmax) - z) * delta

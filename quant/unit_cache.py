@@ -70,11 +70,13 @@ def per_sample_shapes(model: nn.Module, call, units: list[str]) -> dict[str, lis
     return shapes
 
 
-def plan(shapes: dict, n_samples: int, policy: CachePolicy) -> list[UnitPlan]:
-    """Each unit's cache size for n_samples, and whether the policy puts it on disk."""
+def plan(shapes: dict, n_samples: int, policy: CachePolicy, fp_inputs: bool = False) -> list[UnitPlan]:
+    """Each unit's cache size for n_samples (inputs twice with fp_inputs: the quantized and the FP chain's),
+    and whether the policy puts it on disk."""
     out = []
     for unit, tensors in shapes.items():
-        size = n_samples * sum(math.prod(s) * policy.element_bytes(d) for s, d in tensors)
+        copies = [2 if fp_inputs else 1] * (len(tensors) - 1) + [1]          # the output (FP target) is last
+        size = n_samples * sum(c * math.prod(s) * policy.element_bytes(d) for c, (s, d) in zip(copies, tensors))
         out.append(UnitPlan(unit, size, policy.ram_gb is not None and size > policy.ram_gb * GB))
     return out
 

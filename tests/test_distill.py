@@ -266,3 +266,58 @@ def test_unit_caches_on_disk_or_in_float16_are_bounded_and_faithful(tiny_unet, c
     cfg = DistillConfig(iters=2, batch_size=8, cache_ram_gb=1e-6)
     distill(w4a4(tiny_unet, calib), tiny_unet, calib, cfg, tmp_path / "run")
     assert "[distill] plan:" in capsys.readouterr().out and not list((tmp_path / "run" / "cache").glob("*.bin"))
+
+
+def test_fp_inputs_are_the_fp_models_and_mix_per_sample(tiny_unet, calib):
+    """--distill_fp_input: the cache also holds the FP chain's unit inputs; a batch takes them row by row."""
+    q = w4a4(tiny_unet, calib)
+    data = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16, fp_inputs=True)
+    fp_in = cache_unit_io(calibrate(QuantModel(tiny_unet, QuantConfig(weight_bit=8)), None), tiny_unet,
+                          "mid.block_1", calib, 16)
+    assert torch.equal(data.target, fp_in.target)
+    assert [a.shape for a in data.fp_args] == [a.shape for a in data.args]
+    fp_h = torch.stack([_fp_block_input(tiny_unet, calib, i) for i in range(4)])
+    torch.testing.assert_close(data.fp_args[0][:4], fp_h)
+    assert not torch.allclose(data.args[0], data.fp_args[0])
+    idx, rows = torch.arange(4), torch.tensor([True, False, True, False])
+    args, _, _, _ = data.batch(idx, torch.device("cpu"), fp_rows=rows)
+    for i, from_fp in enumerate(rows.tolist()):
+        for a, qa, fa in zip(args, data.args, data.fp_args):
+            assert torch.equal(a[i], (fa if from_fp else qa)[i])
+    with pytest.raises(ValueError, match="fp_inputs=True"):
+        cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16).batch(idx, torch.device("cpu"), fp_rows=rows)
+
+
+def _fp_block_input(unet, calib, i):
+    box = []
+    h = unet.mid.block_1.register_forward_pre_hook(lambda m, a: box.append(a[0]))
+    with torch.no_grad():
+        unet(calib.x[i:i + 1], calib.t[i:i + 1])
+    h.remove()
+    return box[0][0]
+
+
+def test_fp_input_distillation_trains_on_fp_inputs_and_stays_off_by_default(tiny_unet, calib, monkeypatch):
+    q = w4a4(tiny_unet, calib)
+    data = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16, fp_inputs=True)
+    seen, real_batch = [], type(data).batch
+
+    def spy(self, idx, device, dtype=None, fp_rows=None):
+        seen.append(fp_rows)
+        return real_batch(self, idx, device, dtype, fp_rows)
+    monkeypatch.setattr(type(data), "batch", spy)
+    for p, expect in ((0.0, None), (1.0, True), (0.5, "mixed")):
+        seen.clear()
+        cfg = DistillConfig(iters=20, batch_size=16, fp_input=p)
+        train_unit(w4a4(tiny_unet, calib), "mid.block_1", data, DistillObjective(cfg), cfg, seed=0)
+        training = [r for r in seen if r is not None]
+        if expect is None:
+            assert not training
+        elif expect is True:
+            assert len(training) == 20 and all(bool(r.all()) for r in training)
+        else:
+            share = float(torch.cat(training).float().mean())
+            assert len(training) == 20 and 0.3 < share < 0.7
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="fp_input"):
+            DistillConfig(fp_input=bad)

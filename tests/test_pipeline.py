@@ -216,6 +216,8 @@ def test_method_name_marks_ablations_eps_correction_and_t_weighting():
     assert name(*dq) == "dilatequant"
     assert name(*dq, "--t_weight_sigma", "0.2") == "dilatequant+tw0.2"
     assert name(*dq, "--t_weight_sigma", "0.5", "--eps_correction", "4") == "dilatequant+tw0.5+epsbc"
+    assert name(*dq, "--distill_fp_input", "0.5", "--eps_rescale") == "dilatequant+fpin0.5+rescale"
+    assert name("--ptq", "--quant_mode", "qdiff", "--distill_fp_input", "1") == "qdiff+fpin1"
     assert name("--ptq", "--quant_mode", "baseline", "--eps_correction", "4") == "baseline+epsbc"
 
 

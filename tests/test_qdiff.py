@@ -95,3 +95,11 @@ def test_seed_readme_cifar_commands_parse(extra):
            "--skip_type", "quad", "--ptq", *extra, "-l", "out", "--cali_ckpt", "q.pt", "--ckpt", "model-790000.ckpt"]
     args = build_parser().parse_args(cmd)
     assert args.quant_mode == "qdiff" and args.split and args.ptq
+
+
+def test_fp_input_reaches_both_reconstruction_passes():
+    from quant.methods.qdiff import _recon_cfg
+    assert _recon_cfg(QDiffConfig(fp_input=1.0), 5, LRSchedule.CONSTANT).fp_input == 1.0
+    assert _recon_cfg(QDiffConfig(), 5, LRSchedule.COSINE).fp_input == 0.0
+    with pytest.raises(ValueError):
+        QDiffConfig(fp_input=2.0)

@@ -46,6 +46,9 @@ def test_a_checkpoint_of_other_bits_is_refused_naming_both(tiny_task, tmp_path):
     (["--weight_bit", "44", "--ptq"], r"--weight_bit 44 is out of range: use 2..8"),
     (["--ptq", "--sm_abit", "12"], r"--sm_abit 12 is out of range: use 2..8 or 16"),
     (["--ptq", "--cali_n", "0"], r"--cali_n 0 is out of range"),
+    (["--ptq", "--quant_mode", "dilatequant", "--distill_fp_input", "1.5"],
+     r"--distill_fp_input 1.5 is out of range: use 0..1"),
+    (["--ptq", "--distill_fp_input", "1"], r"--distill_fp_input sets the inputs of block reconstruction.*dilatequant or qdiff"),
 ])
 def test_flags_out_of_range_fail_before_any_write(tiny_task, tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):

@@ -41,10 +41,11 @@ class QDiffConfig:
     beta: tuple[float, float] = (20.0, 2.0)  # annealed from the first to the second value
     cache_dtype: torch.dtype | None = None   # unit caches (quant.unit_cache.CachePolicy)
     cache_ram_gb: float | None = None
+    fp_input: float = 0.0          # --distill_fp_input (beyond Q-Diffusion): unit inputs from the FP chain
     seed: int = 0
 
     def __post_init__(self):
-        if min(self.weight_iters, self.act_iters) < 0 or self.act_lr <= 0 or self.lp <= 0:
+        if min(self.weight_iters, self.act_iters) < 0 or self.act_lr <= 0 or self.lp <= 0 or not 0 <= self.fp_input <= 1:
             raise ValueError(f"invalid QDiffConfig: {self}")
 
 
@@ -94,7 +95,7 @@ class ActStepSizeObjective:
 
 def _recon_cfg(qd: QDiffConfig, iters: int, schedule: LRSchedule) -> DistillConfig:
     return DistillConfig(iters=iters, batch_size=qd.batch_size, lr_schedule=schedule, cache_dtype=qd.cache_dtype,
-                         cache_ram_gb=qd.cache_ram_gb, seed=qd.seed)
+                         cache_ram_gb=qd.cache_ram_gb, fp_input=qd.fp_input, seed=qd.seed)
 
 
 def qdiff_config(config: QuantConfig, qd: QDiffConfig) -> QuantConfig:
