@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from quant.adapters import adapter_for
 from quant.layers import QUANTIZABLE, QuantLayer, QuantMatMul
+from quant.quantizer import ScratchPool
 from quant.settings import QuantConfig
 from quant.slots import SlotIndex
 
@@ -143,16 +144,27 @@ class QuantModel(nn.Module):
 @contextmanager
 def frozen(qmodel: QuantModel) -> Iterator[QuantModel]:
     """Inference with fixed weights: each layer's (fake-)quantized weight is computed once on entry and reused
-    by every forward inside, instead of being re-quantized per call; recomputed on the next entry."""
+    by every forward inside, instead of being re-quantized per call; recomputed on the next entry. On the CPU
+    the activation quantizers also write into reused buffers (quant.quantizer.ScratchPool) instead of fresh
+    tensors; the values are the same bit for bit."""
     layers = [layer for _, layer in qmodel.quant_layers()]
+    quantizers = [(k, q) for _, m in qmodel.act_quant_modules() for k, q in enumerate(m.a_quant)]
+    saved = [q.scratch for _, q in quantizers]
+    on_cpu = all(p.device.type == "cpu" for p in qmodel.parameters())
     try:
         with torch.no_grad():
             for layer in layers:
                 layer.frozen_weight = layer.op_weight().detach()   # a plain tensor, also when it is W itself
+        if on_cpu:
+            pool = ScratchPool()
+            for k, q in quantizers:
+                q.scratch = (pool, k)
         yield qmodel
     finally:
         for layer in layers:
             layer.frozen_weight = None
+        for (_, q), before in zip(quantizers, saved):
+            q.scratch = before
 
 
 @contextmanager

@@ -16,31 +16,53 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
-def _divide(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """x / step. For a contiguous [N, C, H, W] x and a [N or 1, C or 1, 1, 1] step (per-sample Δ_t times
-    per-channel s) it runs as [N·C, H·W] / [N·C, 1]: the same quotients, through a faster CPU kernel than the
-    4-d broadcast."""
+def _divide(x: torch.Tensor, step: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x / step (into `out`, shaped like x, if given). For a contiguous [N, C, H, W] x and a
+    [N or 1, C or 1, 1, 1] step (per-sample Δ_t times per-channel s) it runs as [N·C, H·W] / [N·C, 1]: the
+    same quotients, through a faster CPU kernel than the 4-d broadcast."""
     if x.dim() == 4 and step.dim() == 4 and step.shape[2:] == (1, 1) and x.is_contiguous():
         n, c = x.shape[:2]
-        return (x.view(n * c, -1) / step.expand(n, c, 1, 1).reshape(n * c, 1)).view_as(x)
-    return x / step
+        x2, step2 = x.view(n * c, -1), step.expand(n, c, 1, 1).reshape(n * c, 1)
+        return (x2 / step2 if out is None else torch.div(x2, step2, out=out.view(n * c, -1))).view_as(x)
+    return x / step if out is None else torch.div(x, step, out=out)
+
+
+class ScratchPool:
+    """Reusable output memory for fake-quantized activations during inference (quant.model.frozen, CPU).
+
+    On the CPU a fresh activation-sized tensor per quantizer call is a fresh allocation with its page faults.
+    A quantized activation is consumed inside the layer that made it (conv, linear, bmm or cat), so quantizer
+    k of every layer can write into one shared buffer k: what a quantizer returns is valid until the next call
+    of a quantizer with the same k. The values are the same bit for bit.
+    """
+
+    def __init__(self):
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def take(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(k)
+        if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[k] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        return buf[:like.numel()].view(like.shape)
 
 
 def fake_quant(x: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
-               in_scale: torch.Tensor | None = None) -> torch.Tensor:
+               in_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Q(x/s) = Δ (clip(round(x/(s·Δ)) + z, qmin, qmax) - z)   (eq. 4; s = 1 unless dilated, SPEC §3).
 
     Δ, z (and s) broadcast against x. Gradients reach x, Δ and z as in LSQ/LSQ+ (rounding is
     straight-through; a value on the clipping bound still passes its gradient to x). Without autograd the
-    same values are computed in fewer passes, in place: Δ·round(clip(x/(s·Δ), qmin - z, qmax - z)).
+    same values are computed in fewer passes, in place: Δ·round(clip(x/(s·Δ), qmin - z, qmax - z)), written
+    into `out` (shaped like x) if given.
     """
     delta = delta.clamp_min(_MIN_DELTA)
     step = delta if in_scale is None else delta * in_scale
     if not torch.is_grad_enabled():
-        # Δ·round(clip(x/step, qmin - z, qmax - z)): four passes, in place on the one fresh tensor. Since the
+        # Δ·round(clip(x/step, qmin - z, qmax - z)): five passes, in place on the one fresh tensor. Since the
         # bounds are integers and rounding is monotone, this equals Δ·clip(round(x/step), ...) bit for bit.
+        # (One clamp_ with both tensor bounds measured slower on the CPU than the two one-sided clamps.)
         z = zero.round()
-        q = _divide(x, step).clamp_(qmin - z, qmax - z)
+        q = _divide(x, step, out).clamp_min_(qmin - z).clamp_max_(qmax - z)
         return q.round_().mul_(delta)
     z = round_ste(zero)
     return (torch.clamp(round_ste(x / step) + z, qmin, qmax) - z) * delta
@@ -130,6 +152,7 @@ class ActQuantizer(_Quantizer):
                  dtype: torch.dtype | None = None):
         super().__init__(slots.num_slots, spec, device, dtype)
         self.slots = slots  # shared plain object, not a submodule
+        self.scratch: tuple[ScratchPool, int] | None = None   # (pool, k) inside quant.model.frozen on the CPU
 
     def slot_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Δ, z broadcastable against x: scalars for one slot, [N, 1, ...] for TPQ."""
@@ -149,4 +172,8 @@ class ActQuantizer(_Quantizer):
         """Q(x / in_scale); in_scale broadcast against x (per channel) or None."""
         self._check("activation quantizer")
         delta, zero = self.slot_params(x)
-        return fake_quant(x, delta, zero, self.spec.qmin, self.spec.qmax, in_scale)
+        out = None
+        if self.scratch is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            pool, k = self.scratch
+            out = pool.take(k, x)
+        return fake_quant(x, delta, zero, self.spec.qmin, self.spec.qmax, in_scale, out)

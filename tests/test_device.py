@@ -111,3 +111,19 @@ def test_dilatequant_on_cuda_matches_cpu(tiny_unet, tiny_trajectories, tmp_path)
     with torch.no_grad():
         ref = cpu(x, t)
     assert (out - ref).abs().mean() < 0.05 * ref.abs().mean()
+
+
+def test_bench_sampling_rounds_report_medians(tmp_path, monkeypatch):
+    """tools/bench_sampling.py --rounds: every row timed in rotation, the table holds each row's medians."""
+    import json
+    from conftest import ROOT
+    from tools import bench_sampling
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "speed.json"
+    bench_sampling.main(["--config", "configs/mnist.yml", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                         "--rounds", "3", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows][0] == "FP32" and len(rows) == 4
+    for row in rows:
+        assert len(row["rounds"]) == 3 and row["ms_per_image"] == sorted(row["rounds"])[1]
+    assert rows[0]["x_fp32"] == 1.0

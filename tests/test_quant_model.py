@@ -53,6 +53,25 @@ def test_frozen_works_with_weight_quantization_off_and_can_be_reentered(tiny_une
     assert not any(name.endswith("frozen_weight") for name, _ in q.named_parameters())
 
 
+def test_frozen_reuses_activation_memory_on_the_cpu_with_identical_outputs(tiny_unet, trajectories):
+    """Inside frozen() the activation quantizers write into a shared ScratchPool (split layers and attention
+    matmuls use two buffers); every output equals the plain forward's bit for bit, across repeated calls."""
+    q = calibrate(QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4, temporal=True, split=True), SEQ),
+                  random_over_steps(trajectories, 24, torch.Generator().manual_seed(0)), batch_size=12)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([SEQ[0], SEQ[3], SEQ[-1]])
+    x2, t2 = torch.randn(5, 1, 16, 16), torch.tensor(SEQ[:5])
+    with torch.no_grad():
+        ref, ref2 = q(x, t), q(x2, t2)
+        with frozen(q):
+            quantizers = [a for _, m in q.act_quant_modules() for a in m.a_quant]
+            assert all(a.scratch is not None for a in quantizers)
+            pool = quantizers[0].scratch[0]
+            out, out2, again = q(x, t), q(x2, t2), q(x, t)
+            assert sorted(pool._buffers) == [0, 1]
+        assert all(a.scratch is None for a in quantizers)
+    assert torch.equal(out, ref) and torch.equal(out2, ref2) and torch.equal(again, ref)
+
+
 def test_edge_layers_stay_8_bit_and_softmax_is_unsigned(tiny_unet):
     q = QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4, sm_abit=16))
     layers = dict(q.quant_layers())

@@ -6,8 +6,9 @@ fake-quantized W8A8 / W4A4 TPQ side by side, on any device.
 
 The quantized twins are calibrated on random inputs over a 100-step quad schedule: only their speed is
 meaningful. They run as sampling runs them, with weights quantized once (quant.model.frozen). Each time is
-the median of --repeats forwards after --warmup ones (CUDA timed with synchronisation). --compile adds
-torch.compile'd rows (the first calls compile and are not timed). --out writes the table as JSON.
+the median of --repeats forwards after --warmup ones (CUDA timed with synchronisation); with --rounds R every
+row is timed R times in rotation and the table gives medians, the ratio to FP32 as the median of each round's
+ratio. --compile adds torch.compile'd rows (the first calls compile and are not timed). --out writes JSON.
 """
 from __future__ import annotations
 
@@ -68,11 +69,12 @@ def rows(fp, x, t, schedule, args) -> list[tuple[str, callable]]:
     for bits in (8, 4):
         q = quantized_twin(fp, bits, x, t, schedule)
         out.append((f"fake-quant W{bits}A{bits} TPQ", lambda q=q: _frozen_ms(q, q, x, t, args)))
-        if args.compile:
+        if args.compile:                                   # compiled once, on the first call
             out.append((f"fake-quant W{bits}A{bits} TPQ, compiled",
-                        lambda q=q: _frozen_ms(q, torch.compile(q), x, t, args)))
+                        lambda q=q, cq=torch.compile(q): _frozen_ms(q, cq, x, t, args)))
     if args.compile:
-        out.append(("FP32, compiled", lambda: ms_per_image(torch.compile(fp), x, t, args.repeats, args.warmup)))
+        cfp = torch.compile(fp)
+        out.append(("FP32, compiled", lambda: ms_per_image(cfp, x, t, args.repeats, args.warmup)))
     return out
 
 
@@ -91,6 +93,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="time every row this many times, in rotation; report "
+                   "medians (a noisy machine drifts between rows)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd FP and fake-quant models")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
@@ -108,16 +112,28 @@ def main(argv=None):
              else f"CPU, {torch.get_num_threads()} threads")
     print(f"{cfg.name} UNet ({sum(p.numel() for p in fp.parameters()) / 1e6:.2f} M params), batch {args.batch}, "
           f"{where}, torch {torch.__version__}")
-    table, fp_ms = [], None
-    for label, thunk in rows(fp, x, t, schedule, args):
-        ms = thunk()
-        fp_ms = fp_ms or ms
-        table.append({"mode": label, "ms_per_image": ms, "x_fp32": ms / fp_ms})
-        print(f"  {label:<34} {ms:8.4f} ms/img  {ms / fp_ms:5.2f}x FP32", flush=True)
+    thunks = rows(fp, x, t, schedule, args)
+    times = {label: [] for label, _ in thunks}
+    for r in range(args.rounds):                     # rows in rotation: each round's ratios share its machine state
+        fp_ms = None
+        for label, thunk in thunks:
+            ms = thunk()
+            fp_ms = fp_ms or ms
+            times[label].append((ms, ms / fp_ms))
+            print(f"  {label:<34} {ms:8.4f} ms/img  {ms / fp_ms:5.2f}x FP32"
+                  + (f"  (round {r + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
+    table = [{"mode": label, "ms_per_image": statistics.median(ms for ms, _ in v),
+              "x_fp32": statistics.median(ratio for _, ratio in v), "rounds": [ms for ms, _ in v]}
+             for label, v in times.items()]
+    if args.rounds > 1:
+        print(f"median over {args.rounds} rounds (ratio: median of each round's ratio to that round's FP32):")
+        for row in table:
+            print(f"  {row['mode']:<34} {row['ms_per_image']:8.4f} ms/img  {row['x_fp32']:5.2f}x FP32")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"config": args.config, "batch": args.batch, "device": where,
-                                              "torch": torch.__version__, "rows": table}, indent=2) + "\n")
+                                              "torch": torch.__version__, "repeats": args.repeats,
+                                              "rounds": args.rounds, "rows": table}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
