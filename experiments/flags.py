@@ -98,9 +98,9 @@ def add_quant_flags(p: argparse.ArgumentParser, resume_flag: bool = True) -> Non
                    help="(beyond the paper) weight each distillation sample by 1/(sigma_t^2 + this^2), mean 1: "
                         "more weight to small t, where feature errors become large eps errors; default: plain MSE")
     d.add_argument("--distill_fp_input", type=float, default=DistillConfig.fp_input,
-                   help="dilatequant, qdiff (beyond the papers): probability that a reconstruction sample's block input "
-                        "comes from the FP model instead of the quantized chain: 0 = the papers (eq. 17), 1 = FP inputs, "
-                        "0.5 = mixed")
+                   help="dilatequant, qdiff (beyond the papers): probability that a reconstruction sample's block "
+                        "input comes from the FP model instead of the quantized chain: 0 = the papers (eq. 17), "
+                        "1 = FP inputs, 0.5 = mixed")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,7 +171,8 @@ def dilatequant_config(args) -> DilateQuantConfig:
     distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
                             lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
                             lr_schedule=LRSchedule(args.lr_schedule), t_weight_sigma=args.t_weight_sigma,
-                            cache_dtype=CACHE_DTYPES[args.cache_dtype], cache_ram_gb=args.cache_ram_gb, fp_input=args.distill_fp_input, seed=args.seed)
+                            cache_dtype=CACHE_DTYPES[args.cache_dtype], cache_ram_gb=args.cache_ram_gb,
+                            fp_input=args.distill_fp_input, seed=args.seed)
     return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
                              distillation=args.bkd, distill=distill)
 

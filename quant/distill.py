@@ -1,10 +1,11 @@
 """Block-wise reconstruction, resumable unit by unit: DilateQuant's BKD and Q-Diffusion's BRECQ.
 
 Unit k of the quantized model is trained to match the FP unit k's output, its input taken from the
-already-quantized chain: MSE(B_k∘…∘B_1(x), B̂_k∘…∘B̂_1(x))  (paper eq. 17; SPEC §4). Beyond the paper,
-`DistillConfig.fp_input` takes each training sample's input from the FP chain instead with that probability. What is trained is an
-`Objective`: BKD trains weights, Δ_w and the per-timestep Δ_x, z_x together on mixed-timestep batches
-(`DistillObjective`); Q-Diffusion's passes train AdaRound rounding or activation steps (`quant/methods/qdiff.py`).
+already-quantized chain: MSE(B_k∘…∘B_1(x), B̂_k∘…∘B̂_1(x))  (paper eq. 17; SPEC §4); beyond the paper,
+`DistillConfig.fp_input` takes each training sample's input from the FP chain instead with that probability.
+What is trained is an `Objective`: BKD trains weights, Δ_w and the per-timestep Δ_x, z_x together on
+mixed-timestep batches (`DistillObjective`); Q-Diffusion's passes train AdaRound rounding or activation steps
+(`quant/methods/qdiff.py`).
 Only one unit's graph lives at a time; its inputs and targets are cached on the CPU.
 """
 from __future__ import annotations

@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ddim import load_config, timestep_sequence  # noqa: E402
+from ddim import load_config  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
 from quant.model import frozen  # noqa: E402
-from tools.bench_sampling import ms_per_image, quantized_twin  # noqa: E402
+from tools.bench_sampling import ms_per_image, quantized_twin, workload  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -38,10 +38,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     fp = load_unet(cfg, None).eval()
-    gen = torch.Generator().manual_seed(0)
-    schedule = timestep_sequence(cfg.diffusion.num_diffusion_timesteps, 100, "quad")
-    x = torch.randn(args.batch, cfg.channels, cfg.image_size, cfg.image_size, generator=gen)
-    t = torch.tensor(schedule)[torch.randint(0, len(schedule), (args.batch,), generator=gen)]
+    schedule, x, t = workload(cfg, args.batch, torch.device("cpu"))
     q = quantized_twin(fp, args.bits, x, t, schedule)
     rounds = []
     with frozen(q):

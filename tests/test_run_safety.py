@@ -48,7 +48,8 @@ def test_a_checkpoint_of_other_bits_is_refused_naming_both(tiny_task, tmp_path):
     (["--ptq", "--cali_n", "0"], r"--cali_n 0 is out of range"),
     (["--ptq", "--quant_mode", "dilatequant", "--distill_fp_input", "1.5"],
      r"--distill_fp_input 1.5 is out of range: use 0..1"),
-    (["--ptq", "--distill_fp_input", "1"], r"--distill_fp_input sets the inputs of block reconstruction.*dilatequant or qdiff"),
+    (["--ptq", "--distill_fp_input", "1"],
+     r"--distill_fp_input sets the inputs of block reconstruction.*dilatequant or qdiff"),
 ])
 def test_flags_out_of_range_fail_before_any_write(tiny_task, tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):

@@ -54,6 +54,15 @@ def ms_per_image(model, x, t, repeats: int, warmup: int, autocast: torch.dtype |
     return 1e3 * statistics.median(times) / x.shape[0]
 
 
+def workload(cfg, batch: int, device: torch.device) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(schedule, x, t): a 100-step quad schedule and a seeded batch of noise with timesteps drawn from it."""
+    gen = torch.Generator().manual_seed(0)
+    schedule = timestep_sequence(cfg.diffusion.num_diffusion_timesteps, 100, "quad")
+    x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, generator=gen).to(device)
+    t = torch.tensor(schedule)[torch.randint(0, len(schedule), (batch,), generator=gen)].to(device)
+    return schedule, x, t
+
+
 def quantized_twin(fp, bits: int, x, t, schedule) -> QuantModel:
     q = QuantModel(fp, QuantConfig(weight_bit=bits, act_bit=bits, temporal=True), schedule)
     return calibrate(q, CalibSet(x.cpu(), t.cpu()), batch_size=len(x))
@@ -98,15 +107,14 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd FP and fake-quant models")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds} is out of range: use >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     device = pick_device(args.device)
     fp = (UNet(cfg.model) if args.random_weights else load_unet(cfg, args.ckpt)).to(device).eval()
-    gen = torch.Generator().manual_seed(0)
-    schedule = timestep_sequence(cfg.diffusion.num_diffusion_timesteps, 100, "quad")
-    x = torch.randn(args.batch, cfg.channels, cfg.image_size, cfg.image_size, generator=gen).to(device)
-    t = torch.tensor(schedule)[torch.randint(0, len(schedule), (args.batch,), generator=gen)].to(device)
+    schedule, x, t = workload(cfg, args.batch, device)
 
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads")

@@ -45,7 +45,8 @@ class QDiffConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if min(self.weight_iters, self.act_iters) < 0 or self.act_lr <= 0 or self.lp <= 0 or not 0 <= self.fp_input <= 1:
+        if (min(self.weight_iters, self.act_iters) < 0 or self.act_lr <= 0 or self.lp <= 0
+                or not 0 <= self.fp_input <= 1):
             raise ValueError(f"invalid QDiffConfig: {self}")
 
 
