@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UsageError
 from common.files import file_digest
 from ddim import load_config, make_betas
 from ddim.checkpoint import load_unet
 from ddim.sampling import SAMPLE_TYPES, initial_noise, make_sampler
 from ddim.schedule import SKIP_TYPES, alphas_cumprod
 from experiments import dist
-from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags, check_quant_flags, check_rules
+from experiments.flags import (HelpFormatter, add_common_flags, add_quant_flags, check_input_files, check_quant_flags,
+                                check_rules)
 from experiments.quantize import QuantJob, cached_calibration, check_cali_ckpt
 from experiments.run import Family, execute, run_identity
 from experiments.runtime import timer
@@ -63,10 +63,7 @@ def check_flags(args, cfg) -> None:
                        ("batch_size", lambda v: v >= 1, ">= 1")])
     if args.ptq:
         check_quant_flags(args)
-    for flag in ("ckpt", "cali_data_path", "cali_ckpt", "fp_samples"):
-        path = getattr(args, flag)
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"--{flag} {path}: no such file")
+    check_input_files(args)
     if not args.no_fid:
         from evaluation.fid import check_reference
         check_reference(reference(args, cfg))

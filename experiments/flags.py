@@ -3,14 +3,16 @@ the typed settings they build. Every flag is checked before any work or any writ
 from __future__ import annotations
 
 import argparse
+import json
 import re
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
 from common.errors import UsageError
 from quant.dilation import Scaling
-from quant.distill import DistillConfig, LRSchedule
+from quant.distill import BKDTraining, DistillConfig, LRSchedule
 from quant.methods import QuantMode
 from quant.methods.dilatequant import DilateQuantConfig
 from quant.methods.qdiff import QDiffConfig
@@ -101,6 +103,29 @@ def add_quant_flags(p: argparse.ArgumentParser, resume_flag: bool = True) -> Non
                    help="dilatequant, qdiff (beyond the papers): probability that a reconstruction sample's block "
                         "input comes from the FP model instead of the quantized chain: 0 = the papers (eq. 17), "
                         "1 = FP inputs, 0.5 = mixed")
+    d.add_argument("--bkd_training", default=DistillConfig.training.value, choices=[m.value for m in BKDTraining],
+                   help="dilatequant: joint = the paper (weights and quantizers together, everything quantized); "
+                        "staged (beyond the paper) = per block, the weights with FP activations, then the activation "
+                        "quantizers with the weights frozen, --cali_iters each")
+
+
+INPUT_FILES = ("ckpt", "cali_data_path", "cali_ckpt", "fp_samples")
+
+
+def check_input_files(args) -> None:
+    """Every input file named by a flag exists; --fp_samples, when a run record (results.json) lies beside it,
+    was drawn from this run's noise seed (PSNR and FID to FP pair samples drawn from the same noise)."""
+    for flag in INPUT_FILES:
+        path = getattr(args, flag, None)
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"--{flag} {path}: no such file")
+    if args.fp_samples is None:
+        return
+    record = Path(args.fp_samples).parent / "results.json"
+    seed = json.loads(record.read_text()).get("seed") if record.is_file() else None
+    if seed is not None and seed != args.seed:
+        raise UsageError(f"--fp_samples {args.fp_samples} was drawn with --seed {seed} ({record}), this run has "
+                         f"--seed {args.seed}", "pass the FP samples drawn from this run's seed")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,8 +179,9 @@ def check_quant_flags(args) -> None:
     if args.distill_fp_input > 0 and args.quant_mode == QuantMode.BASELINE.value:
         raise UsageError("--distill_fp_input sets the inputs of block reconstruction, which the baseline does not run: "
                          "use --quant_mode dilatequant or qdiff")
-    if args.quant_mode != QuantMode.DILATEQUANT.value and args.scaling != Scaling.WEIGHT_DILATION.value:
-        raise UsageError(f"--scaling {args.scaling} is a DilateQuant setting: add --quant_mode dilatequant")
+    for flag, default in (("scaling", Scaling.WEIGHT_DILATION.value), ("bkd_training", BKDTraining.JOINT.value)):
+        if args.quant_mode != QuantMode.DILATEQUANT.value and getattr(args, flag) != default:
+            raise UsageError(f"--{flag} {getattr(args, flag)} is a DilateQuant setting: add --quant_mode dilatequant")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,7 +198,7 @@ def dilatequant_config(args) -> DilateQuantConfig:
                             lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
                             lr_schedule=LRSchedule(args.lr_schedule), t_weight_sigma=args.t_weight_sigma,
                             cache_dtype=CACHE_DTYPES[args.cache_dtype], cache_ram_gb=args.cache_ram_gb,
-                            fp_input=args.distill_fp_input, seed=args.seed)
+                            fp_input=args.distill_fp_input, training=BKDTraining(args.bkd_training), seed=args.seed)
     return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
                              distillation=args.bkd, distill=distill)
 
@@ -190,8 +216,8 @@ EPS_RESCALED = "+rescale"  # method-name suffix of a model with the eps rescale 
 
 def method_name(args) -> str:
     """'dilatequant', e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row; '+epsbc' with --eps_correction,
-    '+rescale' with --eps_rescale, '+tw0.2' with --t_weight_sigma 0.2, '+fpin0.5' with --distill_fp_input 0.5
-    (beyond the paper)."""
+    '+rescale' with --eps_rescale, '+tw0.2' with --t_weight_sigma 0.2, '+fpin0.5' with --distill_fp_input 0.5,
+    '+staged' with --bkd_training staged (beyond the paper)."""
     suffix = correction_suffix(args)
     reconstructs = args.quant_mode == QuantMode.QDIFF.value or (args.quant_mode == QuantMode.DILATEQUANT.value and
                                                                  args.bkd)
@@ -201,6 +227,8 @@ def method_name(args) -> str:
         return args.quant_mode + suffix
     if args.bkd and args.t_weight_sigma is not None:
         suffix = f"+tw{args.t_weight_sigma:g}" + suffix
+    if args.bkd and args.bkd_training != BKDTraining.JOINT.value:
+        suffix = f"+{args.bkd_training}" + suffix
     if args.wd and args.tpq and args.bkd and args.scaling == Scaling.WEIGHT_DILATION.value:
         return args.quant_mode + suffix
     scaling = "wd" if args.scaling == Scaling.WEIGHT_DILATION.value else args.scaling

@@ -23,7 +23,8 @@ from common.errors import UsageError
 from common.files import file_digest
 from ddim.sampling import initial_noise
 from experiments import dist
-from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags, check_quant_flags, check_rules
+from experiments.flags import (HelpFormatter, add_common_flags, add_quant_flags, check_input_files, check_quant_flags,
+                                check_rules)
 from experiments.quantize import QuantJob, cached_calibration, check_cali_ckpt
 from experiments.run import Family, execute, run_identity
 from ldm.checkpoint import load_model_from_config
@@ -102,10 +103,7 @@ def check_flags(args, config: dict) -> None:
         check_quant_flags(args)
         if args.eps_correction:
             raise UsageError("--eps_correction is offered for DDIM models only", "drop it for latent diffusion")
-    for flag in ("ckpt", "cali_data_path", "cali_ckpt", "fp_samples"):
-        path = getattr(args, flag)
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"--{flag} {path}: no such file")
+    check_input_files(args)
     model_ckpt = checkpoint_path(config, resolve(args)[1])
     if model_ckpt is None or not model_ckpt.is_file():
         raise UsageError(f"no model checkpoint at {model_ckpt}" if model_ckpt else "the config names no checkpoint",

@@ -3,17 +3,19 @@
 Unit k of the quantized model is trained to match the FP unit k's output, its input taken from the
 already-quantized chain: MSE(B_k∘…∘B_1(x), B̂_k∘…∘B̂_1(x))  (paper eq. 17; SPEC §4); beyond the paper,
 `DistillConfig.fp_input` takes each training sample's input from the FP chain instead with that probability.
-What is trained is an `Objective`: BKD trains weights, Δ_w and the per-timestep Δ_x, z_x together on
-mixed-timestep batches (`DistillObjective`); Q-Diffusion's passes train AdaRound rounding or activation steps
-(`quant/methods/qdiff.py`).
+What is trained is a sequence of `Objective`s, one after the other on each unit: BKD trains weights, Δ_w and the
+per-timestep Δ_x, z_x together on mixed-timestep batches (`DistillObjective`; beyond the paper,
+`BKDTraining.STAGED` trains the weights first with FP activations, then the activation quantizers);
+Q-Diffusion's passes train AdaRound rounding or activation steps (`quant/methods/qdiff.py`).
 Only one unit's graph lives at a time; its inputs and targets are cached on the CPU.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,7 +28,16 @@ from common.files import atomic_torch_save
 from quant.calib_data import CalibSet
 from quant.unit_cache import CachePolicy, Store, describe, per_sample_shapes, plan
 from quant.layers import QuantLayer, QuantMatMul
-from quant.model import QuantModel
+from quant.model import QuantModel, quant_enabled
+
+
+class BKDTraining(Enum):
+    """What BKD trains on each unit, and in which order. JOINT is the paper (eq. 17): weights, Δ_w, Δ_x and z_x
+    together, everything quantized. STAGED (beyond the paper) splits it as BRECQ/Q-Diffusion do: the weights and
+    Δ_w (and learnable scales) with the activation quantizers off, then Δ_x and z_x with the weights frozen,
+    `iters` iterations each."""
+    JOINT = "joint"
+    STAGED = "staged"
 
 
 class LRSchedule(Enum):
@@ -50,6 +61,7 @@ class DistillConfig:
     cache_dtype: torch.dtype | None = None   # unit caches: None = the model's dtype; float16 halves them (unit_cache)
     cache_ram_gb: float | None = None        # a unit cache above this goes to a memory-mapped file (None: RAM)
     fp_input: float = 0.0      # probability a training sample's unit input is the FP chain's (0: the paper's eq. 17)
+    training: BKDTraining = BKDTraining.JOINT
     seed: int = 0
 
     def __post_init__(self):
@@ -212,6 +224,8 @@ def cache_unit_io(qmodel: QuantModel, fp_model: nn.Module, unit: str, calib: Cal
 class Objective(Protocol):
     """What one unit's reconstruction trains, and how."""
 
+    fp_activations: bool    # the unit trains (and is scored) with its activation quantizers off
+
     def prepare(self, unit: nn.Module) -> list[dict]:
         """Install anything temporary; return Adam parameter groups (empty: nothing to train)."""
 
@@ -222,30 +236,35 @@ class Objective(Protocol):
         """Make the trained state final (e.g. hard rounding) and remove anything temporary."""
 
 
-def unit_param_groups(unit: nn.Module, cfg: DistillConfig) -> list[dict]:
-    """Weights/biases at lr_weight, weight-quantizer parameters (Δ_w, z_w) at lr_quant, activation-quantizer
-    parameters (Δ_x, z_x) at lr_act (lr_quant if unset), learnable scaling factors (if any) at lr_scale."""
-    weights, w_quant, a_quant, scales = [], [], [], []
+def unit_param_groups(unit: nn.Module, cfg: DistillConfig, weights: bool = True,
+                      activations: bool = True) -> list[dict]:
+    """Weights/biases at lr_weight, weight-quantizer parameters (Δ_w, z_w) at lr_quant, learnable scaling factors
+    (if any) at lr_scale (these three if `weights`); activation-quantizer parameters (Δ_x, z_x) at lr_act
+    (lr_quant if unset) if `activations`."""
+    params, w_quant, a_quant, scales = [], [], [], []
     for m in unit.modules():
         if isinstance(m, QuantLayer):
-            weights += [p for p in (m.weight, m.bias) if p is not None]
+            params += [p for p in (m.weight, m.bias) if p is not None]
             scales += [m.in_gain] if m.in_gain is not None else []
             w_quant += [p for p in m.w_quant.parameters()]
         if isinstance(m, (QuantLayer, QuantMatMul)) and m.quant_act:
             a_quant += [p for q in m.a_quant for p in q.parameters()]
-    groups = [{"params": weights, "lr": cfg.lr_weight}, {"params": w_quant, "lr": cfg.lr_quant},
-              {"params": a_quant, "lr": cfg.act_lr}, {"params": scales, "lr": cfg.lr_scale}]
+    groups = ([{"params": params, "lr": cfg.lr_weight}, {"params": w_quant, "lr": cfg.lr_quant}] if weights else [])
+    groups += [{"params": a_quant, "lr": cfg.act_lr}] if activations else []
+    groups += [{"params": scales, "lr": cfg.lr_scale}] if weights else []
     return [g for g in groups if g["params"] and g["lr"] > 0]
 
 
 class DistillObjective:
-    """BKD: weights, Δ_w, Δ_x and z_x trained together on the unit's MSE."""
+    """BKD on the unit's MSE: weights, Δ_w, Δ_x and z_x together (the paper), or with `weights` or `activations`
+    False, only the other part; `fp_activations`: trained with the activation quantizers off."""
 
-    def __init__(self, cfg: DistillConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DistillConfig, weights: bool = True, activations: bool = True,
+                 fp_activations: bool = False):
+        self.cfg, self.weights, self.activations, self.fp_activations = cfg, weights, activations, fp_activations
 
     def prepare(self, unit: nn.Module) -> list[dict]:
-        return unit_param_groups(unit, self.cfg)
+        return unit_param_groups(unit, self.cfg, self.weights, self.activations)
 
     def loss(self, out: torch.Tensor, target: torch.Tensor, it: int, iters: int) -> torch.Tensor:
         return F.mse_loss(out, target)
@@ -315,10 +334,32 @@ def _unit_state(qmodel: QuantModel, unit: str) -> dict:
     return {k: v.clone() for k, v in qmodel.state_dict().items() if k.startswith(prefix)}
 
 
-def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, objective: Objective, cfg: DistillConfig,
-                run_dir: Path, sigmas: torch.Tensor | None = None) -> list[dict]:
-    """Reconstruct every unit in forward order; unit k is saved to run_dir/unit_{k:02d}.pt when done and
-    reloaded (not retrained) by a rerun, so an interrupted run resumes from its last finished unit.
+def bkd_objectives(cfg: DistillConfig) -> list[Objective]:
+    """The objectives BKD trains each unit with, in order (BKDTraining)."""
+    if cfg.training is BKDTraining.STAGED:
+        return [DistillObjective(cfg, activations=False, fp_activations=True), DistillObjective(cfg, weights=False)]
+    return [DistillObjective(cfg)]
+
+
+def train_stages(qmodel: QuantModel, unit: str, data: UnitData, objectives: Sequence[Objective],
+                 cfg: DistillConfig, seed: int, desc: str = "") -> dict:
+    """train_unit with each objective in turn (stage s seeded seed + 100 s), with the activation quantizers off
+    for those that train with FP activations. -> the last stage's log, with every stage's under "stages" when
+    there are several."""
+    logs = []
+    for s, objective in enumerate(objectives):
+        state = quant_enabled(qmodel, weight=True, act=False) if objective.fp_activations else nullcontext()
+        with state:
+            logs.append(train_unit(qmodel, unit, data, objective, cfg, seed + 100 * s,
+                                   desc if len(objectives) == 1 else f"{desc} ({s + 1}/{len(objectives)})"))
+    return logs[-1] | ({"stages": logs} if len(logs) > 1 else {})
+
+
+def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, objectives: Sequence[Objective],
+                cfg: DistillConfig, run_dir: Path, sigmas: torch.Tensor | None = None) -> list[dict]:
+    """Reconstruct every unit in forward order, training it with each objective in turn; unit k is saved to
+    run_dir/unit_{k:02d}.pt when done and reloaded (not retrained) by a rerun, so an interrupted run resumes
+    from its last finished unit.
     With cfg.t_weight_sigma, samples are weighted by timestep_weights (needs `sigmas`, σ_t per timestep)."""
     weight = None
     if cfg.t_weight_sigma is not None:
@@ -351,8 +392,8 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
                              fp_inputs=cfg.fp_input > 0)
         data.weight = weight
         try:
-            entry = {"unit": unit} | train_unit(qmodel, unit, data, objective, cfg, seed=cfg.seed * 1000 + k,
-                                                desc=f"[{k}] {unit}")
+            entry = {"unit": unit} | train_stages(qmodel, unit, data, objectives, cfg, seed=cfg.seed * 1000 + k,
+                                                  desc=f"[{k}] {unit}")
         finally:
             data.release()
         atomic_torch_save({"state": {k: v.cpu() for k, v in _unit_state(qmodel, unit).items()}, "log": entry}, path)
@@ -362,5 +403,5 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
 
 def distill(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, cfg: DistillConfig, run_dir: Path,
             sigmas: torch.Tensor | None = None) -> list[dict]:
-    """DilateQuant's Block-wise Knowledge Distillation (eq. 17)."""
-    return reconstruct(qmodel, fp_model, calib, DistillObjective(cfg), cfg, run_dir, sigmas)
+    """DilateQuant's Block-wise Knowledge Distillation (eq. 17; cfg.training)."""
+    return reconstruct(qmodel, fp_model, calib, bkd_objectives(cfg), cfg, run_dir, sigmas)

@@ -8,8 +8,9 @@ from conftest import TINY_SEQ
 from quant import distill as distill_mod
 from quant.calib_data import random_over_steps
 from quant.calibrate import calibrate
-from quant.distill import (DistillConfig, DistillObjective, LRSchedule, cache_unit_io, distill, train_unit,
-                          unit_param_groups)
+from quant.distill import (BKDTraining, DistillConfig, DistillObjective, LRSchedule, bkd_objectives, cache_unit_io,
+                          distill, train_stages, train_unit, unit_param_groups)
+from quant.layers import QuantLayer, QuantMatMul
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
 from quant.model import QuantModel
 from quant.settings import QuantConfig
@@ -321,3 +322,31 @@ def test_fp_input_distillation_trains_on_fp_inputs_and_stays_off_by_default(tiny
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="fp_input"):
             DistillConfig(fp_input=bad)
+
+
+def test_staged_bkd_trains_weights_on_fp_activations_then_only_the_activation_quantizers(tiny_unet, calib,
+                                                                                         monkeypatch):
+    q = w4a4(tiny_unet, calib)
+    unit = q.model.mid.block_1
+    data = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16)
+    names = {id(p): n for n, p in unit.named_parameters()}
+    start = {n: p.detach().clone() for n, p in unit.named_parameters()}
+    layers = [m for m in unit.modules() if isinstance(m, (QuantLayer, QuantMatMul))]
+    seen, real_step = [], torch.optim.Adam.step
+
+    def spy(opt, *args, **kwargs):     # per step: activation quantizers on?, the parameter names it trains
+        seen.append((any(m.quant_act for m in layers), {names[id(p)] for g in opt.param_groups for p in g["params"]}))
+        return real_step(opt, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    cfg = DistillConfig(iters=20, batch_size=16, lr_act=1e-3, training=BKDTraining.STAGED)
+    log = train_stages(q, "mid.block_1", data, bkd_objectives(cfg), cfg, seed=0)
+    assert len(seen) == 40 and len(log["stages"]) == 2 and log["loss_after"] == log["stages"][1]["loss_after"]
+    first, second = seen[0][1], seen[-1][1]
+    assert not any(on for on, _ in seen[:20]) and all(on for on, _ in seen[20:])      # FP activations, then quantized
+    assert first and all(".a_quant." not in n for n in first)                        # weights, Δ_w
+    assert second and all(".a_quant." in n for n in second)                          # Δ_x, z_x only
+    assert all(m.quant_act for m in layers)                                          # restored
+    moved = {n for n, p in unit.named_parameters() if not torch.equal(p, start[n])}
+    assert moved & first and moved & second and not any(s["kept_initial"] for s in log["stages"])
+    assert [len(o.prepare(unit)) > 0 for o in bkd_objectives(DistillConfig())] == [True]   # joint: one objective

@@ -130,6 +130,15 @@ def test_calibration_set_is_redrawn_when_its_settings_change(tiny_task, tmp_path
         run(tiny_task, tmp_path / "r", *q, "--cali_data_path", str(tmp_path / "missing.pt"))
 
 
+def test_fp_samples_from_another_seed_are_refused_before_any_work(tiny_task, tmp_path):
+    run(tiny_task, tmp_path / "fp", "--no_fid", "--max_images", "2")
+    samples = str(tmp_path / "fp" / "samples.npz")
+    with pytest.raises(UsageError, match="drawn with --seed 3"):
+        run(tiny_task, tmp_path / "other", "--no_fid", "--max_images", "2", "--fp_samples", samples, "--seed", "4")
+    assert not (tmp_path / "other").exists()
+    run(tiny_task, tmp_path / "same", "--no_fid", "--max_images", "2", "--fp_samples", samples)
+
+
 def test_a_reused_calibration_set_counts_its_original_draw_time(tiny_task, tmp_path):
     q = ["--ptq", "--quant_mode", "baseline", "--weight_bit", "8", "--quant_act", "--act_bit", "8", "--no_fid",
          "--max_images", "2", "--cali_n", "16"]
@@ -218,6 +227,7 @@ def test_method_name_marks_ablations_eps_correction_and_t_weighting():
     assert name(*dq, "--t_weight_sigma", "0.5", "--eps_correction", "4") == "dilatequant+tw0.5+epsbc"
     assert name(*dq, "--distill_fp_input", "0.5", "--eps_rescale") == "dilatequant+fpin0.5+rescale"
     assert name("--ptq", "--quant_mode", "qdiff", "--distill_fp_input", "1") == "qdiff+fpin1"
+    assert name(*dq, "--bkd_training", "staged", "--distill_fp_input", "1") == "dilatequant+staged+fpin1"
     assert name("--ptq", "--quant_mode", "baseline", "--eps_correction", "4") == "baseline+epsbc"
 
 

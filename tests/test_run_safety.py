@@ -50,6 +50,8 @@ def test_a_checkpoint_of_other_bits_is_refused_naming_both(tiny_task, tmp_path):
      r"--distill_fp_input 1.5 is out of range: use 0..1"),
     (["--ptq", "--distill_fp_input", "1"],
      r"--distill_fp_input sets the inputs of block reconstruction.*dilatequant or qdiff"),
+    (["--ptq", "--quant_mode", "qdiff", "--bkd_training", "staged"],
+     r"--bkd_training staged is a DilateQuant setting: add --quant_mode dilatequant"),
 ])
 def test_flags_out_of_range_fail_before_any_write(tiny_task, tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):

@@ -53,6 +53,8 @@ class QDiffConfig:
 class AdaRoundObjective:
     """MSE + λ Σ (1 - |2h - 1|^β) after warm-up, β annealed; rounding made hard and baked at the end."""
 
+    fp_activations = True      # the weight pass runs with activation quantization off (reconstruct_weights)
+
     def __init__(self, cfg: QDiffConfig):
         self.cfg = cfg
         self.layers: list[QuantLayer] = []
@@ -78,6 +80,8 @@ class AdaRoundObjective:
 
 class ActStepSizeObjective:
     """Learned activation step sizes (LSQ-style, Δ_x only) on the unit's MSE."""
+
+    fp_activations = False
 
     def __init__(self, cfg: QDiffConfig):
         self.cfg = cfg
@@ -109,7 +113,7 @@ def reconstruct_weights(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet
     init_weight_quantizers(qmodel)
     if qd.weight_iters:
         with quant_enabled(qmodel, weight=True, act=False):
-            reconstruct(qmodel, fp_model, calib, AdaRoundObjective(qd),
+            reconstruct(qmodel, fp_model, calib, [AdaRoundObjective(qd)],
                         _recon_cfg(qd, qd.weight_iters, LRSchedule.CONSTANT), run_dir / "recon_w")
 
 
@@ -120,8 +124,8 @@ def reconstruct_activations(qmodel: QuantModel, fp_model: nn.Module, calib: Cali
         return
     calibrate_activations(qmodel, calib, batch_size, seed=qd.seed)
     if qd.act_iters:
-        reconstruct(qmodel, fp_model, calib, ActStepSizeObjective(qd), _recon_cfg(qd, qd.act_iters, qd.act_lr_schedule),
-                    run_dir / "recon_a")
+        reconstruct(qmodel, fp_model, calib, [ActStepSizeObjective(qd)],
+                    _recon_cfg(qd, qd.act_iters, qd.act_lr_schedule), run_dir / "recon_a")
 
 
 def quantize_qdiff(fp_model: nn.Module, config: QuantConfig, calib: CalibSet, qd: QDiffConfig, run_dir: Path,
