@@ -231,6 +231,16 @@ def test_method_name_marks_ablations_eps_correction_and_t_weighting():
     assert name("--ptq", "--quant_mode", "baseline", "--eps_correction", "4") == "baseline+epsbc"
 
 
+def test_bench_calibration_cuts_each_pipeline_short_with_its_own_flags():
+    from experiments import ddim_task, ldm_task
+    from tools.bench_calibration import short_sampling
+
+    for module, config in ((ddim_task, "configs/mnist.yml"), (ldm_task, "configs/latent-diffusion/mnist-ldm-kl-4.yaml")):
+        args = module.build_parser().parse_args(["--config", config, "-l", "x", *short_sampling(module)])
+        count, batch = module.SAMPLING_FLAGS
+        assert (getattr(args, count), getattr(args, batch), args.no_fid) == (4, 4, True)
+
+
 def _script_argv(task, logdir, *extra):
     return ["--config", str(task / "tiny.yml"), "--ckpt", str(task / "tiny.ckpt"), "-l", str(logdir), *COMMON,
             "--no_fid", *extra]

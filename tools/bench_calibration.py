@@ -22,7 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.task import load_task, pipeline, run_argv  # noqa: E402
 
-SHORT_SAMPLING = ["--max_images", "4", "--batch_size", "4", "--no_fid"]
+
+
+def short_sampling(module) -> list[str]:
+    """Flags that cut a run of this pipeline module to 4 images and no FID (its SAMPLING_FLAGS: count, batch)."""
+    flags = getattr(module, "SAMPLING_FLAGS", None)
+    if flags is None:
+        raise SystemExit(f"{module.__name__} runs cannot be cut short here: benchmark a ddim or ldm task")
+    count, batch = flags
+    return [f"--{count}", "4", f"--{batch}", "4", "--no_fid"]
 
 
 def parse_run(spec: str) -> tuple[Path, str]:
@@ -43,8 +51,9 @@ def start(path: Path, name: str, workdir: Path, threads: int, device: str | None
     log = logdir.parent / f"{name}.log"
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     task = load_task(path, None)
-    argv = [sys.executable, str(pipeline(task)[1]),
-            *run_argv(task, name, out, SHORT_SAMPLING + (["--device", device] if device else []))]
+    module, script = pipeline(task)
+    argv = [sys.executable, str(script),
+            *run_argv(task, name, out, short_sampling(module) + (["--device", device] if device else []))]
     return subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), logdir
 
 
