@@ -186,7 +186,8 @@ def test_bench_calibration_times_runs_side_by_side(tiny_task, tmp_path):
     task = {"common": {"config": str(tiny_task / "tiny.yml"), "ckpt": str(tiny_task / "tiny.ckpt"), "timesteps": 4,
                        "seed": 3, "cali_n": 16, "cali_batch_size": 8},
             "runs": {"base": {"quant_mode": "baseline", "weight_bit": 8, "act_bit": 8},
-                     "dq": {"quant_mode": "dilatequant", "weight_bit": 4, "act_bit": 4, "cali_iters": 2}}}
+                     "dq": {"quant_mode": "dilatequant", "weight_bit": 4, "act_bit": 4, "cali_iters": 2,
+                            "fp_samples": "{out}/fp/samples.npz"}}}       # not made here: dropped, no FID
     (tmp_path / "t.yml").write_text(yaml.safe_dump(task))
     spec = str(tmp_path / "t.yml")
     rows = bench([f"{spec}:base", f"{spec}:dq", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "c.json")])

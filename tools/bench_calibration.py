@@ -6,7 +6,9 @@ process with --threads threads, all started together; sampling is cut to a few i
 
 Prints calibration seconds (eps correction included, and also alone), peak memory and both as a ratio to the
 first run. Give as many runs as the machine has cores, or the later ones wait for a core and look slower.
-Every run calibrates from scratch in <workdir>/<task>/<run> (removed first).
+Every run calibrates from scratch in <workdir>/<task>/<run> (removed first). A run that reads another run's file
+(`{out}/baseline_w8a8/calib.pt`, a shared calibration set) needs it copied under <workdir>/<task>/ first;
+`fp_samples` is dropped (no FID is computed).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ def start(path: Path, name: str, workdir: Path, threads: int, device: str | None
     log = logdir.parent / f"{name}.log"
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     task = load_task(path, None)
+    task["runs"][name] = {k: v for k, v in (task["runs"][name] or {}).items() if k != "fp_samples"}   # no FID here
     module, script = pipeline(task)
     argv = [sys.executable, str(script),
             *run_argv(task, name, out, short_sampling(module) + (["--device", device] if device else []))]
