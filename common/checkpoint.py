@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, NonFiniteError, RunError
 
 
 def state_dict_mismatch(expected: dict, got: dict) -> str | None:
@@ -23,12 +23,30 @@ def state_dict_mismatch(expected: dict, got: dict) -> str | None:
     return "; ".join(parts) or None
 
 
+def nonfinite_keys(state: dict) -> list[str]:
+    """The keys of the floating tensors of `state` that hold a NaN or an inf."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and v.device.type != "meta"
+            and not bool(v.isfinite().all())]
+
+
+def _listed(keys: list[str]) -> str:
+    return f"{len(keys)} tensor(s): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+
+
 def check_finite(state: dict, source: str) -> None:
     """Raise unless every floating tensor of `state` is finite (a NaN/inf weight would make every sample NaN)."""
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+    bad = nonfinite_keys(state)
     if bad:
-        raise CheckpointError(f"{source} has NaN/inf values in {len(bad)} tensor(s): {', '.join(bad[:4])}"
-                              f"{' ...' if len(bad) > 4 else ''}; the file is damaged or the training diverged")
+        raise CheckpointError(f"{source} has NaN/inf values in {_listed(bad)}; the file is damaged or the training "
+                              f"diverged")
+
+
+def require_finite(state: dict, stage: str, hint: str) -> None:
+    """Before a stage is saved: raise NonFiniteError naming the stage and its likely cause (`hint`) unless every
+    floating tensor of `state` is finite. A non-finite stage is never written."""
+    bad = nonfinite_keys(state)
+    if bad:
+        raise NonFiniteError(f"{stage} came out with NaN/inf values in {_listed(bad)}; it was not saved", hint)
 
 
 def load_strict(module: nn.Module, state: dict, source: str, hint: str) -> nn.Module:
@@ -41,11 +59,20 @@ def load_strict(module: nn.Module, state: dict, source: str, hint: str) -> nn.Mo
     return module
 
 
+def check_file(path: str | Path, what: str, hint: str | None = None, error: type[RunError] = CheckpointError) -> Path:
+    """`path` if it is a file; else a one-line `error` naming `what` (the flag): no such file, or a directory
+    where a file is needed."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory, not a file", hint or "name the file itself")
+    if not path.is_file():
+        raise error(f"{what} {path}: no such file", hint)
+    return path
+
+
 def torch_load(path: str | Path, what: str, weights_only: bool = True, map_location="cpu"):
     """torch.load with one-line errors: a missing file names `what` (the flag), an unreadable one says so."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path}: no such file")
+    path = check_file(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:

@@ -6,11 +6,34 @@ import random
 import numpy as np
 import torch
 
+from common.errors import UsageError
+
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_device(name: str | None) -> None:
+    """One UsageError line unless `name` (--device) is a device this machine has (None: the default, always)."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name} is not a device name", "use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {name}: no CUDA GPU is visible here", "drop --device to run on the CPU")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError):
+            raise UsageError(f"--device {name} is not available here", "use cpu or cuda") from None
 
 
 def pick_device(name: str | None = None) -> torch.device:

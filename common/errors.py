@@ -35,6 +35,10 @@ class NonFiniteError(RunError, ValueError):
     """NaN or inf where a finite number is needed (weights, quantizer ranges, samples)."""
 
 
+class AdapterError(RunError, ValueError):
+    """An architecture adapter that names modules the network does not have, or units it cannot train."""
+
+
 class LogdirLocked(RunError):
     """Another run is writing the same log directory."""
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from common.errors import ConfigError
+from common.files import read_yaml
 
 BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "sigmoid", "cosine")
 
@@ -70,14 +69,15 @@ def _section(cls, raw: dict, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(known)}")
     raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    return cls(**raw)
+    try:
+        return cls(**raw)
+    except (TypeError, ValueError) as e:                      # a missing key, or a value out of its range
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config {path} not found; pick one of configs/*.yml")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path, "config", "pick one of configs/*.yml")
     if not isinstance(raw, dict) or "model" not in raw or "diffusion" not in raw:
         raise ConfigError(f"config {path} is not a DDIM config (it needs model: and diffusion: sections)")
     model = dict(raw["model"])

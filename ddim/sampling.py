@@ -50,8 +50,9 @@ def run_batches(draw: Callable, n: int, batch_size: int, seed: int, device: torc
     draw(b, generator, tick) returns batch b's images in [-1, 1] (NCHW); its generator is seeded seed + 1 + b
     (sampler noise for eta > 0) and tick() is called once per sampling step. If batch b depends on nothing but
     b (and the seed and batch size), any subset of batches, in any process, gives the images of the same
-    batches of one full run. With `cache`, each finished batch is kept there and reused, so an interrupted run
-    resumes at the first missing batch; the caller clears `cache` when the model or the settings change.
+    batches of one full run. With `cache`, each finished batch is kept there and reused (if it holds the
+    images this run's batch holds), so an interrupted run resumes at the first missing batch; the caller
+    clears `cache` when the model or the settings change.
     NaN/inf images stop the run before anything is saved or scored.
     """
     todo = list(range(-(-n // batch_size)) if batches is None else batches)
@@ -62,9 +63,11 @@ def run_batches(draw: Callable, n: int, batch_size: int, seed: int, device: torc
         path = cache / f"batch_{b:04d}.npz" if cache is not None else None
         if path is not None and path.exists():
             with np.load(path) as done:
-                out[b] = (done["images"], float(done["seconds"]))
-            bar.update(steps)
-            continue
+                images, seconds = done["images"], float(done["seconds"])
+            if len(images) == min(batch_size, n - b * batch_size):   # the last batch of a run with another n
+                out[b] = (images, seconds)                          # holds another count: drawn anew
+                bar.update(steps)
+                continue
         gen = torch.Generator(device=device).manual_seed(seed + 1 + b)
         start = time.perf_counter()
         x0 = draw(b, gen, lambda *_: bar.update(1))
@@ -108,6 +111,9 @@ def generate(model: Callable, sample, n: int, shape: tuple[int, ...], batch_size
              device: torch.device, cache: Path | None = None) -> tuple[np.ndarray, float]:
     """n images as uint8 NHWC and the seconds spent sampling them (every batch of sample_batches)."""
     return join_batches(sample_batches(model, sample, n, shape, batch_size, seed, device, cache=cache))
+
+
+SAMPLE_FILES = ("samples.npz", "images", "grid.png")      # what save_samples writes
 
 
 def save_samples(logdir: Path, images: np.ndarray, max_pngs: int | None = None) -> None:

@@ -18,15 +18,14 @@ from ddim.checkpoint import load_unet
 from ddim.sampling import SAMPLE_TYPES, initial_noise, make_sampler
 from ddim.schedule import SKIP_TYPES, alphas_cumprod
 from experiments import dist
-from experiments.flags import (HelpFormatter, add_common_flags, add_quant_flags, check_input_files, check_quant_flags,
-                                check_rules)
-from experiments.quantize import QuantJob, cached_calibration, check_cali_ckpt
-from experiments.run import Family, execute, run_identity
+from experiments.flags import (HelpFormatter, add_common_flags, add_quant_flags, check_input_files,
+                               check_no_quant_flags, check_quant_flags, check_rules)
+from experiments.quantize import Preloaded, QuantJob, cached_calibration, preload
+from experiments.run import Family, check_logdir, execute, run_identity
 from experiments.runtime import timer
 from quant.bias_correction import correct_eps_bias
 from quant.calib_data import CalibSet
-from quant.checkpoint import read_quantized
-from common.device import set_seed
+from common.device import check_device, set_seed
 
 SAMPLING_FLAGS = ("max_images", "batch_size")      # change what is sampled, not the calibrated model
 CALIB_SETTINGS = ("timesteps", "skip_type", "eta", "sample_type", "seed", "cali_n", "cali_st", "cali_per_traj")
@@ -61,9 +60,11 @@ def check_flags(args, cfg) -> None:
     check_rules(args, [("timesteps", lambda v: 1 <= v <= steps, f"1..{steps} (the config's diffusion steps)"),
                        ("eta", lambda v: 0.0 <= v <= 1.0, "[0, 1]"), ("max_images", lambda v: v >= 1, ">= 1"),
                        ("batch_size", lambda v: v >= 1, ">= 1")])
+    check_device(args.device)
+    check_no_quant_flags(args)
     if args.ptq:
         check_quant_flags(args)
-    check_input_files(args)
+    check_input_files(args, args.max_images, "--max_images")
     if not args.no_fid:
         from evaluation.fid import check_reference
         check_reference(reference(args, cfg))
@@ -85,14 +86,15 @@ def identity(args) -> dict:
     return run_identity(args, input_digests(args, load_config(args.config)))
 
 
-def calibration_set(fp, sample, args, logdir: Path, device, inputs: dict) -> tuple[CalibSet, float | None, bool]:
+def calibration_set(fp, sample, args, logdir: Path, device, inputs: dict,
+                    preloaded: Preloaded) -> tuple[CalibSet, float | None, bool]:
     """The run's calibration set (experiments.quantize.cached_calibration), drawn from FP trajectories started
     from their own noise seed."""
     def start(n_traj: int):
         x_T = initial_noise(n_traj, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution), args.seed + 7)
         return x_T, lambda x, on_step, rows=None: sample(fp, x.to(device), on_step=on_step)
 
-    return cached_calibration(args, logdir, CALIB_SETTINGS, inputs, start, len(sample.seq))
+    return cached_calibration(args, logdir, CALIB_SETTINGS, inputs, start, len(sample.seq), sample.seq, preloaded)
 
 
 def eps_correction(qmodel, fp, sample, args, device) -> dict:
@@ -115,27 +117,27 @@ def main(argv=None) -> dict | None:
     cfg = load_config(args.config)
     check_flags(args, cfg)
     sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, args.eta, args.sample_type)
-    payload = read_quantized(args.cali_ckpt) if args.ptq and args.cali_ckpt else None
-    if payload is not None:
-        check_cali_ckpt(payload, args.cali_ckpt, args, sample.seq)
+    calibration = preload(args, sample.seq, (cfg.channels, cfg.image_size, cfg.image_size))
+    identity = run_identity(args, input_digests(args, cfg))
+    check_logdir(Path(args.logdir), "-l", identity, args.overwrite)
     set_seed(args.seed)
     shard, device = dist.setup(args.device)
     try:
-        return execute(args, family(args, cfg, sample, device), run_identity(args, input_digests(args, cfg)), payload,
-                       shard, device, Path(args.logdir))
+        return execute(args, family(args, cfg, sample, device, calibration), identity, shard, device,
+                       Path(args.logdir))
     finally:
         dist.teardown(shard)
 
 
-def family(args, cfg, sample, device) -> Family:
+def family(args, cfg, sample, device, calibration: Preloaded) -> Family:
     """The DDIM model and sampler as a run's Family (experiments/run.py)."""
     fp = load_unet(cfg, args.ckpt).to(device)
     logdir = Path(args.logdir)
     inputs = input_digests(args, cfg)
     job = QuantJob(fp=fp, schedule=sample.seq, sigmas=(1 - alphas_cumprod(sample.betas)).sqrt(),
-                   draw_calibration=lambda: calibration_set(fp, sample, args, logdir, device, inputs),
+                   draw_calibration=lambda: calibration_set(fp, sample, args, logdir, device, inputs, calibration),
                    eps_correction=lambda q: eps_correction(q, fp, sample, args, device),
-                   inputs=inputs, sampling_flags=SAMPLING_FLAGS)
+                   inputs=inputs, sampling_flags=SAMPLING_FLAGS, calibration=calibration)
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     noise = initial_noise(args.max_images, shape, args.seed)
     current = {"model": fp}

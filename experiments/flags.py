@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
+import zipfile
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
 
 import torch
 
+from common.checkpoint import check_file
 from common.errors import UsageError
 from quant.dilation import Scaling
 from quant.distill import BKDTraining, DistillConfig, LRSchedule
@@ -33,6 +39,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--fp_samples", default=None, help="samples.npz of the FP model drawn from the same noise (seed, "
                                                       "count): results also get FID/sFID and median PSNR to them")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run with other settings in the log directory (its results stay until this "
+                        "run has written its own); without it such a rerun is refused")
 
 
 def add_quant_flags(p: argparse.ArgumentParser, resume_flag: bool = True) -> None:
@@ -112,20 +121,43 @@ def add_quant_flags(p: argparse.ArgumentParser, resume_flag: bool = True) -> Non
 INPUT_FILES = ("ckpt", "cali_data_path", "cali_ckpt", "fp_samples")
 
 
-def check_input_files(args) -> None:
-    """Every input file named by a flag exists; --fp_samples, when a run record (results.json) lies beside it,
-    was drawn from this run's noise seed (PSNR and FID to FP pair samples drawn from the same noise)."""
+def check_input_files(args, n_images: int, count_flag: str) -> None:
+    """Every input file named by a flag is a file; --fp_samples holds as many images as this run samples
+    (`n_images`, set by `count_flag`) and, when a run record (results.json) lies beside it, was drawn from this
+    run's noise seed (PSNR and FID to FP pair samples drawn from the same noise)."""
     for flag in INPUT_FILES:
         path = getattr(args, flag, None)
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"--{flag} {path}: no such file")
+        if path is not None:
+            check_file(path, f"--{flag}", error=UsageError)
     if args.fp_samples is None:
         return
+    count = npz_images(args.fp_samples, "--fp_samples")
+    if count != n_images:
+        raise UsageError(f"--fp_samples {args.fp_samples} holds {count} images, this run samples {n_images} "
+                         f"({count_flag})", f"pass the FP samples of a run with the same {count_flag}")
     record = Path(args.fp_samples).parent / "results.json"
-    seed = json.loads(record.read_text()).get("seed") if record.is_file() else None
+    try:
+        seed = json.loads(record.read_text()).get("seed") if record.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        seed = None                                           # an unreadable record says nothing of the seed
     if seed is not None and seed != args.seed:
         raise UsageError(f"--fp_samples {args.fp_samples} was drawn with --seed {seed} ({record}), this run has "
                          f"--seed {args.seed}", "pass the FP samples drawn from this run's seed")
+
+
+def npz_images(path: str | Path, flag: str) -> int:
+    """How many images an .npz of samples holds under arr_0, read from the array's header (no image is loaded)."""
+    try:
+        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape = read(f)[0]
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UsageError(f"{flag} {path} is not an .npz of images under arr_0 ({type(e).__name__}: {e})",
+                         "pass the samples.npz of a run") from None
+    if len(shape) != 4:
+        raise UsageError(f"{flag} {path} holds an array of shape {shape}, not images [N, H, W, C]")
+    return int(shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,7 +170,12 @@ BITS = "2..8"
 
 
 def at_least(n: float) -> Callable[[object], bool]:
-    return lambda v: v >= n
+    """v >= n, and finite (NaN and inf are refused by every numeric rule)."""
+    return lambda v: math.isfinite(v) and v >= n
+
+
+def finite(ok: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda v: math.isfinite(v) and ok(v)
 
 
 def optional(ok: Callable[[object], bool]) -> Callable[[object], bool]:
@@ -153,18 +190,37 @@ QUANT_RULES: list[Rule] = [
     ("cali_iters", at_least(0), ">= 0"), ("cali_iters_a", at_least(0), ">= 0"),
     ("distill_batch_size", at_least(1), ">= 1"),
     ("lr_weight", at_least(0), ">= 0"), ("lr_quant", at_least(0), ">= 0"), ("lr_act", optional(at_least(0)), ">= 0"),
-    ("lr_scale", at_least(0), ">= 0"), ("cali_lr", lambda v: v > 0, "> 0"), ("cali_p", lambda v: v > 0, "> 0"),
-    ("t_weight_sigma", optional(lambda v: v > 0), "> 0"), ("cache_ram_gb", optional(lambda v: v > 0), "> 0"),
-    ("distill_fp_input", lambda v: 0 <= v <= 1, "0..1 (a probability)"),
+    ("lr_scale", at_least(0), ">= 0"), ("cali_lr", finite(lambda v: v > 0), "> 0"),
+    ("cali_p", finite(lambda v: v > 0), "> 0"), ("t_weight_sigma", optional(finite(lambda v: v > 0)), "> 0"),
+    ("cache_ram_gb", optional(finite(lambda v: v > 0)), "> 0"),
+    ("distill_fp_input", finite(lambda v: 0 <= v <= 1), "0..1 (a probability)"),
 ]
 
 
-def check_rules(args, rules: Iterable[Rule]) -> None:
-    """One UsageError naming the first flag outside its range, and the range."""
+def check_rules(args, rules: Iterable[Rule], names: Mapping[str, str] | None = None) -> None:
+    """One UsageError naming the first flag outside its range, and the range. `names`: the flag a setting is
+    given by where that is not --<setting> (txt2img's --ddim_steps gives custom_steps)."""
     for name, ok, valid in rules:
         value = getattr(args, name)
         if not ok(value):
-            raise UsageError(f"--{name} {value} is out of range: use {valid}")
+            raise UsageError(f"{(names or {}).get(name, '--' + name)} {value} is out of range: use {valid}")
+
+
+@lru_cache(maxsize=1)
+def quant_flag_defaults() -> dict[str, object]:
+    """The default of every quantization flag, by its attribute name (--ptq and the boolean --resume aside)."""
+    p = argparse.ArgumentParser()
+    add_quant_flags(p, resume_flag=False)
+    return {a.dest: a.default for a in p._actions if a.dest not in ("help", "ptq")}
+
+
+def check_no_quant_flags(args) -> None:
+    """Without --ptq nothing is quantized: a quantization flag given anyway is refused (it would be ignored and
+    an FP run made)."""
+    given = [dest for dest, default in quant_flag_defaults().items() if getattr(args, dest, default) != default]
+    if given and not args.ptq:
+        raise UsageError(f"--{given[0]} is a quantization flag, but --ptq is not given: the run would be FP",
+                         "add --ptq to quantize, or drop the quantization flags")
 
 
 def check_quant_flags(args) -> None:

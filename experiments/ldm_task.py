@@ -12,27 +12,27 @@ class; calibration data comes from guided FP trajectories of random classes, bot
 from __future__ import annotations
 
 import argparse
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from common.device import set_seed
+from common.device import check_device, set_seed
 from common.errors import UsageError
 from common.files import file_digest
 from ddim.sampling import initial_noise
 from experiments import dist
-from experiments.flags import (HelpFormatter, add_common_flags, add_quant_flags, check_input_files, check_quant_flags,
-                                check_rules)
-from experiments.quantize import QuantJob, cached_calibration, check_cali_ckpt
-from experiments.run import Family, execute, run_identity
+from experiments.flags import (HelpFormatter, add_common_flags, add_quant_flags, check_input_files,
+                               check_no_quant_flags, check_quant_flags, check_rules)
+from experiments.quantize import Preloaded, QuantJob, cached_calibration, preload
+from experiments.run import Family, check_logdir, execute, run_identity
 from ldm.checkpoint import load_model_from_config
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.samplers import Sampler, make_sampler
 from ldm.util import load_config
 from quant.calib_data import CalibSet
-from quant.checkpoint import read_quantized
 
 SAMPLERS = {"ddim": "ddim", "plms": "plms", "dpm": "dpm_solver"}
 SAMPLING_FLAGS = ("n_samples", "batch_size")
@@ -84,26 +84,36 @@ def resolve(args) -> tuple[Path, Path | None]:
     return Path(args.config), Path(args.ckpt) if args.ckpt else None
 
 
-def check_flags(args, config: dict) -> None:
-    """Every flag's range and input file, before any work or write."""
+# How this script's flags name its settings (txt2img passes its own: --ddim_steps gives custom_steps).
+FLAG_NAMES = {"custom_steps": "-c/--custom_steps", "eta": "-e/--eta", "n_samples": "-n/--n_samples",
+              "batch_size": "--batch_size", "scale": "--scale", "sampler ddim": "--sampler ddim",
+              "sampler plms": "--sampler plms", "sampler dpm": "--sampler dpm", "logdir": "-l/--logdir"}
+
+
+def check_flags(args, config: dict, names: dict = FLAG_NAMES) -> None:
+    """Every flag's range and input file, before any work or write; errors name the flags by `names`."""
     if args.dpm:
         args.sampler = "dpm"
     steps = int(config["model"]["params"].get("timesteps", 1000))
     check_rules(args, [("custom_steps", lambda v: 1 <= v < steps, f"1..{steps - 1}"),
                        ("eta", lambda v: 0.0 <= v <= 1.0, "[0, 1]"), ("n_samples", lambda v: v >= 1, ">= 1"),
-                       ("batch_size", lambda v: v >= 1, ">= 1"), ("scale", lambda v: v >= 1.0, ">= 1 (1 = no guidance)")])
+                       ("batch_size", lambda v: v >= 1, ">= 1"),
+                       ("scale", lambda v: math.isfinite(v) and v >= 1.0, ">= 1, finite (1 = no guidance)")], names)
     try:
         make_sampler(SAMPLERS[args.sampler], args.custom_steps, config_alphas_cumprod(config)).timesteps
     except ValueError as e:                            # e.g. CompVis's uniform rule leaving the schedule
-        raise UsageError(f"{args.custom_steps} sampling steps ({args.sampler}): {e}") from None
+        raise UsageError(f"{names['custom_steps']} {args.custom_steps} ({args.sampler}): {e}") from None
     if args.eta > 0 and args.sampler != "ddim":
-        raise UsageError(f"--eta {args.eta} is a DDIM setting; --sampler {args.sampler} is deterministic",
-                         "use --eta 0 or --sampler ddim")
+        raise UsageError(f"{names['eta']} {args.eta} is a DDIM setting; {names['sampler ' + args.sampler]} is "
+                         f"deterministic", f"use {names['eta']} 0, or {names['sampler ddim']}")
+    check_device(args.device)
+    check_no_quant_flags(args)
     if args.ptq:
         check_quant_flags(args)
         if args.eps_correction:
             raise UsageError("--eps_correction is offered for DDIM models only", "drop it for latent diffusion")
-    check_input_files(args)
+    check_image_settings(config, args)
+    check_input_files(args, args.n_samples, names["n_samples"])
     model_ckpt = checkpoint_path(config, resolve(args)[1])
     if model_ckpt is None or not model_ckpt.is_file():
         raise UsageError(f"no model checkpoint at {model_ckpt}" if model_ckpt else "the config names no checkpoint",
@@ -111,6 +121,30 @@ def check_flags(args, config: dict) -> None:
     if not args.no_fid:
         from evaluation.fid import check_reference
         check_reference(reference(args, config))
+
+
+def decoded_size(config: dict, args=None) -> int:
+    """Height of a decoded image: the latent size times the first stage's downsampling (2 per level)."""
+    p = config["model"]["params"]
+    levels = len(p.get("first_stage_config", {}).get("params", {}).get("ddconfig", {}).get("ch_mult", [1]))
+    return latent_shape(config, args)[1] * 2 ** (levels - 1)
+
+
+def check_image_settings(config: dict, args) -> None:
+    """The config's `image:` section (not part of the CompVis format) fits its model: the crop leaves an image,
+    the null class is one of the class embedder's labels."""
+    image = config.get("image", {}) or {}
+    crop, size = int(image.get("crop", 0)), decoded_size(config, args)
+    if crop < 0 or 2 * crop >= size:
+        raise UsageError(f"config image.crop {crop} leaves nothing of the {size}x{size} decoded images",
+                         f"use 0 <= crop < {(size + 1) // 2}")
+    cond = config["model"]["params"].get("cond_stage_config")
+    if isinstance(cond, dict) and str(cond.get("target", "")).endswith("ClassEmbedder"):
+        n_classes = int((cond.get("params") or {}).get("n_classes", 1000))
+        null = image.get("null_class", n_classes - 1)
+        if not (isinstance(null, int) and 0 <= null < n_classes):
+            raise UsageError(f"config image.null_class {null} is not one of the model's {n_classes} class labels",
+                             f"use 0..{n_classes - 1} (the class trained as unconditional)")
 
 
 def reference(args, config: dict) -> str | None:
@@ -196,8 +230,8 @@ def guided_halves(cond: Conditioning, scale: float) -> int:
     return 2 if cond.kind is not None and scale != 1.0 else 1
 
 
-def calibration_set(ldm, cond: Conditioning, sampler: Sampler, args, logdir: Path, device,
-                    inputs: dict) -> tuple[CalibSet, float | None, bool]:
+def calibration_set(ldm, cond: Conditioning, sampler: Sampler, args, logdir: Path, device, inputs: dict,
+                    shape: tuple[int, int, int], preloaded: Preloaded) -> tuple[CalibSet, float | None, bool]:
     """The run's calibration set (experiments.quantize.cached_calibration), drawn from guided FP trajectories
     of random classes (their own noise seed), every network input of a chosen call kept with its conditioning
     (both halves of a guided call)."""
@@ -216,10 +250,10 @@ def calibration_set(ldm, cond: Conditioning, sampler: Sampler, args, logdir: Pat
             finally:
                 hook.remove()
 
-        return initial_noise(n_traj, latent_shape(ldm, args), args.seed + 7), fp_sample
+        return initial_noise(n_traj, shape, args.seed + 7), fp_sample
 
-    return cached_calibration(args, logdir, CALIB_SETTINGS, inputs, start, sampler.calls,
-                              halves=guided_halves(cond, args.scale))
+    return cached_calibration(args, logdir, CALIB_SETTINGS, inputs, start, sampler.calls, sampler.timesteps,
+                              preloaded, halves=guided_halves(cond, args.scale))
 
 
 def config_alphas_cumprod(config: dict):
@@ -231,11 +265,13 @@ def config_alphas_cumprod(config: dict):
     return np.cumprod(1.0 - betas)
 
 
-def latent_shape(ldm, args=None) -> tuple[int, int, int]:
-    """[C, h, w] of the latents: the model's, or txt2img's --C, --H/--f, --W/--f."""
+def latent_shape(config: dict, args) -> tuple[int, int, int]:
+    """[C, h, w] of the latents, from the config (or txt2img's --C, --H/--f, --W/--f), before loading."""
     if getattr(args, "latent_shape", None):
         return tuple(args.latent_shape)
-    return ldm.channels, ldm.image_size, ldm.image_size
+    p = config["model"]["params"]
+    size = int(p.get("image_size", 256))
+    return int(p.get("channels", 3)), size, size
 
 
 def _take(items, rows: list[int]):
@@ -259,18 +295,21 @@ def sampler_record(args, sampler: Sampler) -> dict:
             "network_calls": sampler.calls}
 
 
-def family(args, ldm, config: dict, sampler: Sampler, device, inputs: dict, cond: Conditioning | None = None,
-           count_flag: str = "n_samples", record: dict | None = None, autocast: bool = False) -> Family:
+def family(args, ldm, config: dict, sampler: Sampler, device, inputs: dict, calibration: Preloaded,
+           cond: Conditioning | None = None, count_flag: str = "n_samples", record: dict | None = None,
+           autocast: bool = False) -> Family:
     """The LDM and its guided sampler as a run's Family: the quantizer wraps the UNet
     (ldm.model.diffusion_model); sampling swaps the network in and decodes with the FP first stage.
     autocast: sample under float16 autocast (CUDA only)."""
     cond = cond or Conditioning(ldm, config)
     unet, logdir = ldm.model.diffusion_model, Path(args.logdir)
     abar = ldm.alphas_cumprod.double().cpu()
+    shape = latent_shape(config, args)
     job = QuantJob(fp=unet, schedule=sampler.timesteps, sigmas=(1 - abar).sqrt(),
-                   draw_calibration=lambda: calibration_set(ldm, cond, sampler, args, logdir, device, inputs),
-                   eps_correction=None, inputs=inputs, sampling_flags=SAMPLING_FLAGS)
-    noise = initial_noise(args.n_samples, latent_shape(ldm, args), args.seed)
+                   draw_calibration=lambda: calibration_set(ldm, cond, sampler, args, logdir, device, inputs,
+                                                            shape, calibration),
+                   eps_correction=None, inputs=inputs, sampling_flags=SAMPLING_FLAGS, calibration=calibration)
+    noise = initial_noise(args.n_samples, shape, args.seed)
     crop = int(config.get("image", {}).get("crop", 0))
 
     def install(network: nn.Module) -> None:
@@ -295,25 +334,26 @@ def family(args, ldm, config: dict, sampler: Sampler, device, inputs: dict, cond
                   fp_samples=None if args.no_fid else args.fp_samples, record=record)
 
 
-def run(args, make_conditioning=None, **family_options) -> dict | None:
-    """Check everything (flags, files, --cali_ckpt against the sampler) before any work, then load and execute.
-    make_conditioning(ldm, config) -> Conditioning (default: the model's own, unconditional or class labels);
+def run(args, make_conditioning=None, names: dict = FLAG_NAMES, **family_options) -> dict | None:
+    """Check everything (flags, files, --cali_ckpt and --cali_data_path against the sampler, the log directory)
+    before any work or write, then load and execute. make_conditioning(ldm, config) -> Conditioning (default:
+    the model's own, unconditional or class labels); `names`: how the caller's flags name the settings;
     family_options go to family() (count_flag, record, autocast)."""
     config = load_config(resolve(args)[0])
-    check_flags(args, config)
+    check_flags(args, config, names)
     timesteps = make_sampler(SAMPLERS[args.sampler], args.custom_steps, config_alphas_cumprod(config)).timesteps
-    payload = read_quantized(args.cali_ckpt) if args.ptq and args.cali_ckpt else None
-    if payload is not None:
-        check_cali_ckpt(payload, args.cali_ckpt, args, timesteps)
+    calibration = preload(args, timesteps, latent_shape(config, args))
+    inputs = input_digests(args)
+    identity = run_identity(args, inputs)
+    check_logdir(Path(args.logdir), names["logdir"], identity, args.overwrite)
     set_seed(args.seed)
     shard, device = dist.setup(args.device)
     try:
         ldm, config = load_model(args, device)
         sampler = make_sampler(SAMPLERS[args.sampler], args.custom_steps, ldm.alphas_cumprod, args.eta)
-        inputs = input_digests(args)
         cond = make_conditioning(ldm, config) if make_conditioning else None
-        fam = family(args, ldm, config, sampler, device, inputs, cond, **family_options)
-        return execute(args, fam, run_identity(args, inputs), payload, shard, device, Path(args.logdir))
+        fam = family(args, ldm, config, sampler, device, inputs, calibration, cond, **family_options)
+        return execute(args, fam, identity, shard, device, Path(args.logdir))
     finally:
         dist.teardown(shard)
 

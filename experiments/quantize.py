@@ -17,16 +17,17 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from common.checkpoint import check_finite
 from common.errors import UsageError
 from common.files import file_digest
 from experiments.flags import (base_method, correction_suffix, corrects_output, dilatequant_config, method_name,
                                qdiff_settings, quant_config)
-from experiments.runtime import (canonical, load_stage, peak_memory_mb, provenance, reset_peak_memory, save_stage,
-                                 timer)
+from experiments.runtime import (canonical, load_stage, peak_memory_mb, provenance, reset_peak_memory,
+                                 retire_finished_run, save_stage, timer)
 from quant import METHOD_VERSION
 from quant.bias_correction import correct_eps_gain
 from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
-from quant.checkpoint import load_quantized, load_quantized_weights, save_quantized
+from quant.checkpoint import load_quantized, load_quantized_weights, read_quantized, save_quantized
 from quant.methods import QuantMode
 from quant.methods.baseline import quantize_baseline
 from quant.methods.dilatequant import quantize_dilatequant
@@ -34,10 +35,13 @@ from quant.methods.qdiff import quantize_qdiff, reconstruct_activations
 from quant.model import QuantModel
 from quant.settings import QuantConfig
 
-KEY_VERSION = 2                                         # bump when the meaning of a stage's key changes
+KEY_VERSION = 3                                         # bump when the meaning of a stage's key changes
 UNIT_DIRS = ("distill", "recon_w", "recon_a")           # per-unit reconstruction checkpoints
 # Flags that change neither the calibrated model nor the samples.
-NOT_RESULT = ("logdir", "device", "ref", "no_fid", "compile", "debug")
+NOT_RESULT = ("logdir", "device", "ref", "no_fid", "compile", "debug", "overwrite")
+# Flags and input files that change only what the samples are scored against: they are part of a run's
+# identity (a task reruns the scoring when they change), but neither of its model nor of its samples.
+EVALUATION = ("fp_samples",)
 
 
 @dataclass
@@ -50,11 +54,71 @@ class QuantJob:
     eps_correction: Callable[[QuantModel], dict] | None         # --eps_correction (None: not offered)
     inputs: Mapping[str, str | None]                            # content digests of input files
     sampling_flags: tuple[str, ...]                             # flags that change only the sampling
+    calibration: "Preloaded"                                    # --cali_ckpt / --cali_data_path, read and checked
 
 
 def stage_key(args, job: QuantJob) -> dict:
-    settings = {k: v for k, v in vars(args).items() if k not in NOT_RESULT + job.sampling_flags}
-    return {"version": KEY_VERSION, "settings": settings, "inputs": dict(job.inputs)}
+    """What the quantized model depends on: every setting but those of sampling and evaluation, and the input
+    files' contents (evaluation inputs aside)."""
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_RESULT + EVALUATION + job.sampling_flags}
+    inputs = {k: v for k, v in job.inputs.items() if k not in EVALUATION}
+    return {"version": KEY_VERSION, "settings": settings, "inputs": inputs}
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    """The quantization inputs a run reads before any work or write, checked: the --cali_ckpt payload and the
+    --cali_data_path set (with what was stored beside it)."""
+    payload: dict | None = None
+    calib: CalibSet | None = None
+    calib_meta: dict | None = None
+
+
+def coverage_reasons(args) -> list[str]:
+    """Why this run needs calibration samples at every timestep of its sampler (empty: it does not)."""
+    reasons = []
+    if args.quant_act and args.quant_mode == QuantMode.DILATEQUANT.value and args.tpq:
+        reasons.append("TPQ calibrates one activation step size per timestep")
+    if args.eps_rescale:
+        reasons.append("--eps_rescale fits one gain per timestep")
+    return reasons
+
+
+def check_calibration_set(calib: CalibSet, source: str, schedule: Sequence[int], reasons: Sequence[str],
+                          shape: Sequence[int] | None = None) -> None:
+    """Before the work that needs it: the set's samples have the network's input shape, lie at timesteps this
+    run's sampler visits and, where the method needs it (`reasons`), reach every one of them; one UsageError
+    line otherwise."""
+    if shape is not None and tuple(calib.x.shape[1:]) != tuple(shape):
+        raise UsageError(f"{source} holds samples of shape {list(calib.x.shape[1:])}, but this model takes "
+                         f"{list(shape)}", "it was drawn for another model: drop --cali_data_path to draw a new set")
+    visited, held = {int(t) for t in schedule}, set(torch.unique(calib.t).tolist())
+    foreign = sorted(held - visited)
+    if foreign:
+        raise UsageError(f"{source} holds samples at timestep(s) {foreign[:5]}{' ...' if len(foreign) > 5 else ''} "
+                         f"that this run's sampler never visits ({len(visited)} timesteps)",
+                         "it was drawn with other sampling steps: sample with those, or drop --cali_data_path")
+    missing = sorted(visited - held)
+    if missing and reasons:
+        raise UsageError(f"{source} has no sample at {len(missing)} of the sampler's {len(visited)} timesteps "
+                         f"({missing[:6]}{' ...' if len(missing) > 6 else ''}), and {'; '.join(reasons)}",
+                         "raise --cali_n (its samples fall at random steps), or use fewer sampling steps")
+
+
+def preload(args, schedule: Sequence[int], sample_shape: Sequence[int]) -> Preloaded:
+    """Read and check --cali_ckpt (against the flags and the sampler, finite values) and --cali_data_path
+    (shape, timesteps, finite values), before any work or write."""
+    if not args.ptq:
+        return Preloaded()
+    payload = calib = meta = None
+    if args.cali_ckpt:
+        payload = read_quantized(args.cali_ckpt)
+        check_cali_ckpt(payload, args.cali_ckpt, args, schedule)
+    if args.cali_data_path:
+        calib, meta = CalibSet.read(args.cali_data_path)
+        check_calibration_set(calib, f"--cali_data_path {args.cali_data_path}", schedule, coverage_reasons(args),
+                              sample_shape)
+    return Preloaded(payload, calib, meta)
 
 
 def checkpoint_summary(path: str, payload: dict) -> dict:
@@ -79,6 +143,7 @@ def check_cali_ckpt(payload: dict, path: str, args, schedule: Sequence[int]) -> 
         if saved != given:
             raise UsageError(f"--cali_ckpt {path} was calibrated with {flag} = {saved}, but this run has {given}",
                              "give the checkpoint's settings, or calibrate anew without --cali_ckpt")
+    check_finite(payload["state_dict"], f"--cali_ckpt {path}")
     if cfg.temporal and not args.resume_w:
         missing = sorted(set(int(t) for t in schedule) - set(int(t) for t in payload["schedule"]))
         if missing:
@@ -98,6 +163,7 @@ def _calibrate(job: QuantJob, args, logdir: Path, device: torch.device, dq_confi
     with timer() as t:
         if needs_data:
             calib, data_seconds, reused = job.draw_calibration()
+        _clear_stale_units(logdir, canonical(stage_key(args, job)))   # the calibration set passed its checks
         if mode is QuantMode.BASELINE:
             qmodel = quantize_baseline(job.fp, config, calib, batch_size=args.cali_batch_size, seed=args.seed)
         elif mode is QuantMode.DILATEQUANT:
@@ -118,26 +184,30 @@ def _calibrate(job: QuantJob, args, logdir: Path, device: torch.device, dq_confi
 
 def cached_calibration(args, logdir: Path, key_settings: Sequence[str], inputs: Mapping[str, str | None],
                        start: Callable[[int], tuple[torch.Tensor, Callable]], n_steps: int,
-                       halves: int = 1) -> tuple[CalibSet, float | None, bool]:
+                       schedule: Sequence[int], preloaded: Preloaded, halves: int = 1) -> tuple[CalibSet, float | None, bool]:
     """The calibration set of a run, for any model family: --cali_data_path, or <logdir>/calib.pt drawn with
     the same settings (`key_settings` of args) and inputs (its key is inside the file), or drawn anew and saved
     there. `start(n_traj)` -> (x_T of n_traj FP trajectories, fp_sample(x, on_step, rows=None)); the
-    trajectories are n_steps network calls of `halves` rows each (2 under classifier-free guidance).
+    trajectories are n_steps network calls of `halves` rows each (2 under classifier-free guidance), at the
+    timesteps of `schedule`.
+    A set is checked (check_calibration_set) before it is returned: no calibration starts on a set that misses
+    a timestep the method needs.
     Q-Diffusion takes --cali_n samples at each of --cali_st evenly spaced steps, the others --cali_n samples at
     random steps, --cali_per_traj per trajectory.
     -> (calibration set, seconds its draw took (None if not recorded), whether it was reused)."""
-    if args.cali_data_path:
-        drawn = CalibSet.meta(Path(args.cali_data_path)).get("record", {})
-        return CalibSet.load(args.cali_data_path), drawn.get("seconds"), True
+    if args.cali_data_path:                       # read and checked before any work (preload)
+        return preloaded.calib, (preloaded.calib_meta or {}).get("record", {}).get("seconds"), True
     mode = QuantMode(args.quant_mode)
+    reasons = coverage_reasons(args)
     path = logdir / "calib.pt"
     key = canonical({k: getattr(args, k) for k in key_settings} | {"evenly_spaced": mode is QuantMode.QDIFF,
                                                                     "config": inputs["config"],
                                                                     "ckpt": inputs["ckpt"]})
     if path.exists():
-        meta = CalibSet.meta(path)
+        calib, meta = CalibSet.read(path, "calib.pt")
         if meta.get("key") == key:
-            return CalibSet.load(path), meta.get("record", {}).get("seconds"), True
+            check_calibration_set(calib, str(path), schedule, reasons)
+            return calib, meta.get("record", {}).get("seconds"), True
     n_traj = (args.cali_n if mode is QuantMode.QDIFF
               else trajectories_for(math.ceil(args.cali_n / halves), args.cali_per_traj))
     x_T, fp_sample = start(n_traj)
@@ -149,6 +219,7 @@ def cached_calibration(args, logdir: Path, key_settings: Sequence[str], inputs: 
             calib = draw_over_steps(fp_sample, x_T, args.cali_n, n_steps, args.cali_per_traj, gen,
                                     batch_size=args.batch_size, halves=halves)
     calib.save(path, key=key, record={"samples": len(calib.t), "seconds": t["seconds"]})
+    check_calibration_set(calib, f"the calibration set drawn ({path})", schedule, reasons)
     return calib, t["seconds"], False
 
 
@@ -163,7 +234,8 @@ def correct_output(job: QuantJob, args, qmodel: QuantModel, calib: CalibSet | No
 
 
 def _clear_stale_units(logdir: Path, key: dict) -> None:
-    """Units of another key are removed (the run has passed its checks); then the key of those to come."""
+    """Units of another key are removed (the run has passed its checks, its calibration set too); then the key
+    of those to come."""
     if load_stage(logdir / "units.json", key) is None:
         for unit_dir in UNIT_DIRS:
             shutil.rmtree(logdir / unit_dir, ignore_errors=True)
@@ -188,6 +260,7 @@ def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: d
             record["method"] += suffix
         with timer() as t:                                       # calib_seconds: the correction alone
             stats = correct_output(job, args, qmodel, job.draw_calibration()[0] if args.eps_rescale else None)
+        retire_finished_run(logdir)
         save_quantized(logdir / "quantized.pt", qmodel, record["method"], sampler=sampler,
                        cali_ckpt=str(args.cali_ckpt), stage_key=canonical(stage_key(args, job)))
         seconds = stats.get("eps_correction_seconds", t["seconds"])
@@ -202,8 +275,8 @@ def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: d
             cost = {k: v for k, v in (load_stage(logdir / "quantize.json", key) or {}).items() if k != "provenance"}
             return qmodel.eval(), record | cost
     dq_config = dilatequant_config(args) if args.quant_mode == QuantMode.DILATEQUANT.value else None
-    _clear_stale_units(logdir, key)
     qmodel, cost = _calibrate(job, args, logdir, device, dq_config)
+    retire_finished_run(logdir)                 # --overwrite: the finished run moves aside with its model
     save_quantized(path, qmodel, record["method"], sampler=sampler, stage_key=key)
     save_stage(logdir / "quantize.json", key, cost | {"method_version": METHOD_VERSION, "provenance": provenance(device)})
     return qmodel.eval(), record | cost

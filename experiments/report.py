@@ -49,8 +49,36 @@ def row(name: str, r: dict) -> list[str]:
 GRID_N = 16
 
 
+def read_record(path: Path) -> dict:
+    """A results.json as a dict; a damaged one is one UsageError line naming it."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not a readable results.json ({type(e).__name__}: {e})",
+                         "rerun that run, or move it out of the folder") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{path} is not a run record (a JSON object)", "rerun that run, or move it out of the folder")
+    return record
+
+
 def collect(runs: Path) -> list[tuple[str, dict]]:
-    return [(p.parent.name, json.loads(p.read_text())) for p in sorted(runs.glob("*/results.json"))]
+    return [(p.parent.name, read_record(p)) for p in sorted(runs.glob("*/results.json"))]
+
+
+def model_of(r: dict) -> str:
+    """What network a record's samples came from: its config's name (records made before the config was
+    recorded: 'n/a')."""
+    return Path(r["config"]).stem if r.get("config") else "n/a"
+
+
+def label_models(results: list[tuple[str, dict]]) -> dict[str, str]:
+    """run -> its model label: the config's name, with the checkpoint's digest where one config appears with
+    several checkpoints."""
+    ckpts: dict[str, set] = {}
+    for _, r in results:
+        ckpts.setdefault(model_of(r), set()).add((r.get("inputs") or {}).get("ckpt"))
+    return {n: model_of(r) + (f" @{str((r.get('inputs') or {}).get('ckpt'))[:8]}" if len(ckpts[model_of(r)]) > 1
+                              else "") for n, r in results}
 
 
 PAIRING = ("n_samples", "steps", "skip_type", "eta", "seed", "config", "sampler", "scale")
@@ -80,20 +108,28 @@ def archive_runs(runs: Path, archive: Path) -> list[tuple[str, dict]]:
         samples = runs / name / "samples.npz"
         if samples.exists():
             np.savez_compressed(archive / f"{name}.npz", arr_0=np.load(samples)["arr_0"][:GRID_N])
-    return [(p.stem, json.loads(p.read_text())) for p in sorted(archive.glob("*.json"))]
+    return [(p.stem, read_record(p)) for p in sorted(archive.glob("*.json"))]
 
 
 def markdown(results: list[tuple[str, dict]], title: str) -> str:
-    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
-    sep = "|" + "---|" * len(COLUMNS)
-    body = ["| " + " | ".join(row(n, r)) + " |" for n, r in results]
+    """The table; rows of more than one model (config, or checkpoint of one config) get a model column, rows of
+    one model name it under the title."""
+    models = label_models(results)
+    several = len(set(models.values())) > 1
+
+    def line(cells: list[str], model: str) -> str:                 # the model column goes after the run's name
+        return "| " + " | ".join(cells[:1] + [model] * several + cells[1:]) + " |"
+    head = line([c for c, _ in COLUMNS], "model")
+    sep = "|" + "---|" * (len(COLUMNS) + several)
+    body = [line(row(n, r), models[n]) for n, r in results]
+    model_line = [] if several or not results else [f"Model: {next(iter(models.values()))}.", ""]
     note = ("FID to FP: FID against the FP model's own samples from the same noise (runs given --fp_samples). "
             "PSNR to FP: median over images of the PSNR between a run's sample and the FP run's sample from the same "
             "noise (what quantization keeps; n/a where no paired FP run was in the same run folder). "
             "IS is n/a: it needs the real Inception classifier head, which no package here ships. "
             "peak MB: CUDA peak allocation, or on CPU the process's peak resident memory at the end of calibration.")
     sources = [f"{n}: {r['source']}" for n, r in results if r.get("source")]   # rows not run by this task
-    return "\n".join([f"## {title}", "", head, sep, *body, "", *sources, note, ""])
+    return "\n".join([f"## {title}", "", *model_line, head, sep, *body, "", *sources, note, ""])
 
 
 def grid_figure(archive: Path, names: list[str], out: Path) -> None:
@@ -135,7 +171,7 @@ def write_report(runs: Path | None, out: Path, title: str, only: list[str] | Non
     `only`: the runs to show (default: every archived run)."""
     archive = archive or out.with_name(out.stem + "_runs")
     results = archive_runs(runs, archive) if runs is not None else \
-        [(p.stem, json.loads(p.read_text())) for p in sorted(archive.glob("*.json"))]
+        [(p.stem, read_record(p)) for p in sorted(archive.glob("*.json"))]
     if only is not None:
         missing = sorted(set(only) - {n for n, _ in results})
         if missing:

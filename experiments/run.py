@@ -1,11 +1,14 @@
 """One sampling run, for any model family: lock the log directory -> quantize once (or load --cali_ckpt) ->
-sample, sharded over torchrun processes, cached per batch -> save -> FID -> results.json.
+sample, sharded over torchrun processes, cached per batch -> FID -> publish samples and results.json.
 
-A model family's pipeline (experiments/ddim_task.py, experiments/ldm_task.py) checks its flags, loads its
-model, and describes the run as a `Family`; everything after that is here, shared.
+A model family's pipeline (experiments/ddim_task.py, experiments/ldm_task.py) checks its flags and the log
+directory (`check_logdir`), loads its model, and describes the run as a `Family`; everything after that is here,
+shared. A finished run is never lost to a rerun: a rerun with other settings is refused unless --overwrite, and
+even then the old samples and record stay in place until the new ones are published, record last.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,12 +19,13 @@ import torch
 import torch.nn as nn
 
 from common.files import file_digest
-from ddim.sampling import join_batches, run_batches, save_samples
+from common.errors import UsageError
+from ddim.sampling import SAMPLE_FILES, join_batches, run_batches, save_samples
 from experiments import dist
 from experiments.flags import corrects_output
-from experiments.quantize import NOT_RESULT, QuantJob, quantize
-from experiments.runtime import (canonical, load_stage, locked, provenance, recorded_identity, save_args, save_stage,
-                                 write_results)
+from experiments.quantize import EVALUATION, NOT_RESULT, QuantJob, quantize
+from experiments.runtime import (PREVIOUS_RUN, canonical, load_stage, locked, provenance, recorded_identity,
+                                 save_args, save_stage, write_results)
 from quant import METHOD_VERSION
 from quant.checkpoint import load_quantized
 from quant.model import QuantModel, frozen
@@ -49,18 +53,71 @@ def run_identity(args, inputs: dict) -> dict:
     return {"settings": canonical({k: v for k, v in vars(args).items() if k not in NOT_RESULT}), "inputs": inputs}
 
 
-def clear_stale_outputs(logdir: Path, identity: dict) -> None:
-    """A results.json (and its samples) made with other settings or inputs is removed before this run writes:
-    the directory never shows one run's record beside another's samples."""
+def samples_identity(identity: dict) -> dict:
+    """The part of a run's identity its samples depend on: evaluation-only flags and inputs (EVALUATION) aside."""
+    return {"settings": {k: v for k, v in (identity.get("settings") or {}).items() if k not in EVALUATION},
+            "inputs": {k: v for k, v in (identity.get("inputs") or {}).items() if k not in EVALUATION}}
+
+
+def _differences(old: dict, new: dict) -> str:
+    """'--max_images 12 -> 200, the ckpt file's contents' for a one-line message."""
+    diff = [f"--{k} {old['settings'].get(k)} -> {new['settings'].get(k)}"
+            for k in sorted(set(old["settings"]) | set(new["settings"]))
+            if old["settings"].get(k) != new["settings"].get(k)]
+    diff += [f"the {k} file's contents" for k in sorted(set(old["inputs"]) | set(new["inputs"]))
+             if old["inputs"].get(k) != new["inputs"].get(k)]
+    return ", ".join(diff[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else "")
+
+
+def check_logdir(logdir: Path, flag: str, identity: dict, overwrite: bool) -> None:
+    """Before any work or write: `logdir` (given by `flag`) can be a directory this process writes, and it holds
+    no finished run (results.json) whose samples came from other settings or inputs, unless `overwrite`."""
+    if logdir.exists() and not logdir.is_dir():
+        raise UsageError(f"{flag} {logdir} is a file, not a directory", f"give {flag} a directory (it is created)")
+    existing = next(p for p in [logdir, *logdir.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {logdir} lies under {existing}, which is a file", f"give {flag} another directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {logdir} cannot be written ({existing} is read-only to this user)",
+                         f"give {flag} a writable directory")
     old = recorded_identity(logdir / "results.json")
-    if old is not None and old != identity:
-        for name in ("results.json", "samples.npz", "grid.png"):
-            (logdir / name).unlink(missing_ok=True)
-        shutil.rmtree(logdir / "images", ignore_errors=True)
+    if old is None or overwrite:
+        return
+    old, new = samples_identity(old), samples_identity(identity)
+    if old != new:
+        raise UsageError(f"{flag} {logdir} holds a finished run with other settings ({_differences(old, new)})",
+                         f"use a new {flag}, or add --overwrite (the finished results stay until this run has "
+                         f"written its own)")
 
 
-def quantize_once(job: QuantJob, args, logdir: Path, device, shard: dist.Shard, sampler: dict, payload: dict | None):
+def publish(logdir: Path, images, record: dict, args) -> None:
+    """Put this run's samples (samples.npz, images/, grid.png), args.json and results.json in place of any
+    earlier run's. Everything is written beside the old files first; then the old record goes, the new files
+    are swapped in, and the new record is written last: at no moment does a results.json sit beside samples
+    it does not describe, and a failure before the swap leaves the old run whole. A run moved aside by
+    --overwrite (previous_run/) is removed once this one is published."""
+    staging = logdir / f".publish.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_samples(staging, images)
+        (logdir / "results.json").unlink(missing_ok=True)
+        for name in SAMPLE_FILES:
+            old = logdir / name
+            if old.is_dir():
+                trash = logdir / f".{name}.{os.getpid()}.old"
+                old.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(staging / name, old)
+        save_args(logdir, args)
+        write_results(logdir, record)
+        shutil.rmtree(logdir / PREVIOUS_RUN, ignore_errors=True)      # a run replaced with --overwrite
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def quantize_once(job: QuantJob, args, logdir: Path, device, shard: dist.Shard, sampler: dict):
     """quantize() on rank 0; the other ranks wait for its quantized.pt and load it."""
+    payload = job.calibration.payload
     if shard.world == 1 or args.cali_ckpt and not corrects_output(args) and not args.resume_w:
         return quantize(job, args, logdir, device, sampler, payload)
     result = quantize(job, args, logdir, device, sampler, payload) if shard.main else None
@@ -74,9 +131,10 @@ def quantize_once(job: QuantJob, args, logdir: Path, device, shard: dist.Shard, 
 
 def sample_cache(logdir: Path, identity: dict, count_flag: str, model_digest: str | None, device) -> Path:
     """<logdir>/sample_batches: finished sampling batches of this model (by content) and these settings (the
-    number of images aside: a batch's images do not depend on it)."""
-    settings = {k: v for k, v in identity["settings"].items() if k != count_flag}
-    key = {"settings": settings, "inputs": identity["inputs"], "model": model_digest, "device": device.type}
+    number of images and evaluation inputs aside: a batch's images do not depend on them)."""
+    samples = samples_identity(identity)
+    settings = {k: v for k, v in samples["settings"].items() if k != count_flag}
+    key = {"settings": settings, "inputs": samples["inputs"], "model": model_digest, "device": device.type}
     cache = logdir / "sample_batches"
     if load_stage(cache / "key.json", key) is None:
         shutil.rmtree(cache, ignore_errors=True)
@@ -91,21 +149,17 @@ def inference(model, compile_model: bool):
     return context, (torch.compile(model) if compile_model else model)
 
 
-def execute(args, family: Family, identity: dict, payload: dict | None, shard: dist.Shard, device,
-            logdir: Path) -> dict | None:
+def execute(args, family: Family, identity: dict, shard: dist.Shard, device, logdir: Path) -> dict | None:
     """The run after its checks (see module doc); -> the results record on rank 0, None elsewhere."""
     with locked(logdir) if shard.main else nullcontext():
-        return _execute(args, family, identity, payload, shard, device, logdir)
+        return _execute(args, family, identity, shard, device, logdir)
 
 
-def _execute(args, family: Family, identity: dict, payload, shard, device, logdir: Path) -> dict | None:
-    if shard.main:
-        clear_stale_outputs(logdir, identity)
-        save_args(logdir, args)
+def _execute(args, family: Family, identity: dict, shard, device, logdir: Path) -> dict | None:
     job = family.job
     model, record, model_digest = job.fp, {"method": "fp", "weight_bit": 32, "act_bit": None}, None
     if args.ptq:
-        model, record = quantize_once(job, args, logdir, device, shard, family.sampler, payload)
+        model, record = quantize_once(job, args, logdir, device, shard, family.sampler)
         model.check_timesteps(job.schedule)
         made = logdir / "quantized.pt"
         from_ckpt = args.cali_ckpt and not corrects_output(args) and not args.resume_w
@@ -127,7 +181,6 @@ def _execute(args, family: Family, identity: dict, payload, shard, device, logdi
     if not shard.main:
         return None
     images, seconds = join_batches(done)
-    save_samples(logdir, images)
     record |= family.sampler | family.record | {"n_samples": len(images), "seed": args.seed,
                                                 "sampling_seconds": seconds, "processes": shard.world,
                                                 "compiled": args.compile}
@@ -135,7 +188,7 @@ def _execute(args, family: Family, identity: dict, payload, shard, device, logdi
         from evaluation.fid import evaluate                       # FID's packages are needed only here
         record |= evaluate(images, ref=family.reference, device=device, fp_samples=family.fp_samples)
     record |= identity | {"method_version": METHOD_VERSION, "provenance": provenance(device)}
-    write_results(logdir, record)
+    publish(logdir, images, record, args)
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                    if not isinstance(v, (dict, list))))
     return record

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -120,6 +121,33 @@ def recorded_identity(results: Path) -> dict | None:
 def save_args(logdir: Path, args) -> None:
     """The resolved settings of a run, next to its results."""
     write_json(logdir / "args.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# A finished run, moved aside
+# ---------------------------------------------------------------------------------------------------
+
+PREVIOUS_RUN = "previous_run"
+# What a finished run consists of beyond its keyed caches: its record, samples and calibrated model.
+RUN_FILES = ("results.json", "args.json", "samples.npz", "images", "grid.png", "quantized.pt", "quantize.json")
+
+
+def retire_finished_run(logdir: Path) -> Path | None:
+    """Before a new run (--overwrite) replaces a file of the finished run in `logdir` (its calibrated model),
+    move that run whole (RUN_FILES) into <logdir>/previous_run/, replacing an older one; the record goes first,
+    so the directory stops claiming a finished run before anything of it moves. The next published run
+    removes previous_run/. -> where it went (None: no finished run)."""
+    if not (logdir / "results.json").exists():
+        return None
+    previous = logdir / PREVIOUS_RUN
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    for name in RUN_FILES:
+        if (logdir / name).exists():
+            os.replace(logdir / name, previous / name)
+    print(f"[overwrite] the finished run of other settings is moved to {previous} until this run has finished",
+          flush=True)
+    return previous
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from common.errors import RunError, UsageError
-from experiments.flags import HelpFormatter
+from experiments.flags import HelpFormatter, quant_flag_defaults
 from experiments.runtime import recorded_identity
 from experiments.report import write_report
 
@@ -55,10 +55,13 @@ def load_task(path: Path, preset: str | None) -> dict:
 
 
 def run_argv(task: dict, name: str, out: Path, extra: list[str]) -> list[str]:
-    """Flags of one run: the task's common settings, then the run's own (a quant_mode makes it a PTQ run).
-    `{out}` in a value is the task's run folder (e.g. another run's calib.pt: `{out}/baseline_w4a4/calib.pt`)."""
+    """Flags of one run: the task's common settings, then the run's own (a quant_mode makes it a PTQ run; the
+    common quantization settings are not given to the FP runs). `{out}` in a value is the task's run folder
+    (e.g. another run's calib.pt: `{out}/baseline_w4a4/calib.pt`)."""
     options = {k: v.replace("{out}", str(out)) if isinstance(v, str) else v
                for k, v in (task["common"] | (task["runs"][name] or {})).items()}
+    if "quant_mode" not in options:
+        options = {k: v for k, v in options.items() if k not in quant_flag_defaults()}
     quant = {"ptq": True, "quant_act": "act_bit" in options} if "quant_mode" in options else {}
     logdir_flag = PIPELINES[task.get("pipeline", "ddim")][2] if task.get("pipeline", "ddim") in PIPELINES else "-l"
     return _flags(options | quant) + [logdir_flag, str(out / name)] + extra
@@ -98,6 +101,9 @@ def main(argv=None) -> Path:
     p.add_argument("--out", default=None, help="run directory (default runs/<task>[_<preset>])")
     p.add_argument("--report", default=None, help="the table (default <out>/report.md; e.g. results/mnist.md to "
                                                   "regenerate a committed table on purpose)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rerun runs whose finished results were made with other settings (each run's old results stay "
+                        "until its new ones are written); without it such a run is refused")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="flags passed to every run after `--`")
     args = p.parse_args(argv)
     path = Path(args.task)
@@ -108,7 +114,7 @@ def main(argv=None) -> Path:
     unknown = [n for n in names if n not in task["runs"]]
     if unknown:
         raise UsageError(f"unknown runs {unknown}; {path} has {list(task['runs'])}")
-    extra = [a for a in args.extra if a != "--"]
+    extra = [a for a in args.extra if a != "--"] + (["--overwrite"] if args.overwrite else [])
     for name in names:
         argv_run = run_argv(task, name, out, extra)
         if is_done(task, argv_run, out / name / "results.json"):

@@ -16,7 +16,8 @@ import argparse
 from pathlib import Path
 
 from common.errors import UsageError
-from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags
+from common.checkpoint import check_file
+from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags, check_rules
 from experiments.ldm_task import Conditioning, input_digests, run
 from experiments.run import run_identity
 
@@ -59,28 +60,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_prompts(args) -> list[str]:
-    if args.from_file is None:
-        return [args.prompt] * args.n_samples
-    path = Path(args.from_file)
-    if not path.is_file():
-        raise UsageError(f"--from-file {path}: no such file", "one prompt per line (e.g. COCO captions)")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+# How txt2img's flags name the LDM pipeline's settings (its errors name these flags).
+FLAG_NAMES = {"custom_steps": "--ddim_steps", "eta": "--ddim_eta", "n_samples": "--n_iter (images = n_iter x "
+              "batches of --n_samples)", "batch_size": "--n_samples", "scale": "--scale",
+              "sampler ddim": "the DDIM sampler (no --plms, no --dpm)", "sampler plms": "--plms",
+              "sampler dpm": "--dpm", "logdir": "--outdir"}
+
+
+def read_prompts(path: str | None, flag: str, default: list[str]) -> list[str]:
+    """The prompts of a text file, one per line (blank lines skipped); `default` without a file."""
+    if path is None:
+        return default
+    path = Path(path)
+    check_file(path, flag, "one prompt per line (e.g. COCO captions)", error=UsageError)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{flag} {path} is not UTF-8 text (byte {e.start})", "save it as UTF-8, one prompt per "
+                         "line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise UsageError(f"--from-file {path} holds no prompts")
+        raise UsageError(f"{flag} {path} holds no prompts", "one prompt per line")
     return prompts
 
 
 def as_ldm_args(args) -> argparse.Namespace:
     """The LDM pipeline's names for txt2img's flags (custom_steps, eta, sampler, batch size, image count...)."""
+    check_rules(args, [(flag, lambda v: v >= 1, ">= 1") for flag in ("n_samples", "n_iter", "f", "C")])
     for flag, value in (("H", args.H), ("W", args.W)):
         if value % args.f or value <= 0:
             raise UsageError(f"--{flag} {value} must be a positive multiple of --f {args.f}")
     if args.plms and args.dpm:
         raise UsageError("--plms and --dpm: choose one sampler")
-    if args.n_iter < 1:
-        raise UsageError(f"--n_iter {args.n_iter} is out of range: use >= 1")
-    prompts = read_prompts(args)
+    prompts = read_prompts(args.from_file, "--from-file", [args.prompt] * args.n_samples)
     chunks = -(-len(prompts) // args.n_samples)
     extra = dict(custom_steps=args.ddim_steps, eta=args.ddim_eta, sampler="plms" if args.plms else "dpm" if args.dpm
                  else "ddim", batch_size=args.n_samples, n_samples=args.n_iter * chunks * args.n_samples,
@@ -99,13 +111,12 @@ def identity(args) -> dict:
 
 def main(argv=None) -> dict | None:
     args = as_ldm_args(build_parser().parse_args(argv))
-    prompts = read_prompts(args)
-    cali_prompts = read_prompts(argparse.Namespace(from_file=args.cali_prompts, prompt=None, n_samples=1)) \
-        if args.cali_prompts else prompts
-    chunks = [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
-    per_image = [p for _ in range(args.n_iter) for chunk in chunks
-                 for p in chunk + chunk[-1:] * (args.n_samples - len(chunk))]
+    prompts = read_prompts(args.from_file, "--from-file", [args.prompt] * args.batch_size)
+    cali_prompts = read_prompts(args.cali_prompts, "--cali_prompts", prompts)
+    batch = args.batch_size                                   # txt2img's --n_samples
+    chunks = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    per_image = [p for _ in range(args.n_iter) for chunk in chunks for p in chunk + chunk[-1:] * (batch - len(chunk))]
     record = {"prompts": len(prompts), "clip_score": None,
               "clip_note": "CLIP score needs CLIP ViT-L/14's image tower, which is not available offline"}
     return run(args, lambda ldm, config: Conditioning(ldm, config, prompts=per_image, cali_prompts=cali_prompts),
-               count_flag="n_iter", record=record, autocast=args.precision == "autocast")
+               FLAG_NAMES, count_flag="n_iter", record=record, autocast=args.precision == "autocast")

@@ -5,7 +5,9 @@ A CompVis checkpoint is a Lightning file: {'state_dict': {...}, 'epoch', 'global
 `cond_stage_model.*`, the schedule buffers, and optionally `model_ema.*` (LitEma: the UNet wrapper's
 parameter names with the dots removed, plus `model_ema.decay` and `model_ema.num_updates`). EMA weights,
 when present, replace the UNet's. Everything else must match our modules exactly (one-line error naming
-the keys). Files are read with torch's weights-only unpickler; classes a Lightning file pickles outside the
+the keys), except the autoencoder's training loss (`first_stage_model.loss.*`: LPIPS and discriminator weights
+that training-time checkpoints carry and sampling never uses; CompVis's scripts load with strict=False and skip
+them too), which is dropped. Files are read with torch's weights-only unpickler; classes a Lightning file pickles outside the
 state_dict (callbacks, hyper-parameters) are replaced by inert stubs, so no code from the file runs.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common.checkpoint import load_strict, state_dict_mismatch
+from common.checkpoint import check_file, load_strict, state_dict_mismatch
 from common.errors import CheckpointError
 
 EMA_PREFIX = "model_ema."
@@ -23,6 +25,7 @@ EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
 # A buffer that transformers < 4.31 saved with the CLIP text tower (SD v1 files carry it); newer versions
 # recompute it. Accepted when it holds the positions 0..76 it must hold.
 LEGACY_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+TRAINING_LOSS_PREFIX = "first_stage_model.loss."     # the autoencoder's training loss: not part of the model
 
 
 class _Stub:
@@ -43,9 +46,7 @@ def _stub(path: str):
 def read_checkpoint(path: str | Path, flag: str = "--ckpt") -> dict:
     """The checkpoint object: a .safetensors file, or a pickle read weights-only with unknown globals stubbed.
     Clear one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{flag} {path}: no such file (pass the right checkpoint path)")
+    path = check_file(path, flag, "pass the right checkpoint path")
     if path.suffix == ".safetensors":                       # a plain state_dict (e.g. sd-v1-4 converted)
         from safetensors.torch import load_file
         return load_file(str(path))
@@ -106,6 +107,8 @@ def _drop_legacy_position_ids(model: nn.Module, state: dict, source: str) -> dic
 def load_ldm_state(model: nn.Module, state: dict, source: str, use_ema: bool = True) -> dict:
     """Load a LatentDiffusion state_dict strictly; apply its EMA weights to the UNet when it has them.
     Returns {'ema_applied': bool}."""
+    if not any(k.startswith(TRAINING_LOSS_PREFIX) for k in model.state_dict()):
+        state = {k: v for k, v in state.items() if not k.startswith(TRAINING_LOSS_PREFIX)}
     weights, ema = split_ema(_drop_legacy_position_ids(model, state, source))
     load_strict(model, weights, source, "Does the checkpoint belong to this config?")
     if ema and use_ema:

@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from common.checkpoint import torch_load
-from common.errors import CheckpointError, UsageError
+from common.checkpoint import nonfinite_keys, require_finite, torch_load
+from common.errors import CheckpointError, NonFiniteError, UsageError
 from common.files import atomic_torch_save
 
 
@@ -66,6 +66,10 @@ class CalibSet:
         if len(self.x) != len(self.t) or any(len(v) != len(self.t) for v in self.cond.values()):
             raise ValueError("a calibration set needs one t (and one of each conditioning tensor) per sample")
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """x, t and each conditioning tensor, by name."""
+        return {"x": self.x, "t": self.t} | {f"cond.{k}": v for k, v in self.cond.items()}
+
     def batches(self, batch_size: int, device: torch.device | None = None):
         """(x, t, cond) in chunks of batch_size, moved to `device` if given; call the network as
         model(x, t, **cond)."""
@@ -78,15 +82,32 @@ class CalibSet:
 
     def save(self, path: Path, **meta) -> None:
         """One atomic file: the samples and `meta` (e.g. the key of the settings that drew them), so data
-        and its description can never disagree after a kill."""
+        and its description can never disagree after a kill. A set with NaN/inf values is refused (the FP
+        trajectories it came from diverged) and nothing is written."""
+        require_finite(self.tensors(), f"the calibration set ({path})", "the FP model's trajectories diverged: check "
+                       "the checkpoint and the sampling flags (--scale, --eta)")
         atomic_torch_save({"x": self.x, "t": self.t, "cond": self.cond, "meta": meta}, path)
 
     @classmethod
     def load(cls, path: Path, what: str = "--cali_data_path") -> "CalibSet":
+        return cls.read(path, what)[0]
+
+    @classmethod
+    def read(cls, path: Path, what: str = "--cali_data_path") -> tuple["CalibSet", dict]:
+        """(the set, what save() stored beside it: {} for a file written before it stored any), checked: a
+        calibration set of finite values, else one line naming `what` (the flag) and the file."""
         d = torch_load(path, what)
-        if not isinstance(d, dict) or not {"x", "t"} <= set(d):
+        if not isinstance(d, dict) or not {"x", "t"} <= set(d) or not all(torch.is_tensor(d[k]) for k in ("x", "t")):
             raise CheckpointError(f"{what} {path} is not a calibration set (calib.pt of a calibration run)")
-        return cls(d["x"], d["t"], d.get("cond", {}))
+        try:
+            calib = cls(d["x"], d["t"], d.get("cond", {}))
+        except ValueError as e:
+            raise CheckpointError(f"{what} {path} is not a calibration set: {e}") from None
+        bad = nonfinite_keys(calib.tensors())
+        if bad:
+            raise NonFiniteError(f"{what} {path} holds NaN/inf values in {', '.join(bad)}",
+                                 "it is damaged, or was drawn from a diverging model: draw a new one")
+        return calib, d.get("meta", {})
 
     @staticmethod
     def meta(path: Path) -> dict:
@@ -102,7 +123,7 @@ def collect_trajectories(sample_fn: Callable, x_T: torch.Tensor) -> Trajectories
 
     def on_step(x, t, cond=None):
         xs.append(x.detach().cpu())
-        ts.append(int(t[0]))
+        ts.append(int(torch.as_tensor(t).reshape(-1)[0]))
         conds.append(_net_kwargs(cond))
 
     sample_fn(x_T, on_step=on_step)
@@ -162,6 +183,8 @@ def draw_over_steps(sample_fn: Callable, x_T: torch.Tensor, n: int, n_steps: int
 
         def on_step(x, t, cond=None):
             k = call[0]
+            t = torch.as_tensor(t, device=x.device)
+            t = t.expand(len(x)) if t.dim() == 0 else t        # one timestep for the batch (diffusers samplers)
             keep = [r + h * len(rows) for h in range(halves) for r, w in enumerate(wanted) if bool((w == k).any())]
             if keep:
                 xs.append(x[keep].detach().cpu())

@@ -7,18 +7,22 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common.checkpoint import check_finite, load_strict, state_dict_mismatch, torch_load
+from common.checkpoint import check_finite, load_strict, require_finite, state_dict_mismatch, torch_load
 from common.errors import CheckpointError
 from common.files import atomic_torch_save
 from quant.model import QuantModel
 from quant.settings import QuantConfig
 
 FORMAT = "dilatequant-quantized-v1"
+NONFINITE_HINT = ("check the calibration set (--cali_data_path) and the sampling flags it was drawn with (--scale, "
+                  "--eta); if distillation diverged, lower --lr_weight / --lr_quant")
 
 
 def save_quantized(path: str | Path, qmodel: QuantModel, method: str, **meta) -> None:
-    """Write the checkpoint atomically: its settings (config, TPQ schedule, method, meta) and state."""
+    """Write the checkpoint atomically: its settings (config, TPQ schedule, method, meta) and state. A model with
+    a NaN/inf tensor is refused (NonFiniteError) and nothing is written."""
     state = {k: v.cpu() for k, v in qmodel.state_dict().items()}
+    require_finite(state, f"the quantized model ({path})", NONFINITE_HINT)
     payload = {"format": FORMAT, "method": method, "config": qmodel.config.to_dict(),
                "schedule": qmodel.schedule.tolist(), "meta": meta, "state_dict": state}
     atomic_torch_save(payload, path)

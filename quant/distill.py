@@ -22,11 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.checkpoint import state_dict_mismatch, torch_load
-from common.errors import CheckpointError
+from common.checkpoint import require_finite, state_dict_mismatch, torch_load
+from common.errors import AdapterError, CheckpointError
 from common.files import atomic_torch_save
 from quant.calib_data import CalibSet
-from quant.unit_cache import CachePolicy, Store, describe, per_sample_shapes, plan
+from quant.unit_cache import CachePolicy, Store, describe, per_sample_shapes, plan, unit_output
 from quant.layers import QuantLayer, QuantMatMul
 from quant.model import QuantModel, quant_enabled
 
@@ -98,14 +98,15 @@ def timestep_weights(t: torch.Tensor, sigmas: torch.Tensor, sigma0: float) -> to
 class UnitData:
     """A unit's cached inputs (from the quantized chain; with fp_args/fp_kwargs also from the FP chain) and FP
     targets, on the CPU."""
-    args: list[torch.Tensor | None]   # positional inputs of the unit, each [M, ...] (None where the call passed None)
+    args: list                        # positional inputs of the unit: tensors [M, ...], or the non-tensor value
+                                      # (None, a flag, a size) that every call passed
     target: torch.Tensor              # FP unit output [M, ...]
     t: torch.Tensor                   # [M] timesteps
-    kwargs: dict[str, torch.Tensor] = field(default_factory=dict)   # keyword tensor inputs, each [M, ...]
+    kwargs: dict = field(default_factory=dict)   # keyword inputs, likewise: tensors [M, ...] or non-tensor values
     weight: torch.Tensor | None = None   # [M] per-sample loss weights (timestep_weights); None: equal
     stores: list = field(default_factory=list)   # where the tensors live (quant.unit_cache.Store), for release()
-    fp_args: list[torch.Tensor | None] | None = None   # the FP model's inputs to the unit (DistillConfig.fp_input)
-    fp_kwargs: dict[str, torch.Tensor] | None = None
+    fp_args: list | None = None       # the FP model's inputs to the unit (DistillConfig.fp_input)
+    fp_kwargs: dict | None = None
 
     def batch(self, idx: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None,
               fp_rows: torch.Tensor | None = None):
@@ -113,6 +114,8 @@ class UnitData:
         float16 cache is used at the model's precision). fp_rows [len(idx)] (bool): those samples take the FP
         chain's inputs."""
         def get(v, fp=None):
+            if not torch.is_tensor(v):                         # the same value in every call
+                return v
             v = v[idx].to(device)
             if fp is not None:
                 rows = fp_rows.to(device).view(-1, *[1] * (v.dim() - 1))
@@ -122,7 +125,7 @@ class UnitData:
         if mixed and self.fp_args is None:
             raise ValueError("fp_rows needs the FP chain's inputs (cache_unit_io with fp_inputs=True)")
         fp_args = self.fp_args if mixed else [None] * len(self.args)
-        args = [None if a is None else get(a, f) for a, f in zip(self.args, fp_args)]
+        args = [get(a, f) for a, f in zip(self.args, fp_args)]
         kwargs = {k: get(v, self.fp_kwargs[k] if mixed else None) for k, v in self.kwargs.items()}
         return args, kwargs, get(self.target), self.t[idx].to(device)
 
@@ -153,12 +156,12 @@ def _capture(model: nn.Module, call, unit: str, inputs: bool, output: bool):
     box = []
 
     def pre(_, args, kwargs):
-        box.append(([_cpu(a) for a in args], {k: _cpu(v) for k, v in kwargs.items() if torch.is_tensor(v)}))
+        box.append(([_cpu(a) for a in args], {k: _cpu(v) for k, v in kwargs.items()}))
         if not output:
             raise _Captured
 
     def post(_, args, out):
-        box.append(_cpu(out))
+        box.append(_cpu(unit_output(unit, out)))
         raise _Captured
 
     module = model.get_submodule(unit)
@@ -176,20 +179,16 @@ def _capture(model: nn.Module, call, unit: str, inputs: bool, output: bool):
     return tuple(box) if inputs and output else box[0]
 
 
-def _cat(parts: list):
-    """Concatenate per-batch captures along the sample dim (None stays None)."""
-    return None if parts[0] is None else torch.cat(parts)
-
-
 @torch.no_grad()
 def cache_unit_io(qmodel: QuantModel, fp_model: nn.Module, unit: str, calib: CalibSet, batch_size: int,
                   policy: CachePolicy = CachePolicy(), spill_dir: Path | None = None,
                   fp_inputs: bool = False) -> UnitData:
     """The unit's inputs (from the quantized chain; with fp_inputs, also the FP model's) and FP targets for
     every calibration sample, kept as the policy says (RAM or a memory-mapped file in spill_dir; the model's
-    dtype or a smaller one)."""
+    dtype or a smaller one). Non-tensor inputs (None, flags, sizes) are kept as values; they must be the same in
+    every call."""
     device = next(qmodel.parameters()).device
-    n, stores = len(calib.t), None
+    n, stores, static = len(calib.t), None, None
     for x, t, cond in calib.batches(batch_size, device):
         args, kwargs = _capture(qmodel.model, lambda: qmodel(x, t, **cond), unit, inputs=True, output=False)
         fp_call = lambda: fp_model(x, t, **cond)                          # noqa: E731
@@ -201,24 +200,38 @@ def cache_unit_io(qmodel: QuantModel, fp_model: nn.Module, unit: str, calib: Cal
         else:
             target = _capture(fp_model, fp_call, unit, inputs=False, output=True)
         named["target"] = target
+        values = {k: v for k, v in named.items() if not torch.is_tensor(v)}
+        if static is None:
+            static = values
+        elif not _same(values, static):
+            raise AdapterError(f"unit {unit} is called with non-tensor inputs that change between calls ({values} "
+                               f"vs {static}): a reconstruction unit's cached inputs cannot replay them",
+                               "pass them as tensors, or let the adapter name units inside this one")
+        named = {k: v for k, v in named.items() if torch.is_tensor(v)}
         if stores is None:                                     # allocated once the first batch shows the shapes
-            size = n * sum(v[0].numel() * policy.element_bytes(v.dtype) for v in named.values() if v is not None)
+            size = n * sum(v[0].numel() * policy.element_bytes(v.dtype) for v in named.values())
             disk = spill_dir is not None and policy.ram_gb is not None and size > policy.ram_gb * 1024 ** 3
-            stores = {k: None if v is None else Store(n, tuple(v.shape[1:]), policy.dtype or v.dtype,
-                                                      spill_dir / f"{unit}.{k}.bin" if disk else None)
-                      for k, v in named.items()}
+            stores = {k: Store(n, tuple(v.shape[1:]), policy.dtype or v.dtype,
+                               spill_dir / f"{unit}.{k}.bin" if disk else None) for k, v in named.items()}
         for k, v in named.items():
-            if v is not None:
-                stores[k].add(v)
-    tensors = {k: None if st is None else st.tensor for k, st in stores.items()}
+            stores[k].add(v)
+    tensors = {k: st.tensor for k, st in stores.items()} | static
 
     def inputs(prefix: str):
         args = [tensors[f"{prefix}arg{i}"] for i in range(sum(k.startswith(f"{prefix}arg") for k in tensors))]
         return args, {k.removeprefix(f"{prefix}kw_"): v for k, v in tensors.items() if k.startswith(f"{prefix}kw_")}
     args, kwargs = inputs("")
     fp_args, fp_kwargs = inputs("fp_") if fp_inputs else (None, None)
-    return UnitData(args, tensors["target"], calib.t.clone(), kwargs,
-                    stores=[st for st in stores.values() if st is not None], fp_args=fp_args, fp_kwargs=fp_kwargs)
+    return UnitData(args, tensors["target"], calib.t.clone(), kwargs, stores=list(stores.values()), fp_args=fp_args,
+                    fp_kwargs=fp_kwargs)
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Whether two captures' non-tensor inputs are equal (a comparison that fails counts as different)."""
+    try:
+        return a.keys() == b.keys() and all(bool(a[k] == b[k]) for k in a)
+    except Exception:                                           # noqa: BLE001 (values that do not compare)
+        return False
 
 
 class Objective(Protocol):
@@ -396,7 +409,10 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
                                                   desc=f"[{k}] {unit}")
         finally:
             data.release()
-        atomic_torch_save({"state": {k: v.cpu() for k, v in _unit_state(qmodel, unit).items()}, "log": entry}, path)
+        state = {k: v.cpu() for k, v in _unit_state(qmodel, unit).items()}
+        require_finite(state, f"unit {unit} after reconstruction", "lower the learning rates (--lr_weight, "
+                       "--lr_quant, --cali_lr), or check the calibration set")
+        atomic_torch_save({"state": state, "log": entry}, path)
         log.append(entry)
     return log
 

@@ -90,17 +90,24 @@ class QuantModel(nn.Module):
             if index is not None:
                 index.check_timesteps(timesteps)
 
-    def raw_eps(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    @staticmethod
+    def batch_timesteps(x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
+        """t as a [B] tensor on x's device: a Python number or a 0-d tensor (what diffusers samplers pass) is one
+        timestep for the whole batch."""
+        t = torch.as_tensor(t, device=x.device)
+        return t.expand(x.shape[0]) if t.dim() == 0 else t
+
+    def raw_eps(self, x: torch.Tensor, t: torch.Tensor | int | float, **cond) -> torch.Tensor:
         """The quantized network's output, without the eps corrections (mean, rescale)."""
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        t = self.batch_timesteps(x, t)
         with self.slots.active(self.slots.lookup(t)):
             return self.model(x, t, **cond)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, **cond) -> torch.Tensor:
+        t = self.batch_timesteps(x, t)
         eps = self.raw_eps(x, t, **cond)                       # [B, C, ...]
         if self.eps_bias is None and self.eps_gain is None:
             return eps
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
         if self.eps_gain is not None:
             gain = self.eps_gain[self._gain_index.lookup(t)]   # [B]
             eps = eps * gain.view(-1, *([1] * (eps.dim() - 1)))

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from common.errors import AdapterError
+
 GB = 1024 ** 3
 
 
@@ -42,6 +44,15 @@ class UnitPlan:
     on_disk: bool
 
 
+def unit_output(unit: str, out) -> torch.Tensor:
+    """A reconstruction unit's output, which must be one tensor (its FP target); else one AdapterError line."""
+    if not torch.is_tensor(out):
+        raise AdapterError(f"unit {unit} returns a {type(out).__name__}, not a tensor: block reconstruction trains "
+                           f"a unit against one output tensor", "let the adapter's units() name modules that "
+                           "return one tensor (the blocks inside this one)")
+    return out
+
+
 def per_sample_shapes(model: nn.Module, call, units: list[str]) -> dict[str, list[tuple[tuple[int, ...], torch.dtype]]]:
     """Run `call()` (one calibration sample through the model) and record, per unit, the per-sample shape and
     dtype of each tensor input (positional and keyword) and of its output."""
@@ -55,6 +66,7 @@ def per_sample_shapes(model: nn.Module, call, units: list[str]) -> dict[str, lis
 
     def post(name):
         def fn(_, args, out):
+            out = unit_output(name, out)
             shapes[name].append((tuple(out.shape[1:]), out.dtype))
         return fn
 

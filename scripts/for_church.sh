@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_need.sh
+check_options "$@"
 ckpt=models/ldm/lsun_churches256/model.ckpt; ref=data/lsun_church_real.npz
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then ckpt=$1; shift; fi
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then ref=$1; shift; fi

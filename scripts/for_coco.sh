@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_need.sh
+check_options "$@"
 ckpt=models/ldm/stable-diffusion-v1/model.ckpt; captions=data/coco/captions.txt; ref=data/coco/val2014_512.npz
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then ckpt=$1; shift; fi
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then captions=$1; shift; fi

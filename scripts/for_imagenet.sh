@@ -10,9 +10,11 @@ cd "$(dirname "$0")/.."
 source scripts/_need.sh
 if [ "${1:-}" = "--embedded" ]; then
   shift
+  check_options "$@"
   bash scripts/setup.sh
   exec .venv/bin/python scripts/run_task.py --task configs/tasks/mnist_ldm.yml "$@"
 fi
+check_options "$@"
 ckpt=models/ldm/cin256-v2/model.ckpt; ref=data/imagenet_real.npz
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then ckpt=$1; shift; fi
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then ref=$1; shift; fi

@@ -77,10 +77,12 @@ class Tiny:
         return torch.randn(n, self.ldm.channels, self.ldm.image_size, self.ldm.image_size,
                            generator=torch.Generator().manual_seed(seed))
 
-    def calibration_set(self, n: int = CALIB_N, per_traj: int = 2, seed: int = 0):
+    def calibration_set(self, per_traj: int = STEPS, seed: int = 0):
         """As experiments/ldm_task.py:calibration_set: random steps of guided FP trajectories, every network
         input of a chosen call (both halves under guidance) with its keyword arguments (the context), recorded
-        by a forward pre-hook on the UNet."""
+        by a forward pre-hook on the UNet. STEPS samples per half, all the steps of one trajectory by default:
+        every TPQ slot gets calibration samples."""
+        n = STEPS * self.halves
         x_T = self.x_T(trajectories_for(math.ceil(n / self.halves), per_traj), seed + 7)
 
         def fp_sample(x, on_step, rows=None):
@@ -139,14 +141,14 @@ MATRIX = [pytest.param(name, mode, marks=() if (name, mode) in FAST else pytest.
 @pytest.mark.parametrize("name, mode", MATRIX)
 def test_each_method_calibrates_distills_and_samples_with_guidance(built, name, mode, tmp_path):
     m, calib = tiny(built, name)
-    assert calib.x.shape == (CALIB_N, m.ldm.channels, m.ldm.image_size, m.ldm.image_size)
+    assert calib.x.shape == (STEPS * m.halves, m.ldm.channels, m.ldm.image_size, m.ldm.image_size)
     if m.kind is None:
         assert calib.cond == {}
     else:                                               # each sample's context: both halves of guided calls
         tokens = 77 if m.kind == "FrozenCLIPEmbedder" else 1
         context, uncond = calib.cond.get("context"), m.pair(torch.arange(1))[1][0]
-        assert set(calib.cond) == {"context"} and context.shape[:2] == (CALIB_N, tokens)
-        assert 0 < sum(torch.equal(row, uncond) for row in context) < CALIB_N
+        assert set(calib.cond) == {"context"} and context.shape[:2] == (len(calib.t), tokens)
+        assert 0 < sum(torch.equal(row, uncond) for row in context) < len(calib.t)
     q = quantize(mode, m, calib, tmp_path)
     assert q.config.split and q.config.temporal == (mode is QuantMode.DILATEQUANT) and q.unquantized == []
     units = q.adapter.units(q.model)

@@ -52,11 +52,11 @@ def test_dilatequant_runs_end_to_end_and_resumes(tiny_task, tmp_path):
     (tmp_path / "dq" / "quantized.pt").unlink()                          # as if interrupted after distilling
     run(tiny_task, tmp_path / "dq", *q)
     assert first_unit.stat().st_mtime_ns == made                         # units of these settings: kept
-    run(tiny_task, tmp_path / "dq", *q[:-5], "--cali_iters", "2", *q[-3:])
+    run(tiny_task, tmp_path / "dq", *q[:-5], "--cali_iters", "2", *q[-3:], "--overwrite")
     assert first_unit.stat().st_mtime_ns > made                          # other settings: redistilled
     unit = tmp_path / "dq" / "distill" / "unit_05.pt"
     plain = torch.load(unit, weights_only=True)["log"]["loss_before"]
-    run(tiny_task, tmp_path / "dq", *q[:-5], "--cali_iters", "2", *q[-3:], "--t_weight_sigma", "0.2")
+    run(tiny_task, tmp_path / "dq", *q[:-5], "--cali_iters", "2", *q[-3:], "--t_weight_sigma", "0.2", "--overwrite")
     assert torch.load(unit, weights_only=True)["log"]["loss_before"] != plain   # weighted by the schedule's σ_t
 
 
@@ -111,7 +111,7 @@ def test_rerun_reuses_finished_stages_and_redoes_changed_ones(tiny_task, tmp_pat
     assert again["sampling_seconds"] == first["sampling_seconds"]
     assert np.array_equal(np.load(tmp_path / "q" / "samples.npz")["arr_0"], a)
     with pytest.raises(AssertionError, match="finished stage"):      # other bits: a new model
-        run(tiny_task, tmp_path / "q", *q[:-6], "--act_bit", "6", *q[-3:])
+        run(tiny_task, tmp_path / "q", *q[:-6], "--act_bit", "6", *q[-3:], "--overwrite")
 
 
 def test_calibration_set_is_redrawn_when_its_settings_change(tiny_task, tmp_path):
@@ -119,10 +119,10 @@ def test_calibration_set_is_redrawn_when_its_settings_change(tiny_task, tmp_path
          "--max_images", "2"]
     run(tiny_task, tmp_path / "q", *q, "--cali_n", "16")
     assert len(torch.load(tmp_path / "q" / "calib.pt")["t"]) == 16
-    run(tiny_task, tmp_path / "q", *q, "--cali_n", "24")
+    run(tiny_task, tmp_path / "q", *q, "--cali_n", "24", "--overwrite")
     one_each = torch.load(tmp_path / "q" / "calib.pt")
     assert len(one_each["t"]) == 24
-    run(tiny_task, tmp_path / "q", *q, "--cali_n", "24", "--cali_per_traj", "4")   # 6 trajectories, not 24
+    run(tiny_task, tmp_path / "q", *q, "--cali_n", "24", "--cali_per_traj", "4", "--overwrite")   # 6 trajectories
     four_each = torch.load(tmp_path / "q" / "calib.pt")
     assert len(four_each["t"]) == 24 and not torch.equal(four_each["x"], one_each["x"])
     assert len(torch.unique(four_each["x"][:, :, :2, :2].flatten(1), dim=0)) == 24   # still distinct samples

@@ -99,7 +99,7 @@ def test_a_checkpoint_replaced_at_the_same_path_is_a_new_input(tiny_task, tmp_pa
     a = np.load(tmp_path / "q" / "samples.npz")["arr_0"]
     torch.manual_seed(1)
     torch.save(UNet(tiny_unet_config(resolution=28, attn_resolutions=(14,))).state_dict(), ckpt)
-    second = main(argv(tiny_task, tmp_path / "q", *W8A8, ckpt=ckpt))
+    second = main(argv(tiny_task, tmp_path / "q", *W8A8, "--overwrite", ckpt=ckpt))
     assert second["inputs"]["ckpt"] != first["inputs"]["ckpt"]
     assert not np.array_equal(np.load(tmp_path / "q" / "samples.npz")["arr_0"], a)     # recalibrated, resampled
     calib = torch.load(tmp_path / "q" / "calib.pt")
@@ -110,7 +110,7 @@ def test_a_rerun_with_other_settings_leaves_nothing_stale(tiny_task, tmp_path):
     logdir = tmp_path / "r"
     run(tiny_task, logdir, "--ref", str(tiny_task / "ref.npz"))
     assert len(list((logdir / "images").glob("*.png"))) == 12
-    rec = run(tiny_task, logdir, "--no_fid", "--timesteps", "5", "--eta", "1", "--max_images", "3")
+    rec = run(tiny_task, logdir, "--no_fid", "--timesteps", "5", "--eta", "1", "--max_images", "3", "--overwrite")
     saved = json.loads((logdir / "results.json").read_text())
     assert "fid" not in saved and saved["steps"] == 5 and saved == json.loads(json.dumps(rec, default=str))
     assert len(list((logdir / "images").glob("*.png"))) == 3

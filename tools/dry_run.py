@@ -95,6 +95,8 @@ def describe(config_path: Path, cali_n: int, steps: int, bits: list[tuple[int, i
     config = load_config(config_path)
     unet = build_unet(config)
     num_timesteps = int(config["model"]["params"].get("timesteps", 1000))
+    if not 1 <= steps <= num_timesteps:
+        raise UsageError(f"--steps {steps} is out of range for {config_path.name}: use 1..{num_timesteps}")
     q = QuantModel(unet, QuantConfig(weight_bit=4, act_bit=4, temporal=True, split=True),
                    ddim_timesteps(steps, num_timesteps))
     units = q.adapter.units(q.model)
@@ -211,6 +213,9 @@ def per_config(values: list[int] | None, n: int, flag: str) -> list[int | None]:
         return [None] * n
     if len(values) not in (1, n):
         raise UsageError(f"--{flag} takes one value or one per --config ({n}), got {len(values)}")
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise UsageError(f"--{flag} {bad[0]} is out of range: use >= 1")
     return values * n if len(values) == 1 else values
 
 
