@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -74,35 +75,40 @@ class Preloaded:
     calib_meta: dict | None = None
 
 
-def coverage_reasons(args) -> list[str]:
-    """Why this run needs calibration samples at every timestep of its sampler (empty: it does not)."""
-    reasons = []
-    if args.quant_act and args.quant_mode == QuantMode.DILATEQUANT.value and args.tpq:
-        reasons.append("TPQ calibrates one activation step size per timestep")
-    if args.eps_rescale:
-        reasons.append("--eps_rescale fits one gain per timestep")
-    return reasons
+def uses_tpq(args) -> bool:
+    """Activation quantizers with one step size per timestep (DilateQuant's TPQ)."""
+    return args.quant_act and args.quant_mode == QuantMode.DILATEQUANT.value and args.tpq
 
 
-def check_calibration_set(calib: CalibSet, source: str, schedule: Sequence[int], reasons: Sequence[str],
-                          shape: Sequence[int] | None = None) -> None:
-    """Before the work that needs it: the set's samples have the network's input shape, lie at timesteps this
-    run's sampler visits and, where the method needs it (`reasons`), reach every one of them; one UsageError
-    line otherwise."""
+def missing_timesteps(calib: CalibSet, schedule: Sequence[int]) -> list[int]:
+    """The timesteps of the sampler that no calibration sample is at."""
+    return sorted({int(t) for t in schedule} - set(torch.unique(calib.t).tolist()))
+
+
+def check_calibration_set(calib: CalibSet, source: str, schedule: Sequence[int], args,
+                          shape: Sequence[int] | None = None) -> list[int]:
+    """Before the work that needs it: the set's samples have the network's input shape and lie at timesteps this
+    run's sampler visits, and with --eps_rescale (one gain per timestep) reach every one of them; one UsageError
+    line otherwise. A TPQ slot without samples takes the range of all the data (quant/calibrate.py): one line
+    says which. -> the timesteps without samples."""
     if shape is not None and tuple(calib.x.shape[1:]) != tuple(shape):
         raise UsageError(f"{source} holds samples of shape {list(calib.x.shape[1:])}, but this model takes "
                          f"{list(shape)}", "it was drawn for another model: drop --cali_data_path to draw a new set")
-    visited, held = {int(t) for t in schedule}, set(torch.unique(calib.t).tolist())
-    foreign = sorted(held - visited)
+    visited = {int(t) for t in schedule}
+    foreign = sorted(set(torch.unique(calib.t).tolist()) - visited)
     if foreign:
         raise UsageError(f"{source} holds samples at timestep(s) {foreign[:5]}{' ...' if len(foreign) > 5 else ''} "
                          f"that this run's sampler never visits ({len(visited)} timesteps)",
                          "it was drawn with other sampling steps: sample with those, or drop --cali_data_path")
-    missing = sorted(visited - held)
-    if missing and reasons:
-        raise UsageError(f"{source} has no sample at {len(missing)} of the sampler's {len(visited)} timesteps "
-                         f"({missing[:6]}{' ...' if len(missing) > 6 else ''}), and {'; '.join(reasons)}",
+    missing = missing_timesteps(calib, schedule)
+    listed = f"{len(missing)} of the sampler's {len(visited)} timesteps ({missing[:6]}{' ...' if len(missing) > 6 else ''})"
+    if missing and args.eps_rescale:
+        raise UsageError(f"{source} has no sample at {listed}, and --eps_rescale fits one gain per timestep",
                          "raise --cali_n (its samples fall at random steps), or use fewer sampling steps")
+    if missing and uses_tpq(args):
+        print(f"[calibration] {source} has no sample at {listed}: their TPQ slots take the range of all the "
+              f"data (raise --cali_n to calibrate them)", flush=True)
+    return missing
 
 
 def preload(args, schedule: Sequence[int], sample_shape: Sequence[int]) -> Preloaded:
@@ -116,8 +122,7 @@ def preload(args, schedule: Sequence[int], sample_shape: Sequence[int]) -> Prelo
         check_cali_ckpt(payload, args.cali_ckpt, args, schedule)
     if args.cali_data_path:
         calib, meta = CalibSet.read(args.cali_data_path)
-        check_calibration_set(calib, f"--cali_data_path {args.cali_data_path}", schedule, coverage_reasons(args),
-                              sample_shape)
+        check_calibration_set(calib, f"--cali_data_path {args.cali_data_path}", schedule, args, sample_shape)
     return Preloaded(payload, calib, meta)
 
 
@@ -160,7 +165,9 @@ def _calibrate(job: QuantJob, args, logdir: Path, device: torch.device, dq_confi
                   or args.eps_rescale)
     reset_peak_memory(device)
     calib, data_seconds, reused = None, None, False
-    with timer() as t:
+    with timer() as t, warnings.catch_warnings():
+        # slots without samples were named when the set was checked (check_calibration_set), with its file
+        warnings.filterwarnings("ignore", message="the calibration set has no sample")
         if needs_data:
             calib, data_seconds, reused = job.draw_calibration()
         _clear_stale_units(logdir, canonical(stage_key(args, job)))   # the calibration set passed its checks
@@ -178,6 +185,8 @@ def _calibrate(job: QuantJob, args, logdir: Path, device: torch.device, dq_confi
         stats = correct_output(job, args, qmodel, calib)
     # a reused calibration set counts with the seconds of its original draw (None: not recorded, not counted)
     seconds = t["seconds"] + ((data_seconds or 0.0) if reused else 0.0)
+    if calib is not None and uses_tpq(args):                   # slots that took the range of all the data
+        stats["tpq_timesteps_without_samples"] = missing_timesteps(calib, job.schedule)
     return qmodel, stats | {"calib_seconds": seconds, "calib_data_seconds": data_seconds,
                             "calib_data_reused": reused, "peak_mem_mb": peak_memory_mb(device)}
 
@@ -198,7 +207,6 @@ def cached_calibration(args, logdir: Path, key_settings: Sequence[str], inputs: 
     if args.cali_data_path:                       # read and checked before any work (preload)
         return preloaded.calib, (preloaded.calib_meta or {}).get("record", {}).get("seconds"), True
     mode = QuantMode(args.quant_mode)
-    reasons = coverage_reasons(args)
     path = logdir / "calib.pt"
     key = canonical({k: getattr(args, k) for k in key_settings} | {"evenly_spaced": mode is QuantMode.QDIFF,
                                                                     "config": inputs["config"],
@@ -206,7 +214,7 @@ def cached_calibration(args, logdir: Path, key_settings: Sequence[str], inputs: 
     if path.exists():
         calib, meta = CalibSet.read(path, "calib.pt")
         if meta.get("key") == key:
-            check_calibration_set(calib, str(path), schedule, reasons)
+            check_calibration_set(calib, str(path), schedule, args)
             return calib, meta.get("record", {}).get("seconds"), True
     n_traj = (args.cali_n if mode is QuantMode.QDIFF
               else trajectories_for(math.ceil(args.cali_n / halves), args.cali_per_traj))
@@ -219,7 +227,7 @@ def cached_calibration(args, logdir: Path, key_settings: Sequence[str], inputs: 
             calib = draw_over_steps(fp_sample, x_T, args.cali_n, n_steps, args.cali_per_traj, gen,
                                     batch_size=args.batch_size, halves=halves)
     calib.save(path, key=key, record={"samples": len(calib.t), "seconds": t["seconds"]})
-    check_calibration_set(calib, f"the calibration set drawn ({path})", schedule, reasons)
+    check_calibration_set(calib, f"the calibration set drawn ({path})", schedule, args)
     return calib, t["seconds"], False
 
 

@@ -1,10 +1,12 @@
 """Explicit calibration: weight ranges from the weights, activation ranges from calibration data.
 
-Activation statistics are gathered per TPQ slot (the timestep each sample was drawn at). Every slot must have
-calibration samples (`check_slot_coverage`, before any work); a slot whose values were all NaN/inf falls back to
-the range of all data. Nothing is initialised inside forward.
+Activation statistics are gathered per TPQ slot (the timestep each sample was drawn at); a slot that no
+calibration sample reached (named in a warning before any work, `slots_without_samples`) or whose values were
+all NaN/inf falls back to the range of all data. Nothing is initialised inside forward.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -18,7 +20,6 @@ from quant.model import QuantModel, quant_enabled
 from quant.quantizer import ActQuantizer
 from quant.range_search import init_range, init_weight_quantizers
 from quant.settings import RangeInit
-from quant.slots import UncalibratedTimestepError
 
 
 class SlotObserver:
@@ -96,25 +97,25 @@ def _observed_inputs(module: nn.Module, args: tuple) -> list[torch.Tensor]:
     return [args[0], args[1]]
 
 
-def check_slot_coverage(qmodel: QuantModel, t: torch.Tensor) -> None:
-    """One UncalibratedTimestepError line unless the calibration timesteps `t` reach every TPQ slot (a slot
-    without samples would get a range it never saw)."""
+def slots_without_samples(qmodel: QuantModel, t: torch.Tensor) -> list[int]:
+    """The timesteps of the model's TPQ schedule that no calibration timestep in `t` reaches; a warning line
+    names them (their slots take the range of all the data). [] for a model without TPQ."""
     if qmodel.slots.schedule is None:
-        return
+        return []
     counts = torch.bincount(qmodel.slots.lookup(t.reshape(-1)).cpu(), minlength=qmodel.slots.num_slots)
     missing = qmodel.slots.schedule[counts == 0].tolist()
     if missing:
-        raise UncalibratedTimestepError(
-            f"the calibration set has no sample at {len(missing)} of the {qmodel.slots.num_slots} timesteps the TPQ "
-            f"model is calibrated for ({missing[:6]}{' ...' if len(missing) > 6 else ''}): each needs its own "
-            f"activation ranges", "draw more calibration samples (--cali_n), or calibrate for fewer steps")
+        warnings.warn(f"the calibration set has no sample at {len(missing)} of the {qmodel.slots.num_slots} timesteps "
+                      f"of the TPQ model ({missing[:6]}{' ...' if len(missing) > 6 else ''}): their slots take the "
+                      f"range of all the data; draw more calibration samples to calibrate them", stacklevel=3)
+    return missing
 
 
 @torch.no_grad()
 def calibrate_activations(qmodel: QuantModel, calib: CalibSet, batch_size: int = 64, max_values: int = 8192,
                           seed: int = 0) -> None:
     """Fill every activation quantizer's (Δ, z) per slot from FP activations on `calib` (weights quantized)."""
-    check_slot_coverage(qmodel, calib.t)
+    slots_without_samples(qmodel, calib.t)
     gen = torch.Generator().manual_seed(seed)
     device = next(qmodel.parameters()).device
     observers, hooks = {}, []

@@ -184,15 +184,18 @@ def test_5_eps_rescale_without_every_timestep_is_refused_before_distillation(tin
 
 # 6. Silent calibration gaps ------------------------------------------------------------------------------------
 
-def test_6_a_tpq_slot_without_calibration_samples_is_an_error(tiny_unet):
+def test_6_a_tpq_slot_without_calibration_samples_is_named_before_calibration(tiny_unet, tiny_task, tmp_path,
+                                                                             capsys):
     from quant.calib_data import CalibSet
     from quant.calibrate import calibrate
     from quant.model import QuantModel
     from quant.settings import QuantConfig
-    from quant.slots import UncalibratedTimestepError
     q = QuantModel(tiny_unet, QuantConfig(weight_bit=4, act_bit=4, temporal=True), [0, 10, 20, 30])
-    with pytest.raises(UncalibratedTimestepError, match=r"no sample at 1 of the 4 timesteps .*\[20\]"):
+    with pytest.warns(UserWarning, match=r"no sample at 1 of the 4 timesteps of the TPQ model \(\[20\]\)"):
         calibrate(q, CalibSet(torch.randn(6, 1, 16, 16), torch.tensor([0, 10, 30, 0, 10, 30])))
+    rec = run(tiny_task, tmp_path / "r", *DQ, "--cali_n", "2")             # 2 samples, 4 timesteps
+    assert "has no sample at 2 of the sampler's 4 timesteps" in capsys.readouterr().out
+    assert len(rec["tpq_timesteps_without_samples"]) == 2                   # and the record says which
 
 
 def test_6_fp_samples_neither_invalidate_the_quantization_nor_come_in_another_count(tiny_task, tmp_path,
