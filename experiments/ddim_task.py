@@ -8,6 +8,7 @@ input contents match (experiments/quantize.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from quant.bias_correction import correct_eps_bias
 from quant.calib_data import CalibSet
 from common.device import check_device, set_seed
 
-SAMPLING_FLAGS = ("max_images", "batch_size")      # change what is sampled, not the calibrated model
+SAMPLING_FLAGS = ("max_images", "batch_size", "backend")      # change what is sampled, not the calibrated model
 CALIB_SETTINGS = ("timesteps", "skip_type", "eta", "sample_type", "seed", "cali_n", "cali_st", "cali_per_traj")
 
 
@@ -137,7 +138,8 @@ def family(args, cfg, sample, device, calibration: Preloaded) -> Family:
     job = QuantJob(fp=fp, schedule=sample.seq, sigmas=(1 - alphas_cumprod(sample.betas)).sqrt(),
                    draw_calibration=lambda: calibration_set(fp, sample, args, logdir, device, inputs, calibration),
                    eps_correction=lambda q: eps_correction(q, fp, sample, args, device),
-                   inputs=inputs, sampling_flags=SAMPLING_FLAGS, calibration=calibration)
+                   inputs=inputs, sampling_flags=SAMPLING_FLAGS, calibration=calibration,
+                   network={"family": "ddim", "config": dataclasses.asdict(cfg.model)})
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     noise = initial_noise(args.max_images, shape, args.seed)
     current = {"model": fp}

@@ -17,6 +17,7 @@ import torch
 
 from common.checkpoint import check_file
 from common.errors import UsageError
+from quant.deploy.file import is_int_file
 from quant.dilation import Scaling
 from quant.distill import BKDTraining, DistillConfig, LRSchedule
 from quant.methods import QuantMode
@@ -56,7 +57,11 @@ def add_quant_flags(p: argparse.ArgumentParser, resume_flag: bool = True) -> Non
     q.add_argument("--a_sym", action="store_true", help="symmetric activation quantizers")
     q.add_argument("--sm_abit", type=int, default=None, help="bits of softmax outputs, 2..8 or 16 (default: --act_bit)")
     q.add_argument("--split", action="store_true", help="split shortcut quantization (Q-Diffusion)")
-    q.add_argument("--cali_ckpt", default=None, help="load this calibrated checkpoint instead of calibrating")
+    q.add_argument("--cali_ckpt", default=None, help="load this calibrated checkpoint instead of calibrating: a "
+                                                    "quantized.pt, or a packed integer file (tools/export_int.py)")
+    q.add_argument("--backend", default="fake", choices=["fake", "int"],
+                   help="how the quantized model runs: fake = the simulation calibration trains (the tables); int = "
+                        "integer kernels (oneDNN int8 on the CPU, torch._int_mm elsewhere), the same function")
     q.add_argument("--cali_n", type=int, default=1024,
                    help="calibration samples: total, drawn at random over all steps (baseline, dilatequant); "
                         "per step (qdiff)")
@@ -232,6 +237,15 @@ def check_quant_flags(args) -> None:
         raise UsageError("--resume_w needs --quant_mode qdiff and --cali_ckpt")
     if args.eps_rescale and args.eps_correction:
         raise UsageError("--eps_rescale and --eps_correction are two corrections of the same output: use one")
+    if args.backend == "int" and getattr(args, "compile", False):
+        raise UsageError("--compile compiles the simulated model; the integer backend fuses its own quantize step",
+                         "drop --compile with --backend int")
+    if args.cali_ckpt and is_int_file(args.cali_ckpt):
+        if args.backend != "int":
+            raise UsageError(f"--cali_ckpt {args.cali_ckpt} is a packed integer model: it runs with --backend int")
+        if corrects_output(args) or args.resume_w:
+            raise UsageError(f"--cali_ckpt {args.cali_ckpt} is a packed integer model: --eps_rescale, "
+                             "--eps_correction and --resume_w need the simulated model", "give its quantized.pt")
     if args.distill_fp_input > 0 and args.quant_mode == QuantMode.BASELINE.value:
         raise UsageError("--distill_fp_input sets the inputs of block reconstruction, which the baseline does not run: "
                          "use --quant_mode dilatequant or qdiff")

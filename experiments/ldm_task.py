@@ -35,7 +35,7 @@ from ldm.util import load_config
 from quant.calib_data import CalibSet
 
 SAMPLERS = {"ddim": "ddim", "plms": "plms", "dpm": "dpm_solver"}
-SAMPLING_FLAGS = ("n_samples", "batch_size")
+SAMPLING_FLAGS = ("n_samples", "batch_size", "backend")
 CALIB_SETTINGS = ("custom_steps", "eta", "sampler", "scale", "seed", "cali_n", "cali_st", "cali_per_traj")
 
 
@@ -308,7 +308,8 @@ def family(args, ldm, config: dict, sampler: Sampler, device, inputs: dict, cali
     job = QuantJob(fp=unet, schedule=sampler.timesteps, sigmas=(1 - abar).sqrt(),
                    draw_calibration=lambda: calibration_set(ldm, cond, sampler, args, logdir, device, inputs,
                                                             shape, calibration),
-                   eps_correction=None, inputs=inputs, sampling_flags=SAMPLING_FLAGS, calibration=calibration)
+                   eps_correction=None, inputs=inputs, sampling_flags=SAMPLING_FLAGS, calibration=calibration,
+                   network={"family": "ldm", "unet_config": config["model"]["params"]["unet_config"]})
     noise = initial_noise(args.n_samples, shape, args.seed)
     crop = int(config.get("image", {}).get("crop", 0))
 

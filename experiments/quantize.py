@@ -8,6 +8,7 @@ another key are removed only once the run has passed every check (and holds the 
 """
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import warnings
@@ -29,6 +30,7 @@ from quant import METHOD_VERSION
 from quant.bias_correction import correct_eps_gain
 from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
 from quant.checkpoint import load_quantized, load_quantized_weights, read_quantized, save_quantized
+from quant.deploy.file import is_int_file, load_int, read_header
 from quant.methods import QuantMode
 from quant.methods.baseline import quantize_baseline
 from quant.methods.dilatequant import quantize_dilatequant
@@ -56,6 +58,7 @@ class QuantJob:
     inputs: Mapping[str, str | None]                            # content digests of input files
     sampling_flags: tuple[str, ...]                             # flags that change only the sampling
     calibration: "Preloaded"                                    # --cali_ckpt / --cali_data_path, read and checked
+    network: dict                                               # how to build `fp` again (experiments/networks.py)
 
 
 def stage_key(args, job: QuantJob) -> dict:
@@ -118,12 +121,21 @@ def preload(args, schedule: Sequence[int], sample_shape: Sequence[int]) -> Prelo
         return Preloaded()
     payload = calib = meta = None
     if args.cali_ckpt:
-        payload = read_quantized(args.cali_ckpt)
+        payload = int_payload(args.cali_ckpt) if is_int_file(args.cali_ckpt) else read_quantized(args.cali_ckpt)
         check_cali_ckpt(payload, args.cali_ckpt, args, schedule)
     if args.cali_data_path:
         calib, meta = CalibSet.read(args.cali_data_path)
         check_calibration_set(calib, f"--cali_data_path {args.cali_data_path}", schedule, args, sample_shape)
     return Preloaded(payload, calib, meta)
+
+
+def int_payload(path: str) -> dict:
+    """What a packed integer file's header says, in the form of a quantized.pt payload (its tensors are checked
+    when it is loaded)."""
+    header = read_header(path)
+    return {"format": header["format"], "method": header["method"], "config": header["config"],
+            "schedule": header["schedule"], "meta": {"sampler": header.get("sampler")}, "state_dict": {},
+            "int_header": header}
 
 
 def checkpoint_summary(path: str, payload: dict) -> dict:
@@ -256,6 +268,12 @@ def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: d
     <logdir>/quantized.pt. -> (model, record of what the model is and what it cost)."""
     record = {"method": method_name(args), "weight_bit": args.weight_bit,
               "act_bit": args.act_bit if args.quant_act else None}
+    if args.cali_ckpt and "int_header" in (payload or {}):     # a packed integer model: sampled as it is
+        model, _ = load_int(args.cali_ckpt, lambda network: copy.deepcopy(job.fp), device)
+        cfg = payload["config"]
+        return model, record | {"method": payload["method"], "weight_bit": cfg["weight_bit"], "act_bit": cfg["act_bit"],
+                                "quantized_from": checkpoint_summary(args.cali_ckpt, payload), "calib_seconds": None,
+                                "peak_mem_mb": None}
     if args.cali_ckpt and not args.resume_w:
         qmodel, payload = load_quantized(args.cali_ckpt, job.fp, payload)
         cfg = payload["config"]
@@ -269,7 +287,7 @@ def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: d
         with timer() as t:                                       # calib_seconds: the correction alone
             stats = correct_output(job, args, qmodel, job.draw_calibration()[0] if args.eps_rescale else None)
         retire_finished_run(logdir)
-        save_quantized(logdir / "quantized.pt", qmodel, record["method"], sampler=sampler,
+        save_quantized(logdir / "quantized.pt", qmodel, record["method"], sampler=sampler, network=job.network,
                        cali_ckpt=str(args.cali_ckpt), stage_key=canonical(stage_key(args, job)))
         seconds = stats.get("eps_correction_seconds", t["seconds"])
         return qmodel.eval(), record | stats | {"calib_seconds": seconds, "peak_mem_mb": None}
@@ -285,7 +303,7 @@ def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: d
     dq_config = dilatequant_config(args) if args.quant_mode == QuantMode.DILATEQUANT.value else None
     qmodel, cost = _calibrate(job, args, logdir, device, dq_config)
     retire_finished_run(logdir)                 # --overwrite: the finished run moves aside with its model
-    save_quantized(path, qmodel, record["method"], sampler=sampler, stage_key=key)
+    save_quantized(path, qmodel, record["method"], sampler=sampler, network=job.network, stage_key=key)
     save_stage(logdir / "quantize.json", key, cost | {"method_version": METHOD_VERSION, "provenance": provenance(device)})
     return qmodel.eval(), record | cost
 

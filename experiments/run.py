@@ -28,6 +28,7 @@ from experiments.runtime import (PREVIOUS_RUN, canonical, load_stage, locked, pr
                                  save_args, save_stage, write_results)
 from quant import METHOD_VERSION
 from quant.checkpoint import load_quantized
+from quant.deploy import IntModel, convert
 from quant.model import QuantModel, frozen
 
 
@@ -142,6 +143,18 @@ def sample_cache(logdir: Path, identity: dict, count_flag: str, model_digest: st
     return cache
 
 
+def backend_record(model) -> dict:
+    """How the quantized model runs, for results.json and the log: the backend, its kernels, and what stays
+    simulated (with the reason)."""
+    if not isinstance(model, IntModel):
+        return {"backend": "fake"}
+    for entry in model.simulated:
+        print(f"[backend int] {entry['name']} stays {entry['kind']}: {entry['reason']}", flush=True)
+    return {"backend": "int", "int_kernels": model.kernels, "simulated_layers": model.simulated,
+            "int_note": "4-bit operands run on int8 units with values in the 4-bit range (no int4 multiply-accumulate "
+                        "on this hardware)"}
+
+
 def inference(model, compile_model: bool):
     """(context, callable) to sample with: a QuantModel's weights are quantized once (quant.model.frozen);
     --compile wraps the callable in torch.compile."""
@@ -160,7 +173,10 @@ def _execute(args, family: Family, identity: dict, shard, device, logdir: Path) 
     model, record, model_digest = job.fp, {"method": "fp", "weight_bit": 32, "act_bit": None}, None
     if args.ptq:
         model, record = quantize_once(job, args, logdir, device, shard, family.sampler)
+        if args.backend == "int" and not isinstance(model, IntModel):
+            model = convert(model)
         model.check_timesteps(job.schedule)
+        record |= backend_record(model)
         made = logdir / "quantized.pt"
         from_ckpt = args.cali_ckpt and not corrects_output(args) and not args.resume_w
         model_digest = file_digest(args.cali_ckpt if from_ckpt else made)

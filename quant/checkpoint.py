@@ -37,7 +37,7 @@ def read_quantized(path: str | Path, what: str = "--cali_ckpt") -> dict:
     return payload
 
 
-def _install_optional_tensors(qmodel: QuantModel, state: dict) -> None:
+def install_optional_tensors(qmodel: QuantModel, state: dict) -> None:
     """Create the optional tensors a saved state holds, so that strict loading can fill them."""
     for name, layer in qmodel.quant_layers():                 # scaling tensors (Table 9 alternatives)
         if f"model.{name}.in_shift" in state:
@@ -59,7 +59,7 @@ def load_quantized(path: str | Path, fp_model: nn.Module, payload: dict | None =
     strictly (keys, shapes, finite values). `payload`: the file's content if it was already read."""
     payload = read_quantized(path) if payload is None else payload
     qmodel = QuantModel(fp_model, QuantConfig.from_dict(payload["config"]), payload["schedule"] or None)
-    _install_optional_tensors(qmodel, payload["state_dict"])
+    install_optional_tensors(qmodel, payload["state_dict"])
     load_strict(qmodel, payload["state_dict"], str(path), MISMATCH_HINT)
     return qmodel, payload
 
@@ -74,7 +74,7 @@ def load_quantized_weights(path: str | Path, fp_model: nn.Module, config: QuantC
                               f"W{config.weight_bit} (split {config.split})")
     qmodel = QuantModel(fp_model, replace(config, temporal=saved.temporal), payload["schedule"] or None)
     weights = {k: v for k, v in payload["state_dict"].items() if ".a_quant." not in k and not k.startswith(CORRECTIONS)}
-    _install_optional_tensors(qmodel, weights)
+    install_optional_tensors(qmodel, weights)
     expected = {k: v for k, v in qmodel.state_dict().items() if ".a_quant." not in k and not k.startswith(CORRECTIONS)}
     problem = state_dict_mismatch(expected, weights)
     if problem:

@@ -25,7 +25,66 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-class QuantModel(nn.Module):
+class EpsCorrections(nn.Module):
+    """Per-timestep corrections of a quantized network's output (quant/bias_correction.py), off unless set: a gain
+    g_t (--eps_rescale) and a mean b_t (--eps_correction), each a table over the timesteps it was estimated at.
+    Shared by the simulated model (QuantModel) and its integer form (quant.deploy.IntModel)."""
+
+    def _init_corrections(self) -> None:
+        self.register_buffer("eps_bias_t", None)               # optional eps-mean correction [S] and [S, C]
+        self.register_buffer("eps_bias", None)
+        self._bias_index: SlotIndex | None = None
+        self.register_buffer("eps_gain_t", None)               # optional eps rescale [S] and [S]
+        self.register_buffer("eps_gain", None)
+        self._gain_index: SlotIndex | None = None
+
+    def check_corrections(self, timesteps: Sequence[int]) -> None:
+        for index in (self._bias_index, self._gain_index):
+            if index is not None:
+                index.check_timesteps(timesteps)
+
+    def copy_corrections(self, other: "EpsCorrections") -> None:
+        """Install the corrections `other` holds (if any)."""
+        if other.eps_bias is not None:
+            self.set_eps_bias(other.eps_bias_t, other.eps_bias)
+        if other.eps_gain is not None:
+            self.set_eps_gain(other.eps_gain_t, other.eps_gain)
+
+    def corrected(self, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps [B, C, ...] with the installed output corrections: g_t eps, then - b_t (none: eps itself)."""
+        if self.eps_gain is not None:
+            gain = self.eps_gain[self._gain_index.lookup(t)]   # [B]
+            eps = eps * gain.view(-1, *([1] * (eps.dim() - 1)))
+        if self.eps_bias is not None:
+            bias = self.eps_bias[self._bias_index.lookup(t)]   # [B, C]
+            eps = eps - bias.view(*bias.shape, *([1] * (eps.dim() - 2)))
+        return eps
+
+    def _per_timestep(self, timesteps: torch.Tensor, values: torch.Tensor, ok: bool,
+                      what: str) -> tuple[torch.Tensor, torch.Tensor, SlotIndex]:
+        """(sorted timesteps, their values, their SlotIndex) on the model's device, for an output correction."""
+        timesteps = timesteps.cpu()
+        if len(torch.unique(timesteps)) != len(timesteps) or not ok:
+            raise ValueError(f"eps {what}")
+        order = torch.argsort(timesteps)
+        return (timesteps[order].long().to(self.like["device"]), values[order.to(values.device)].to(**self.like),
+                SlotIndex(timesteps[order].tolist()))
+
+    def set_eps_bias(self, timesteps: torch.Tensor, bias: torch.Tensor) -> None:
+        """Install b_t: forward then returns eps - b_t for t in `timesteps` [S] (bias [S, C]); any other
+        timestep is an UncalibratedTimestepError."""
+        ok = bias.dim() == 2 and len(bias) == len(timesteps)
+        self.eps_bias_t, self.eps_bias, self._bias_index = self._per_timestep(
+            timesteps, bias, ok, "bias needs distinct timesteps [S] and a bias [S, C]")
+
+    def set_eps_gain(self, timesteps: torch.Tensor, gain: torch.Tensor) -> None:
+        """Install g_t: forward then returns g_t * eps for t in `timesteps` [S] (gain [S]); any other timestep
+        is an UncalibratedTimestepError."""
+        self.eps_gain_t, self.eps_gain, self._gain_index = self._per_timestep(
+            timesteps, gain, gain.shape == timesteps.shape, "gain needs distinct timesteps [S] and a gain [S]")
+
+
+class QuantModel(EpsCorrections):
     """eps = qmodel(x, t, **cond): the same call as the FP network.
 
     Every Conv2d/Linear becomes a QuantLayer and every attention matmul a QuantMatMul. With
@@ -45,12 +104,7 @@ class QuantModel(nn.Module):
         self.slots = SlotIndex(list(schedule) if config.temporal else None)
         self.register_buffer("schedule", torch.as_tensor(list(schedule or []), dtype=torch.long,
                                                          device=self.like["device"]))
-        self.register_buffer("eps_bias_t", None)               # optional eps-mean correction [S] and [S, C]
-        self.register_buffer("eps_bias", None)                 # (quant/bias_correction.py; off unless set)
-        self._bias_index: SlotIndex | None = None
-        self.register_buffer("eps_gain_t", None)               # optional eps rescale [S] and [S]
-        self.register_buffer("eps_gain", None)                 # (quant/bias_correction.py; off unless set)
-        self._gain_index: SlotIndex | None = None
+        self._init_corrections()
         self._wrap()
 
     def _wrap(self) -> None:
@@ -86,9 +140,7 @@ class QuantModel(nn.Module):
     def check_timesteps(self, timesteps: Sequence[int]) -> None:
         """One-line error unless every timestep a sampler will visit was calibrated (call before sampling)."""
         self.slots.check_timesteps(timesteps)
-        for index in (self._bias_index, self._gain_index):
-            if index is not None:
-                index.check_timesteps(timesteps)
+        self.check_corrections(timesteps)
 
     @staticmethod
     def batch_timesteps(x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
@@ -105,39 +157,7 @@ class QuantModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, **cond) -> torch.Tensor:
         t = self.batch_timesteps(x, t)
-        eps = self.raw_eps(x, t, **cond)                       # [B, C, ...]
-        if self.eps_bias is None and self.eps_gain is None:
-            return eps
-        if self.eps_gain is not None:
-            gain = self.eps_gain[self._gain_index.lookup(t)]   # [B]
-            eps = eps * gain.view(-1, *([1] * (eps.dim() - 1)))
-        if self.eps_bias is not None:
-            bias = self.eps_bias[self._bias_index.lookup(t)]   # [B, C]
-            eps = eps - bias.view(*bias.shape, *([1] * (eps.dim() - 2)))
-        return eps
-
-    def _per_timestep(self, timesteps: torch.Tensor, values: torch.Tensor, ok: bool,
-                      what: str) -> tuple[torch.Tensor, torch.Tensor, SlotIndex]:
-        """(sorted timesteps, their values, their SlotIndex) on the model's device, for an output correction."""
-        timesteps = timesteps.cpu()
-        if len(torch.unique(timesteps)) != len(timesteps) or not ok:
-            raise ValueError(f"eps {what}")
-        order = torch.argsort(timesteps)
-        return (timesteps[order].long().to(self.like["device"]), values[order.to(values.device)].to(**self.like),
-                SlotIndex(timesteps[order].tolist()))
-
-    def set_eps_bias(self, timesteps: torch.Tensor, bias: torch.Tensor) -> None:
-        """Install b_t: forward then returns eps - b_t for t in `timesteps` [S] (bias [S, C]); any other
-        timestep is an UncalibratedTimestepError."""
-        ok = bias.dim() == 2 and len(bias) == len(timesteps)
-        self.eps_bias_t, self.eps_bias, self._bias_index = self._per_timestep(
-            timesteps, bias, ok, "bias needs distinct timesteps [S] and a bias [S, C]")
-
-    def set_eps_gain(self, timesteps: torch.Tensor, gain: torch.Tensor) -> None:
-        """Install g_t: forward then returns g_t * eps for t in `timesteps` [S] (gain [S]); any other timestep
-        is an UncalibratedTimestepError."""
-        self.eps_gain_t, self.eps_gain, self._gain_index = self._per_timestep(
-            timesteps, gain, gain.shape == timesteps.shape, "gain needs distinct timesteps [S] and a gain [S]")
+        return self.corrected(self.raw_eps(x, t, **cond), t)
 
     def quant_layers(self) -> Iterator[tuple[str, QuantLayer]]:
         return ((n, m) for n, m in self.model.named_modules() if isinstance(m, QuantLayer))

@@ -25,13 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.task import load_task, pipeline, run_argv  # noqa: E402
 
 
-
 def short_sampling(module) -> list[str]:
-    """Flags that cut a run of this pipeline module to 4 images and no FID (its SAMPLING_FLAGS: count, batch)."""
+    """Flags that cut a run of this pipeline module to 4 images and no FID (its SAMPLING_FLAGS: count, batch, ...)."""
     flags = getattr(module, "SAMPLING_FLAGS", None)
     if flags is None:
         raise SystemExit(f"{module.__name__} runs cannot be cut short here: benchmark a ddim or ldm task")
-    count, batch = flags
+    count, batch = flags[:2]
     return [f"--{count}", "4", f"--{batch}", "4", "--no_fid"]
 
 

@@ -1,0 +1,160 @@
+"""Integer kernels of maintained libraries, behind one call: the exact integer product of codes, rescaled once.
+
+For an output channel n of a convolution or linear layer with input codes X (zero point z_x) and weight codes W
+(zero point z_n), the simulated layer computes Δ_x Δ_w,n Σ_m (W_nm - z_n)(X_m - z_x) + b_n in floating point.
+Here the sum is an int32 accumulation of int8 operands:
+
+- the weight is stored as W' = W - o_n in int8, with the offset o_n = z_n wherever the channel's codes allow
+  (every 4-bit weight, most 8-bit channels), so Σ (W - z)(X - z_x) = Σ W'(X - z_x) + (o_n - z_n) Σ_m (X_m - z_x):
+  the second term, the input's window sum times a per-channel integer, is added only where o_n != z_n;
+- on the CPU, oneDNN's uint8 x int8 convolution and linear (`torch.ops.onednn.qconv2d_pointwise` /
+  `qlinear_pointwise`, the ops Inductor's x86 int8 path lowers to; VNNI) take the activation zero point
+  themselves and return Δ_x Δ_w,n acc + b in float32;
+- elsewhere (CUDA, or `generic=True`), `torch._int_mm` (int8 x int8 -> int32) multiplies the im2col'ed input,
+  with the activation offset handled the same way.
+
+Zero padding is the real zero: a padded position contributes X_m - z_x = 0 on both paths. Activation Δ_x, z_x
+are 0-d tensors (one TPQ slot per call), so no value is read on the host in a forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from quant.deploy.codes import grid_offset, int8_offsets
+
+
+def onednn_available(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] @ int8 [K, N] -> int32 [M, N] with torch._int_mm; on CUDA the shapes are padded to what
+    cuBLASLt accepts (M > 16, K and N multiples of 8) and cut back."""
+    if a.device.type != "cuda":
+        return torch._int_mm(a, b)
+    m, k = a.shape
+    n = b.shape[1]
+    pm, pk, pn = max(0, 17 - m), -k % 8, -n % 8
+    if pm or pk:
+        a = F.pad(a, (0, pk, 0, pm))
+    if pk or pn:
+        b = F.pad(b, (0, pn, 0, pk))
+    return torch._int_mm(a, b)[:m, :n]
+
+
+class IntGemm:
+    """One conv (2-d; a 1-d conv as 2-d with height 1) or linear layer's integer product over one slice of its
+    input channels: Δ_x Δ_w,n Σ (W - z_w)(X - z_x) (+ bias when given), in float32.
+
+    Built from the weight codes (quant.deploy.codes.weight_codes) on their device: the int8 W' = W - o_n, the
+    per-channel correction o_n - z_n, and the kernel's own form of W' (oneDNN's packed layout on the CPU, the
+    [K, C_out] matrix for torch._int_mm elsewhere). Derived state only: an IntLayer rebuilds it from its codes.
+    """
+
+    def __init__(self, codes: torch.Tensor, zero: torch.Tensor, w_scale: torch.Tensor, conv: dict | None,
+                 generic: bool = False):
+        self.conv = conv                            # stride, padding, dilation, groups (None: a linear layer)
+        self.dim = codes.dim()                      # 2 linear, 3 conv1d, 4 conv2d
+        self.generic = generic or not onednn_available(codes.device)
+        view = (-1,) + (1,) * (codes.dim() - 1)
+        offset = int8_offsets(codes, zero)
+        w = (codes.to(torch.int16) - offset.view(view)).to(torch.int8)           # W' [C_out, C_in, *kernel]
+        self.w_scale = w_scale.float()
+        self.w_correction = (offset - zero).to(torch.int32)                      # o_n - z_n
+        self.corrected = bool((self.w_correction != 0).any())
+        like = dict(device=codes.device)
+        self.w_sum = w.flatten(1).sum(1, dtype=torch.int32)                      # Σ_m W'_nm (generic path)
+        self._w_zero = torch.zeros(w.shape[0], dtype=torch.int64, **like)        # oneDNN: symmetric weights
+        self._one, self._one_scale = torch.ones((), **like), torch.ones(1, **like)
+        self._one_zero = torch.zeros(1, dtype=torch.int64, **like)
+        self.ones = None
+        if self.generic:
+            self.packed = w.flatten(1).t().contiguous()                          # [K, C_out] for int_mm
+        elif conv is None:
+            self.packed = torch.ops.onednn.qlinear_prepack(w, None)
+        else:
+            stride, padding, dilation, groups = self._conv2d_args()
+            kernel = w.unsqueeze(2) if w.dim() == 3 else w                       # conv1d [O, C, k] -> [O, C, 1, k]
+            self.packed = torch.ops.onednn.qconv_prepack(kernel, self.w_scale, 1.0, 0, stride, padding, dilation,
+                                                         groups, None)
+            if self.corrected:                                                   # window sums Σ (X - z_x)
+                ones = torch.ones((1, *kernel.shape[1:]), dtype=torch.int8)
+                self.ones = torch.ops.onednn.qconv_prepack(ones, self._one_scale, 1.0, 0, stride, padding,
+                                                           dilation, 1, None)
+        self.kernel = tuple(w.shape[2:])
+
+    def _conv2d_args(self) -> tuple[list[int], list[int], list[int], int]:
+        c = self.conv
+        if self.dim == 4:
+            return list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"]
+        return [1, *c["stride"]], [0, *c["padding"]], [1, *c["dilation"]], c["groups"]      # conv1d: height 1
+
+    def __call__(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, bits: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        """codes: uint8 input codes [N, C(slice), ...] (conv) or [..., C(slice)] (linear); x_scale, x_zero: 0-d
+        (Δ_x, zero point on the code grid)."""
+        if self.generic:
+            return self._generic(codes, x_scale, x_zero, bits, bias)
+        scale = self.w_scale * x_scale                                            # Δ_x Δ_w,n
+        zp = x_zero.to(torch.int32)
+        if self.conv is None:
+            y = torch.ops.onednn.qlinear_pointwise.tensor(codes, x_scale, zp, self.packed, self.w_scale,
+                                                          self._w_zero, bias, 1.0, 0, torch.float32, "none", [], "")
+            if self.corrected:                                                     # + c_n Σ_m (X_m - z_x)
+                window = codes.sum(-1, keepdim=True, dtype=torch.int32) - codes.shape[-1] * zp
+                y.addcmul_(window, self.w_correction * scale)
+            return y
+        squeeze = codes.dim() == 3
+        x = codes.unsqueeze(2) if squeeze else codes
+        stride, padding, dilation, groups = self._conv2d_args()
+        y = torch.ops.onednn.qconv2d_pointwise.tensor(x, x_scale, zp, self.packed, self.w_scale, self._w_zero, bias,
+                                                      stride, padding, dilation, groups, 1.0, 0, torch.float32,
+                                                      "none", [], "")
+        if self.corrected:
+            window = torch.ops.onednn.qconv2d_pointwise.tensor(x, self._one, zp, self.ones, self._one_scale,
+                                                               self._one_zero, None, stride, padding, dilation, 1,
+                                                               1.0, 0, torch.float32, "none", [], "")
+            y.addcmul_(window, (self.w_correction * scale).view(1, -1, 1, 1))
+        return y.squeeze(2) if squeeze else y
+
+    def _generic(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, bits: int,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+        """torch._int_mm on int8 X' = X - o_x: Σ (W - z)(X - z_x) = Σ W'X' + a Σ W' + c_n Σ X' + K a c_n with
+        a = o_x - z_x, c_n = o_n - z_n (padding holds X' = -a, i.e. the real zero)."""
+        o_x = grid_offset(x_zero, bits)
+        a = (o_x - x_zero).to(torch.int32)
+        if self.conv is None:
+            lead = codes.shape[:-1]
+            cols = (codes.reshape(-1, codes.shape[-1]).to(torch.int16) - o_x).to(torch.int8)   # [M, K]
+        else:
+            cols, out_hw = self._im2col(codes, x_zero, a)
+        acc = int_mm(cols, self.packed)                                                # [M, C_out] int32
+        acc = acc + a * self.w_sum
+        if self.corrected:
+            k = cols.shape[1]
+            acc = acc + self.w_correction * (cols.sum(1, keepdim=True, dtype=torch.int32) + k * a)
+        y = acc.float() * (self.w_scale * x_scale)
+        if bias is not None:
+            y = y + bias
+        if self.conv is None:
+            return y.reshape(*lead, -1)
+        n = codes.shape[0]
+        y = y.reshape(n, *out_hw, -1).movedim(-1, 1)
+        return y.squeeze(2) if self.dim == 3 else y
+
+    def _im2col(self, codes: torch.Tensor, x_zero: torch.Tensor, a: torch.Tensor):
+        """[N * H_out * W_out, C * kh * kw] int8 windows of X' = X - o_x = (X - z_x) - a, zero-padded in X - z_x
+        (the real zero)."""
+        stride, padding, dilation, groups = self._conv2d_args()
+        if groups != 1:
+            raise NotImplementedError("grouped convolutions have no generic integer path")
+        x = codes.unsqueeze(2) if codes.dim() == 3 else codes
+        x = x.to(torch.int16) - x_zero.to(torch.int16)                             # X - z_x
+        kh, kw = (1, *self.kernel) if self.dim == 3 else self.kernel
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+        x = (x - a.to(torch.int16)).to(torch.int8)
+        win = x.unfold(2, dilation[0] * (kh - 1) + 1, stride[0]).unfold(3, dilation[1] * (kw - 1) + 1, stride[1])
+        win = win[..., ::dilation[0], ::dilation[1]]                               # [N, C, Ho, Wo, kh, kw]
+        n, c, ho, wo = win.shape[:4]
+        return win.permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw), (ho, wo)

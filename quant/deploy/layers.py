@@ -1,0 +1,218 @@
+"""Integer stand-ins for the simulated layers (quant/layers.py), computing the same function.
+
+`IntLayer` replaces a QuantLayer whose activations are quantized: per call it takes the TPQ slot of the call's
+timestep, turns its input into codes with that slot's Δ_x, z_x and the layer's dilation scale s (X/s inside the
+quantizer, SPEC §3), and multiplies them with the weight codes on an integer kernel (quant/deploy/kernels.py). A
+split layer (Q-Diffusion's split shortcut) has two input slices with their own quantizers: two integer products
+over its two channel ranges, summed. `IntMatMul` does the same for an attention matmul (both operands quantized).
+`WeightOnlyLayer` stores a weight-only layer's codes and computes in floating point with the dequantized weight
+(nothing integer to multiply the unquantized activation with).
+
+What each holds persistently is what a packed file holds: weight codes (uint8, packed two per byte in the file
+at <= 4 bits), their zero point and Δ_w per out-channel, the bias, s, and per input slice the Δ_x, z_x table over
+slots. Kernel forms are derived by `prepare()` on the module's device.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.deploy.codes import codes_function, grid_offset, quantizer_tables, weight_codes
+from quant.deploy.kernels import IntGemm, int_mm
+from quant.layers import QuantLayer, QuantMatMul
+from quant.quantizer import ActQuantizer
+from quant.slots import SlotIndex
+
+
+class _Operand(nn.Module):
+    """One quantized input (a layer's input slice, or a matmul operand): Δ_x [T] and zero point z_x [T] per slot
+    (as the fake quantizer uses them: Δ clamped, z rounded), on the grid [qmin, qmax]."""
+
+    def __init__(self, slots: int, bits: int, qmin: int, qmax: int, device=None):
+        super().__init__()
+        self.bits, self.qmin, self.qmax = bits, qmin, qmax
+        self.register_buffer("delta", torch.ones(slots, device=device))
+        self.register_buffer("zero", torch.zeros(slots, device=device))
+
+    @classmethod
+    def of(cls, q: ActQuantizer) -> "_Operand":
+        op = cls(q.delta.numel(), q.spec.bits, q.spec.qmin, q.spec.qmax, device=q.delta.device)
+        delta, zero = quantizer_tables(q)
+        with torch.no_grad():
+            op.delta.copy_(delta.float())
+            op.zero.copy_(zero.float())
+        return op
+
+    def spec(self) -> dict:
+        return {"bits": self.bits, "qmin": self.qmin, "qmax": self.qmax}
+
+    def tables(self) -> None:
+        """Per slot: clip bounds qmin - z, qmax - z and the code zero point z - qmin (the kernels' x_zero)."""
+        self.lo, self.hi, self.shift = self.qmin - self.zero, self.qmax - self.zero, self.zero - self.qmin
+
+    def codes(self, x: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, fn) -> torch.Tensor:
+        return fn(x, step, self.lo[slot], self.hi[slot], self.shift[slot])
+
+
+def _current_slot(slots: SlotIndex) -> torch.Tensor:
+    """The call's TPQ slot as a 0-d tensor (IntModel checks that the batch has one)."""
+    return slots.current()[0]
+
+
+class _WeightCodes(nn.Module):
+    """A conv or linear layer's weight on its integer grid (codes, zero point and Δ_w per out-channel), its bias
+    and its dilation scale s: what the file holds for it."""
+
+    def __init__(self, spec: dict, device=None):
+        super().__init__()
+        self.spec = spec
+        shape = spec["weight_shape"]
+        self.register_buffer("codes", torch.zeros(shape, dtype=torch.uint8, device=device))
+        self.register_buffer("w_zero", torch.zeros(shape[0], dtype=torch.int16, device=device))
+        self.register_buffer("w_scale", torch.ones(shape[0], device=device))
+        self.register_buffer("bias", torch.zeros(shape[0], device=device) if spec["bias"] else None)
+        self.register_buffer("in_scale", torch.ones(spec["in_channels"], device=device))
+
+    @staticmethod
+    def spec_of(layer: QuantLayer) -> dict:
+        w = layer.weight
+        c_in = w.shape[1] * (layer.conv_args["groups"] if layer.conv_args else 1)
+        bounds = [0, layer.split, c_in] if layer.split else [0, c_in]
+        conv = None if layer.conv_args is None else {k: list(v) if isinstance(v, tuple) else v
+                                                      for k, v in layer.conv_args.items()}
+        return {"weight_shape": list(w.shape), "w_bits": layer.w_quant.spec.bits, "bias": layer.bias is not None,
+                "in_channels": c_in, "conv": conv, "bounds": bounds,
+                "inputs": [{"bits": q.spec.bits, "qmin": q.spec.qmin, "qmax": q.spec.qmax} for q in layer.a_quant]}
+
+    def fill(self, layer: QuantLayer) -> None:
+        """The codes of the weight the simulated layer multiplies by (r·W with a learnable gain), its bias and s."""
+        codes, zero, delta = weight_codes(layer.effective_weight(), layer.w_quant)
+        s = layer.in_scale if layer.in_gain is None else layer.in_scale * layer.in_gain    # as QuantLayer._scale
+        with torch.no_grad():
+            self.codes.copy_(codes)
+            self.w_zero.copy_(zero)
+            self.w_scale.copy_(delta.float())
+            if layer.bias is not None:
+                self.bias.copy_(layer.bias.detach())
+            self.in_scale.copy_(s.detach())
+
+
+class IntLayer(_WeightCodes):
+    """y = Σ_parts Δ_x Δ_w (W - z_w)(X - z_x) + b for a conv (1-d/2-d) or linear layer, parts = its input slices."""
+
+    def __init__(self, spec: dict, slots: SlotIndex, device=None):
+        super().__init__(spec, device)
+        self.slots = slots
+        self.inputs = nn.ModuleList([_Operand(slots.num_slots, **a, device=device) for a in spec["inputs"]])
+        self.channel_dim = 1 if spec["conv"] is not None else -1
+        self.gemms: list[IntGemm] = []
+        self.codes_fn = codes_function(False)
+
+    @classmethod
+    def of(cls, layer: QuantLayer, slots: SlotIndex) -> "IntLayer":
+        """The integer form of a calibrated QuantLayer (activations quantized, no in_shift)."""
+        int_layer = cls(cls.spec_of(layer), slots, device=layer.weight.device)
+        int_layer.fill(layer)
+        int_layer.inputs = nn.ModuleList([_Operand.of(q) for q in layer.a_quant])
+        return int_layer
+
+    def prepare(self, compiled: bool, generic: bool = False) -> None:
+        """Kernel forms of the weight slices, and the per-slot step tables Δ_x,t · s_c (the same float product as
+        the fake quantizer's), on this layer's device."""
+        bounds, zero = self.spec["bounds"], self.w_zero.long()
+        self.codes_fn = codes_function(compiled)
+        self.gemms, self.steps = [], []
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            self.gemms.append(IntGemm(self.codes[:, lo:hi], zero, self.w_scale, self.spec["conv"], generic))
+            op = self.inputs[k]
+            op.tables()
+            step = op.delta[:, None] * self.in_scale[lo:hi][None, :]                 # [T, C_k]
+            view = (step.shape[0], 1, -1) + (1,) * (len(self.spec["weight_shape"]) - 2) if self.spec["conv"] \
+                else (step.shape[0], -1)
+            self.steps.append(step.view(view))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot = _current_slot(self.slots)
+        bounds, y = self.spec["bounds"], None
+        for k, gemm in enumerate(self.gemms):
+            part = x if len(self.gemms) == 1 else x.narrow(self.channel_dim, bounds[k], bounds[k + 1] - bounds[k])
+            op = self.inputs[k]
+            codes = op.codes(part, self.steps[k][slot], slot, self.codes_fn)
+            out = gemm(codes, op.delta[slot], op.shift[slot], op.bits, self.bias if k == 0 else None)
+            y = out if y is None else y.add_(out)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"weight={tuple(self.spec['weight_shape'])}, w_bits={self.spec['w_bits']}, parts={len(self.inputs)}"
+
+
+class WeightOnlyLayer(_WeightCodes):
+    """A weight-only quantized layer (activations in floating point): codes stored, computed as op(X/s, Δ_w (W -
+    z_w)) with the weight dequantized once by prepare()."""
+
+    def __init__(self, spec: dict, device=None):
+        super().__init__(spec, device)
+        self.weight: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, layer: QuantLayer) -> "WeightOnlyLayer":
+        out = cls(cls.spec_of(layer) | {"inputs": []}, device=layer.weight.device)
+        out.fill(layer)
+        return out
+
+    def prepare(self, compiled: bool = False, generic: bool = False) -> None:
+        view = (-1,) + (1,) * (self.codes.dim() - 1)
+        self.weight = (self.codes.float() - self.w_zero.float().view(view)) * self.w_scale.view(view)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.spec["conv"]
+        if conv is None:
+            return F.linear(x / self.in_scale, self.weight, self.bias)
+        s = self.in_scale.view(1, -1, *[1] * (self.codes.dim() - 2))
+        op = F.conv1d if self.codes.dim() == 3 else F.conv2d
+        return op(x / s, self.weight, self.bias, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+
+
+class IntMatMul(nn.Module):
+    """bmm of two quantized operands as an integer product: Δ_a Δ_b Σ_k (A - z_a)(B - z_b), int8 x int8 -> int32
+    per batch row (torch._int_mm), with the zero-point terms of 8-bit operands added exactly."""
+
+    def __init__(self, spec: dict, slots: SlotIndex, device=None):
+        super().__init__()
+        self.spec, self.slots = spec, slots
+        self.inputs = nn.ModuleList([_Operand(slots.num_slots, **a, device=device) for a in spec["inputs"]])
+        self.codes_fn = codes_function(False)
+
+    @staticmethod
+    def spec_of(mm: QuantMatMul) -> dict:
+        return {"inputs": [{"bits": q.spec.bits, "qmin": q.spec.qmin, "qmax": q.spec.qmax} for q in mm.a_quant]}
+
+    @classmethod
+    def of(cls, mm: QuantMatMul, slots: SlotIndex) -> "IntMatMul":
+        out = cls(cls.spec_of(mm), slots, device=mm.a_quant[0].delta.device)
+        out.inputs = nn.ModuleList([_Operand.of(q) for q in mm.a_quant])
+        return out
+
+    def prepare(self, compiled: bool, generic: bool = False) -> None:
+        self.codes_fn = codes_function(compiled)
+        for op in self.inputs:
+            op.tables()
+
+    def _int8(self, k: int, x: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 X' = codes - o, o - z) of operand k."""
+        op = self.inputs[k]
+        codes = op.codes(x, op.delta[slot], slot, self.codes_fn)
+        zero = op.shift[slot]
+        offset = grid_offset(zero, op.bits)
+        return (codes.to(torch.int16) - offset.to(torch.int16)).to(torch.int8), (offset - zero).to(torch.int32)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        slot = _current_slot(self.slots)
+        a8, ca = self._int8(0, a, slot)                                      # [N, n, K]
+        b8, cb = self._int8(1, b, slot)                                      # [N, K, m]
+        acc = torch.stack([int_mm(a8[i], b8[i]) for i in range(a8.shape[0])])      # [N, n, m] int32
+        if max(op.bits for op in self.inputs) > 7:                             # offsets away from the zero points
+            acc = (acc + cb * a8.sum(2, keepdim=True, dtype=torch.int32) + ca * b8.sum(1, keepdim=True, dtype=torch.int32)
+                   + a8.shape[2] * ca * cb)
+        return acc.float() * (self.inputs[0].delta[slot] * self.inputs[1].delta[slot])
