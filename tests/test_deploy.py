@@ -248,3 +248,52 @@ def test_conversion_on_the_meta_device_follows_it(tiny_unet):
         layer.w_quant.is_calibrated = True
     ints = convert(q, compiled=False)
     assert {b.device.type for b in ints.buffers()} == {"meta"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through the sampling scripts
+# ---------------------------------------------------------------------------------------------------
+
+DQ = ["--ptq", "--quant_mode", "dilatequant", "--weight_bit", "4", "--quant_act", "--act_bit", "4", "--cali_n", "16",
+      "--cali_iters", "2", "--distill_batch_size", "4", "--no_fid"]
+
+
+def test_backend_int_samples_the_calibrated_model_and_says_so(tiny_task, tmp_path):
+    import numpy as np
+    from conftest import run
+    from evaluation.fidelity import paired_psnr_db
+    from tools.export_int import export
+    fake = run(tiny_task, tmp_path / "fake", *DQ)
+    ckpt = str(tmp_path / "fake" / "quantized.pt")
+    ints = run(tiny_task, tmp_path / "int", *DQ, "--backend", "int", "--cali_ckpt", ckpt)
+    assert fake["backend"] == "fake" and ints["backend"] == "int" and ints["simulated_layers"] == []
+    assert "oneDNN" in ints["int_kernels"] and "4-bit range" in ints["int_note"]
+    images = {d: np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("fake", "int")}
+    assert np.median(paired_psnr_db(images["fake"], images["int"])) > 25          # the same function
+    sizes = export(tmp_path / "fake" / "quantized.pt", tmp_path / "unet.int")
+    assert sizes["packed_bytes"] < 0.6 * sizes["quantized_pt_bytes"]
+    again = run(tiny_task, tmp_path / "file", *DQ, "--backend", "int", "--cali_ckpt", str(tmp_path / "unet.int"))
+    assert again["quantized_from"]["sha256"] != ints["quantized_from"]["sha256"]
+    assert np.array_equal(np.load(tmp_path / "file" / "samples.npz")["arr_0"], images["int"])
+
+
+def test_backend_flags_are_checked_before_any_work(tiny_task, tmp_path):
+    from common.errors import UsageError
+    from conftest import run
+    with pytest.raises(UsageError, match="--backend is a quantization flag, but --ptq is not given"):
+        run(tiny_task, tmp_path / "a", "--backend", "int", "--no_fid")
+    with pytest.raises(UsageError, match="--compile compiles the simulated model"):
+        run(tiny_task, tmp_path / "b", *DQ, "--backend", "int", "--compile")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_backend_int_runs_the_embedded_ldm_with_guidance(tmp_path):
+    from conftest import ROOT
+    from experiments.ldm_task import main
+    common = ["--config", str(ROOT / "configs" / "latent-diffusion" / "mnist-ldm-kl-4.yaml"), "-n", "4", "--batch_size",
+              "4", "-c", "4", "--ptq", "--quant_mode", "dilatequant", "--weight_bit", "8", "--quant_act", "--act_bit",
+              "8", "--split", "--cali_n", "16", "--cali_iters", "1", "--distill_batch_size", "4", "--no_fid"]
+    main([*common, "-l", str(tmp_path / "fake")])
+    rec = main([*common, "--backend", "int", "--cali_ckpt", str(tmp_path / "fake" / "quantized.pt"),
+                "-l", str(tmp_path / "int")])
+    assert rec["backend"] == "int" and rec["guided"] and rec["simulated_layers"] == []

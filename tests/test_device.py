@@ -123,7 +123,8 @@ def test_bench_sampling_rounds_report_medians(tmp_path, monkeypatch):
     bench_sampling.main(["--config", "configs/mnist.yml", "--batch", "2", "--repeats", "1", "--warmup", "0",
                          "--rounds", "3", "--device", "cpu", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["mode"] for r in rows][0] == "FP32" and len(rows) == 4
+    assert [r["mode"] for r in rows] == ["FP32", "FP32 + autocast bfloat16", "fake-quant W8A8 TPQ", "fake-quant W4A4 TPQ",
+                                         "int W8A8 TPQ", "int W4A4 TPQ", "int W4A8 TPQ"]
     for row in rows:
         assert len(row["rounds"]) == 3 and row["ms_per_image"] == sorted(row["rounds"])[1]
     assert rows[0]["x_fp32"] == 1.0

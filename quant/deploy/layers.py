@@ -51,8 +51,28 @@ class _Operand(nn.Module):
         """Per slot: clip bounds qmin - z, qmax - z and the code zero point z - qmin (the kernels' x_zero)."""
         self.lo, self.hi, self.shift = self.qmin - self.zero, self.qmax - self.zero, self.zero - self.qmin
 
-    def codes(self, x: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, fn) -> torch.Tensor:
-        return fn(x, step, self.lo[slot], self.hi[slot], self.shift[slot])
+    def codes(self, x: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, fn, channel_dim: int = -1) -> torch.Tensor:
+        """x's codes, in x's shape. The quantize step sees x as a [M, C] matrix with the channels last (a view for
+        channels-last and row-major activations): a handful of layouts for the compiled step to specialise on,
+        whatever the layer. step: [C] or 0-d."""
+        bounds = self.lo[slot], self.hi[slot], self.shift[slot]
+        moved = x.movedim(channel_dim, -1)                                          # [..., C]
+        matrix = moved.reshape(-1, moved.shape[-1]) if _rows_of_channels(moved) else None
+        if matrix is None:                                       # channels-first (e.g. NCHW on an accelerator)
+            view = [1] * x.dim()
+            view[channel_dim] = -1
+            return fn(x, step.view(view) if step.dim() else step, *bounds)
+        return fn(matrix, step, *bounds).view(moved.shape).movedim(-1, channel_dim)
+
+
+def _rows_of_channels(x: torch.Tensor) -> bool:
+    """Whether x [..., C] views as a [M, C] matrix with unit channel stride (contiguous rows, or rows of a wider
+    tensor: a channel slice)."""
+    if x.dim() < 2 or x.stride(-1) != 1:
+        return x.dim() < 2
+    strides = [st for st, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1]
+    sizes = [n for n in x.shape[:-1] if n > 1]
+    return all(strides[i] == strides[i + 1] * sizes[i + 1] for i in range(len(strides) - 1))
 
 
 def _current_slot(slots: SlotIndex) -> torch.Tensor:
@@ -127,10 +147,7 @@ class IntLayer(_WeightCodes):
             self.gemms.append(IntGemm(self.codes[:, lo:hi], zero, self.w_scale, self.spec["conv"], generic))
             op = self.inputs[k]
             op.tables()
-            step = op.delta[:, None] * self.in_scale[lo:hi][None, :]                 # [T, C_k]
-            view = (step.shape[0], 1, -1) + (1,) * (len(self.spec["weight_shape"]) - 2) if self.spec["conv"] \
-                else (step.shape[0], -1)
-            self.steps.append(step.view(view))
+            self.steps.append(op.delta[:, None] * self.in_scale[lo:hi][None, :])    # [T, C_k]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = _current_slot(self.slots)
@@ -138,7 +155,7 @@ class IntLayer(_WeightCodes):
         for k, gemm in enumerate(self.gemms):
             part = x if len(self.gemms) == 1 else x.narrow(self.channel_dim, bounds[k], bounds[k + 1] - bounds[k])
             op = self.inputs[k]
-            codes = op.codes(part, self.steps[k][slot], slot, self.codes_fn)
+            codes = op.codes(part, self.steps[k][slot], slot, self.codes_fn, self.channel_dim)
             out = gemm(codes, op.delta[slot], op.shift[slot], op.bits, self.bias if k == 0 else None)
             y = out if y is None else y.add_(out)
         return y
