@@ -96,14 +96,13 @@ class IntGemm:
         (Δ_x, zero point on the code grid)."""
         if self.generic:
             return self._generic(codes, x_scale, x_zero, bits, bias)
-        scale = self.w_scale * x_scale                                            # Δ_x Δ_w,n
         zp = x_zero.to(torch.int32)
         if self.conv is None:
             y = torch.ops.onednn.qlinear_pointwise.tensor(codes, x_scale, zp, self.packed, self.w_scale,
                                                           self._w_zero, bias, 1.0, 0, torch.float32, "none", [], "")
             if self.corrected:                                                     # + c_n Σ_m (X_m - z_x)
                 window = codes.sum(-1, keepdim=True, dtype=torch.int32) - codes.shape[-1] * zp
-                y.addcmul_(window, self.w_correction * scale)
+                y.addcmul_(window, self.w_correction * (self.w_scale * x_scale))
             return y
         squeeze = codes.dim() == 3
         x = codes.unsqueeze(2) if squeeze else codes
@@ -115,7 +114,7 @@ class IntGemm:
             window = torch.ops.onednn.qconv2d_pointwise.tensor(x, self._one, zp, self.ones, self._one_scale,
                                                                self._one_zero, None, stride, padding, dilation, 1,
                                                                1.0, 0, torch.float32, "none", [], "")
-            y.addcmul_(window, (self.w_correction * scale).view(1, -1, 1, 1))
+            y.addcmul_(window, (self.w_correction * (self.w_scale * x_scale)).view(1, -1, 1, 1))
         return y.squeeze(2) if squeeze else y
 
     def _generic(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, bits: int,

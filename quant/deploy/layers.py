@@ -35,17 +35,12 @@ class _Operand(nn.Module):
         self.register_buffer("delta", torch.ones(slots, device=device))
         self.register_buffer("zero", torch.zeros(slots, device=device))
 
-    @classmethod
-    def of(cls, q: ActQuantizer) -> "_Operand":
-        op = cls(q.delta.numel(), q.spec.bits, q.spec.qmin, q.spec.qmax, device=q.delta.device)
+    def fill(self, q: ActQuantizer) -> None:
+        """The tables of a calibrated activation quantizer."""
         delta, zero = quantizer_tables(q)
         with torch.no_grad():
-            op.delta.copy_(delta.float())
-            op.zero.copy_(zero.float())
-        return op
-
-    def spec(self) -> dict:
-        return {"bits": self.bits, "qmin": self.qmin, "qmax": self.qmax}
+            self.delta.copy_(delta.float())
+            self.zero.copy_(zero.float())
 
     def tables(self) -> None:
         """Per slot: clip bounds qmin - z, qmax - z and the code zero point z - qmin (the kernels' x_zero)."""
@@ -134,7 +129,8 @@ class IntLayer(_WeightCodes):
         """The integer form of a calibrated QuantLayer (activations quantized, no in_shift)."""
         int_layer = cls(cls.spec_of(layer), slots, device=layer.weight.device)
         int_layer.fill(layer)
-        int_layer.inputs = nn.ModuleList([_Operand.of(q) for q in layer.a_quant])
+        for op, q in zip(int_layer.inputs, layer.a_quant):
+            op.fill(q)
         return int_layer
 
     def prepare(self, compiled: bool, generic: bool = False) -> None:
@@ -208,7 +204,8 @@ class IntMatMul(nn.Module):
     @classmethod
     def of(cls, mm: QuantMatMul, slots: SlotIndex) -> "IntMatMul":
         out = cls(cls.spec_of(mm), slots, device=mm.a_quant[0].delta.device)
-        out.inputs = nn.ModuleList([_Operand.of(q) for q in mm.a_quant])
+        for op, q in zip(out.inputs, mm.a_quant):
+            op.fill(q)
         return out
 
     def prepare(self, compiled: bool, generic: bool = False) -> None:
