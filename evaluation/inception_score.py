@@ -1,8 +1,10 @@
 """Inception Score, only from the real Inception classifier (SPEC §6).
 
 IS = exp E[KL(p(y|x) || p(y))] needs the 1008-way classifier head of the 2015-12-05 Inception, which the FID
-network shipped offline (`default_1.pt`) lacks. It is computed by torch-fidelity only when that real weights
-file is already on disk; otherwise it is reported as unavailable, never computed from a stand-in network.
+network shipped offline (`default_1.pt`) lacks. torch-fidelity computes it with that real network: from its
+weights file in torch hub's cache, or, when that file is missing and downloads are allowed (`allow_download`,
+or the network is reachable), fetched the usual way by torch-fidelity into that cache. Otherwise IS is
+reported as unavailable in one line, never computed from a stand-in network.
 """
 from __future__ import annotations
 
@@ -26,6 +28,16 @@ class ISUnavailable(RuntimeError):
     """IS cannot be computed here; the message says why."""
 
 
+def network_reachable(host: str = "github.com", port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether `host` (where torch-fidelity's weights are released) answers: a TCP connection, nothing sent."""
+    import socket
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def find_is_weights() -> Path | None:
     """The real Inception weights (with classifier head) if one of IS_WEIGHT_FILES is in torch hub's cache."""
     folder = Path(torch.hub.get_dir()) / "checkpoints"
@@ -46,25 +58,36 @@ class _CHWDataset(Dataset):
 
 
 def inception_score(images: np.ndarray, device: str | torch.device | None = None, batch_size: int = 50,
-                    weights: str | Path | None = None, progress: bool = True) -> float:
+                    weights: str | Path | None = None, progress: bool = True,
+                    allow_download: bool | None = None) -> float:
     """IS = exp E_x[KL(p(y|x) || p(y))] (Salimans et al. 2016), torch-fidelity's mean over IS_SPLITS splits.
 
-    Raises ISUnavailable when neither `weights` nor a cached weights file exists (they cannot be
-    downloaded here), torch-fidelity is not installed, or there are fewer samples than splits.
+    allow_download: fetch the weights when no file is on disk (None: when the network is reachable). Raises
+    ISUnavailable when there are no weights and none can be fetched, torch-fidelity is not installed, or there
+    are fewer samples than splits.
     """
     check_images(images)
     if len(images) < IS_SPLITS:
         raise ISUnavailable(f"IS unavailable: it needs at least {IS_SPLITS} samples ({IS_SPLITS} splits)")
     path = Path(weights) if weights is not None else find_is_weights()
-    if path is None or not path.is_file():
+    missing = path is None or not path.is_file()
+    fetch = missing and weights is None and (network_reachable() if allow_download is None else allow_download)
+    if missing and not fetch:
         looked = path or f"{' or '.join(IS_WEIGHT_FILES)} in {Path(torch.hub.get_dir()) / 'checkpoints'}"
-        raise ISUnavailable(f"IS unavailable: no Inception classifier weights offline (looked for {looked})")
+        raise ISUnavailable(f"IS unavailable: no Inception classifier weights offline (looked for {looked}); "
+                            f"--allow_download fetches them where a network is reachable")
     try:
         import torch_fidelity
     except ImportError as e:
         raise ISUnavailable("IS unavailable: torch-fidelity is not installed") from e
-    metrics = torch_fidelity.calculate_metrics(
-        input1=_CHWDataset(images), isc=True, isc_splits=IS_SPLITS, cuda=pick_device(device).type == "cuda",
-        batch_size=batch_size, feature_extractor_weights_path=str(path), cache=False, verbose=progress,
-        save_cpu_ram=True)  # images are in memory: no DataLoader worker processes
+    source = {} if fetch else {"feature_extractor_weights_path": str(path)}      # fetch: torch-fidelity's download
+    try:
+        metrics = torch_fidelity.calculate_metrics(
+            input1=_CHWDataset(images), isc=True, isc_splits=IS_SPLITS, cuda=pick_device(device).type == "cuda",
+            batch_size=batch_size, cache=False, verbose=progress, save_cpu_ram=True, **source)  # in-memory images
+    except OSError as e:                                        # urllib's errors (no route, DNS) are OSErrors
+        if not fetch:
+            raise
+        raise ISUnavailable(f"IS unavailable: fetching torch-fidelity's Inception weights failed "
+                            f"({str(e).splitlines()[0][:100]})") from None
     return float(metrics[torch_fidelity.KEY_METRIC_ISC_MEAN])

@@ -40,6 +40,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--fp_samples", default=None, help="samples.npz of the FP model drawn from the same noise (seed, "
                                                       "count): results also get FID/sFID and median PSNR to them")
+    p.add_argument("--allow_download", action=argparse.BooleanOptionalAction, default=None,
+                   help="IS: fetch the Inception classifier's weights when they are not on disk (default: when the "
+                        "network is reachable); FID and CLIP never download")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished run with other settings in the log directory (its results stay until this "
                         "run has written its own); without it such a rerun is refused")

@@ -297,10 +297,10 @@ def sampler_record(args, sampler: Sampler) -> dict:
 
 def family(args, ldm, config: dict, sampler: Sampler, device, inputs: dict, calibration: Preloaded,
            cond: Conditioning | None = None, count_flag: str = "n_samples", record: dict | None = None,
-           autocast: bool = False) -> Family:
+           autocast: bool = False, metrics=None) -> Family:
     """The LDM and its guided sampler as a run's Family: the quantizer wraps the UNet
     (ldm.model.diffusion_model); sampling swaps the network in and decodes with the FP first stage.
-    autocast: sample under float16 autocast (CUDA only)."""
+    autocast: sample under float16 autocast (CUDA only); metrics(images) -> more fields of results.json."""
     cond = cond or Conditioning(ldm, config)
     unet, logdir = ldm.model.diffusion_model, Path(args.logdir)
     abar = ldm.alphas_cumprod.double().cpu()
@@ -332,7 +332,7 @@ def family(args, ldm, config: dict, sampler: Sampler, device, inputs: dict, cali
     return Family(job=job, install=install, draw=draw, n_images=args.n_samples, batch_size=args.batch_size,
                   count_flag=count_flag, steps=sampler.calls, sampler=sampler_record(args, sampler),
                   reference=None if args.no_fid else reference(args, config),
-                  fp_samples=None if args.no_fid else args.fp_samples, record=record)
+                  fp_samples=None if args.no_fid else args.fp_samples, record=record, metrics=metrics)
 
 
 def run(args, make_conditioning=None, names: dict = FLAG_NAMES, **family_options) -> dict | None:

@@ -41,7 +41,7 @@ from quant.settings import QuantConfig
 KEY_VERSION = 3                                         # bump when the meaning of a stage's key changes
 UNIT_DIRS = ("distill", "recon_w", "recon_a")           # per-unit reconstruction checkpoints
 # Flags that change neither the calibrated model nor the samples.
-NOT_RESULT = ("logdir", "device", "ref", "no_fid", "compile", "debug", "overwrite")
+NOT_RESULT = ("logdir", "device", "ref", "no_fid", "compile", "debug", "overwrite", "allow_download")
 # Flags and input files that change only what the samples are scored against: they are part of a run's
 # identity (a task reruns the scoring when they change), but neither of its model nor of its samples.
 EVALUATION = ("fp_samples",)

@@ -46,6 +46,7 @@ class Family:
     reference: str | None                           # FID reference (None with --no_fid)
     fp_samples: str | None = None                   # the FP model's samples (same noise): FID/PSNR to FP
     record: dict = field(default_factory=dict)      # more fields for results.json
+    metrics: Callable[[object], dict] | None = None  # more metrics of the samples (txt2img: CLIP score)
 
 
 def run_identity(args, inputs: dict) -> dict:
@@ -202,7 +203,10 @@ def _execute(args, family: Family, identity: dict, shard, device, logdir: Path) 
                                                 "compiled": args.compile}
     if family.reference is not None:
         from evaluation.fid import evaluate                       # FID's packages are needed only here
-        record |= evaluate(images, ref=family.reference, device=device, fp_samples=family.fp_samples)
+        record |= evaluate(images, ref=family.reference, device=device, fp_samples=family.fp_samples,
+                           allow_download=args.allow_download)
+    if family.metrics is not None:
+        record |= family.metrics(images)
     record |= identity | {"method_version": METHOD_VERSION, "provenance": provenance(device)}
     publish(logdir, images, record, args)
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()

@@ -8,7 +8,7 @@ every batch from the first batch's noise).
 Only the UNet is quantized; the CLIP text encoder and the autoencoder stay FP. Calibration trajectories take the
 prompts (or --cali_prompts) in turn, with classifier-free guidance (both halves of each guided call kept).
 Outputs in --outdir: samples.npz, images/, grid.png, results.json. FID needs --ref (real images, e.g. COCO);
-CLIP score needs CLIP's image tower, which is not available offline, and is not computed.
+CLIP score (evaluation/clip_score.py) is computed when CLIP weights are on disk (--clip_model), else noted.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from common.checkpoint import check_file
 from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags, check_rules
 from experiments.ldm_task import Conditioning, input_digests, run
 from experiments.run import run_identity
+from evaluation.clip_score import DEFAULT_CLIP
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 
@@ -54,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cond", action="store_true",
                    help="Q-Diffusion compatibility: calibration always uses guided (conditional) trajectories")
     p.add_argument("--no_grad_ckpt", action="store_true", help="accepted for Q-Diffusion compatibility")
-    p.add_argument("--ref", default=None, help="FID reference: an .npz of real uint8 NHWC images (e.g. COCO)")
+    p.add_argument("--ref", default=None, help="FID reference: real images (an .npz of uint8 NHWC, or a folder, e.g. "
+                                                "COCO val) or pytorch-fid statistics (mu, sigma)")
+    p.add_argument("--clip_model", default=DEFAULT_CLIP,
+                   help="CLIP score's model: a local folder, or a name in the Hugging Face cache (never downloaded)")
     add_common_flags(p)
     add_quant_flags(p)
     return p
@@ -116,7 +120,17 @@ def main(argv=None) -> dict | None:
     batch = args.batch_size                                   # txt2img's --n_samples
     chunks = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
     per_image = [p for _ in range(args.n_iter) for chunk in chunks for p in chunk + chunk[-1:] * (batch - len(chunk))]
-    record = {"prompts": len(prompts), "clip_score": None,
-              "clip_note": "CLIP score needs CLIP ViT-L/14's image tower, which is not available offline"}
     return run(args, lambda ldm, config: Conditioning(ldm, config, prompts=per_image, cali_prompts=cali_prompts),
-               FLAG_NAMES, count_flag="n_iter", record=record, autocast=args.precision == "autocast")
+               FLAG_NAMES, count_flag="n_iter", record={"prompts": len(prompts)}, autocast=args.precision == "autocast",
+               metrics=lambda images: clip_record(images, per_image, args.clip_model, args.device))
+
+
+def clip_record(images, captions: list[str], model: str, device) -> dict:
+    """{"clip_score", "clip_model", "clip_note"}: the paper's CLIP score of each image with its prompt, or None
+    with the reason it is unavailable."""
+    from evaluation.clip_score import ClipUnavailable, clip_score
+    try:
+        return {"clip_score": clip_score(images, captions[:len(images)], model, device), "clip_model": model,
+                "clip_note": None}
+    except ClipUnavailable as e:
+        return {"clip_score": None, "clip_model": model, "clip_note": str(e)}

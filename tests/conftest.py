@@ -76,3 +76,25 @@ def run(task, logdir, *extra):
     from experiments.ddim_task import main
     return main(["--config", str(task / "tiny.yml"), "--ckpt", str(task / "tiny.ckpt"), "-l", str(logdir),
                  *COMMON, *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A random-weight CLIP (2 layers per tower, width 32) with its tokenizer and image processor, saved as a
+    Hugging Face folder: what --clip_model PATH reads."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from test_ldm_encoders import write_tiny_tokenizer
+    d = tmp_path_factory.mktemp("clip")
+    write_tiny_tokenizer(d / "tok")
+    tokenizer = CLIPTokenizer(str(d / "tok" / "vocab.json"), str(d / "tok" / "merges.txt"))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(d / "model")
+    processor.save_pretrained(d / "model")
+    return d / "model"

@@ -70,3 +70,18 @@ def test_other_configs_need_their_calibration_size(tmp_path):
         main(["--config", str(path), "--no_time"])
     with pytest.raises(UsageError, match="one per --config"):
         main(["--config", str(path), str(path), str(path), "--cali_n", "1", "2", "--no_time"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [c for c, *_ in PUBLIC], ids=[c.split("/")[-1] for c, *_ in PUBLIC])
+def test_a_full_size_smoke_run_agrees_with_the_plan(config, tmp_path):
+    """Issue 31: the full architecture with random weights through every stage (DilateQuant W4A4 and Q-Diffusion
+    W4A8: calibrate, dilate, distil, save, reload, sample and decode one image), in fresh processes, and the
+    measured peak memory and seconds per iteration within 25% of the dry run's for the same settings."""
+    from tools.dry_run import TOLERANCE, smoke_against_plan
+    result = smoke_against_plan(ROOT / "configs" / f"{config}.yaml", tmp_path)
+    for method, run in result["runs"].items():
+        assert run["image_shape"][0] == 1, method
+        assert abs(run["quantization_peak_gb"] / result["planned_peak_gb"] - 1) <= TOLERANCE, (method, result)
+    dq = result["runs"]["dilatequant"]
+    assert abs(dq["seconds_per_iteration"] / result["planned_seconds"] - 1) <= TOLERANCE, result

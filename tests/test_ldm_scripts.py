@@ -130,3 +130,15 @@ def test_for_imagenet_without_a_checkpoint_is_one_line_and_runs_embedded(tmp_pat
         out = subprocess.run(["bash", str(ROOT / "scripts" / script), str(tmp_path / "no.ckpt")],
                              capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 2 and len(out.stderr.splitlines()) == 1 and "not found at" in out.stderr
+
+
+def test_txt2img_scores_clip_with_local_weights_and_says_why_without(tiny_sd, tiny_clip, tmp_path):
+    from experiments.txt2img_task import main as txt2img
+    common = ["--config", str(tiny_sd / "config.yaml"), "--ckpt", str(tiny_sd / "model.ckpt"), "--H", "64", "--W",
+              "64", "--ddim_steps", "2", "--n_samples", "2", "--n_iter", "1", "--from-file", str(tiny_sd / "prompts.txt"),
+              "--precision", "full"]
+    scored = txt2img([*common, "--clip_model", str(tiny_clip), "--outdir", str(tmp_path / "a")])
+    assert isinstance(scored["clip_score"], float) and scored["clip_note"] is None
+    assert scored["clip_model"] == str(tiny_clip)
+    missing = txt2img([*common, "--clip_model", str(tmp_path / "none"), "--outdir", str(tmp_path / "b")])
+    assert missing["clip_score"] is None and "no CLIP weights" in missing["clip_note"]

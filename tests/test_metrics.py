@@ -101,7 +101,7 @@ def test_reference_stats_computed_once_then_cached(extractor, digits, tmp_path, 
     assert stats_cache_path(str(ref), tmp_path / "cache").is_file()
     assert first["pool"].sigma.shape == (2048, 2048) and first["spatial"].mu.shape == (SPATIAL_DIM,)
 
-    def no_loading(ref):
+    def no_loading(ref, size=None):
         raise AssertionError("the cache was not used")
 
     monkeypatch.setattr(metrics, "load_reference_images", no_loading)
@@ -131,8 +131,8 @@ def test_reference_names_and_files(tmp_path):
 def test_is_unavailable_without_weights(digits, tmp_path, no_hub_weights):
     from evaluation.inception_score import find_is_weights
     assert find_is_weights() is None
-    with pytest.raises(ISUnavailable, match="no Inception classifier weights offline"):
-        inception_score(digits[:10], device="cpu")
+    with pytest.raises(ISUnavailable, match="no Inception classifier weights offline.*--allow_download"):
+        inception_score(digits[:10], device="cpu", allow_download=False)
     with pytest.raises(ISUnavailable, match="missing.pth"):
         inception_score(digits[:10], device="cpu", weights=tmp_path / "missing.pth")
     with pytest.raises(ISUnavailable, match="at least 10 samples"):
@@ -300,3 +300,86 @@ def test_fid_perturb_cli_grows_with_noise(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["runs"].keys() == report["runs"].keys()
     with pytest.raises(FileNotFoundError):
         fid_perturb.main([str(tmp_path / "missing.npz")])
+
+
+def test_is_fetches_its_weights_the_usual_way_when_allowed(digits, no_hub_weights, monkeypatch):
+    """--allow_download: torch-fidelity is called without a weights path (it downloads into torch hub's cache);
+    offline, that fails in one line."""
+    torch_fidelity = pytest.importorskip("torch_fidelity")
+    import urllib.error
+    calls = []
+
+    def offline(**kwargs):
+        calls.append(kwargs)
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", offline)
+    with pytest.raises(ISUnavailable, match="fetching torch-fidelity's Inception weights failed"):
+        inception_score(digits[:10], device="cpu", allow_download=True)
+    assert calls and "feature_extractor_weights_path" not in calls[0]
+    from evaluation import inception_score as is_module
+    monkeypatch.setattr(is_module, "network_reachable", lambda: True)     # auto: reachable -> fetched
+    with pytest.raises(ISUnavailable, match="fetching"):
+        inception_score(digits[:10], device="cpu")
+
+
+# ---- FID references: a folder, an .npz of images, a statistics file -------------------------------------
+
+def test_the_three_reference_kinds_give_the_same_fid(digits, tmp_path):
+    from PIL import Image
+    from evaluation.fid import feature_stats, stats_cache_path
+    real, fake = digits[:40], digits[40:80]
+    np.savez(tmp_path / "real.npz", arr_0=real)
+    (tmp_path / "real").mkdir()
+    for i, im in enumerate(real):
+        Image.fromarray(im[..., 0]).save(tmp_path / "real" / f"{i:03d}.png")
+    cache = tmp_path / "cache"
+    from_npz = evaluate(fake, ref=str(tmp_path / "real.npz"), device="cpu", cache_dir=cache, progress=False,
+                        allow_download=False)
+    from_folder = evaluate(fake, ref=str(tmp_path / "real"), device="cpu", cache_dir=cache, progress=False,
+                           allow_download=False)
+    assert from_folder["fid"] == pytest.approx(from_npz["fid"], rel=1e-9)      # 28x28 digits: crop and resize keep them
+    pool = feature_stats(InceptionExtractor("cpu")(real, progress=False))["pool"]
+    np.savez(tmp_path / "stats.npz", mu=pool.mu, sigma=pool.sigma)                 # pytorch-fid's format
+    from_stats = evaluate(fake, ref=str(tmp_path / "stats.npz"), device="cpu", cache_dir=cache, progress=False,
+                          allow_download=False)
+    assert from_stats["fid"] == pytest.approx(from_npz["fid"], rel=1e-6) and from_stats["sfid"] is None
+    before = stats_cache_path(str(tmp_path / "real"), cache, 28)
+    Image.fromarray(real[0, ..., 0] // 2).save(tmp_path / "real" / "000.png")     # same names, other content
+    assert stats_cache_path(str(tmp_path / "real"), cache, 28) != before
+
+
+def test_a_folder_of_large_images_is_centre_cropped_and_resized(tmp_path):
+    from PIL import Image
+    from evaluation.fid import load_reference_images
+    (tmp_path / "ref").mkdir()
+    wide = np.zeros((40, 60, 3), np.uint8)
+    wide[:, 10:50] = 255                                                     # a white centre square, black margins
+    Image.fromarray(wide).save(tmp_path / "ref" / "a.jpg", quality=100)
+    images = load_reference_images(str(tmp_path / "ref"), size=20)
+    assert images.shape == (1, 20, 20, 3) and images.mean() > 245           # the margins are cropped away
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        metrics.check_reference(str(tmp_path / "empty"))
+
+
+# ---- CLIP score -------------------------------------------------------------------------------------------
+
+def test_clip_score_is_100_times_the_mean_cosine_of_clips_embeddings(tiny_clip, digits):
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+    from evaluation.clip_score import clip_score
+    images, captions = np.repeat(digits[:3], 3, axis=-1), ["a horse", "zebra", "ho ho"]
+    score = clip_score(images, captions, tiny_clip, device="cpu", batch_size=2)
+    model, proc = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        img = model.get_image_features(**proc(images=[Image.fromarray(i) for i in images], return_tensors="pt"))
+        txt = model.get_text_features(**proc.tokenizer(captions, padding=True, return_tensors="pt"))
+    img, txt = (torch.as_tensor(getattr(v, "pooler_output", v)) for v in (img, txt))
+    cos = torch.nn.functional.cosine_similarity(img, txt).mean()
+    assert score == pytest.approx(100 * float(cos), abs=1e-4)
+
+
+def test_clip_score_without_weights_says_why(digits, tmp_path):
+    from evaluation.clip_score import ClipUnavailable, clip_score
+    with pytest.raises(ClipUnavailable, match="no CLIP weights for .*nowhere.*--clip_model PATH"):
+        clip_score(digits[:2], ["a", "b"], tmp_path / "nowhere", device="cpu")

@@ -293,7 +293,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time_iters", type=int, default=3, help="timed iterations (after one warm-up)")
     p.add_argument("--no_time", action="store_true", help="shapes and memory only (no timing)")
     p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--smoke", action="store_true",
+                   help="also run tools/smoke_run.py on each config (random full-size weights; DilateQuant W4A4 and "
+                        "Q-Diffusion W4A8), each in its own process, and set its measured peak memory and seconds per "
+                        "iteration next to this plan's for the same settings (a long run on a CPU)")
+    p.add_argument("--smoke_dir", default="runs/smoke", help="where the smoke runs write their units and records")
     return p
+
+
+SMOKE = dict(cali_n=4, steps=2, batch=2, iters=2)        # tools/smoke_run.py's defaults: what its runs are planned at
+TOLERANCE = 0.25                                         # measured / planned within 25%
+
+
+def smoke_against_plan(path: Path, out: Path) -> dict:
+    """Each method's smoke run of `path` (its own process: a clean peak), and this plan at the same settings:
+    peak = the planned peak with a float32 cache + the autograd tensors measured at the run's batch; seconds per
+    BKD iteration of the largest unit at that batch."""
+    import json
+    import subprocess
+    row, timing = describe(path, SMOKE["cali_n"], SMOKE["steps"], [(4, 4)])
+    planned = time_unit(timing["qmodel"], timing["unit"], timing["call"], timing["out_shape"], SMOKE["batch"], 3)
+    result = {"config": path.stem, "largest": row["largest"], "planned_peak_gb": row["peak_gb"]["float32"]
+              + planned["saved_gb"], "planned_seconds": planned["seconds"], "runs": {}}
+    for method in ("dilatequant", "qdiff"):
+        record = out / f"{path.stem}_{method}.json"
+        cmd = [sys.executable, str(Path(__file__).with_name("smoke_run.py")), "--config", str(path), "--method",
+               method, "--out", str(out / f"{path.stem}_{method}"), "--json", str(record),
+               *[a for k, v in SMOKE.items() for a in (f"--{k}", str(v))]]
+        print(f"[dry_run] smoke run: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd).returncode:
+            raise RuntimeError(f"the smoke run of {path.name} ({method}) failed: its error is above")
+        result["runs"][method] = json.loads(record.read_text())
+    return result
+
+
+def smoke_markdown(smokes: list[dict], machine: str) -> str:
+    def ratio(measured, planned):
+        return "" if measured is None else f"{measured / planned:.2f}"
+    lines = ["", f"Full-size smoke runs with random weights (`--smoke`: tools/smoke_run.py, {SMOKE['cali_n']} calibration "
+             f"samples from guided FP trajectories of {SMOKE['steps']} DDIM steps, {SMOKE['iters']} iterations per unit "
+             f"at batch {SMOKE['batch']}, save, reload, one image sampled and decoded), MEASURED on the CPU ({machine}), "
+             f"next to this plan for the same settings. Measured peak: the process's resident high-water mark during "
+             f"quantization, less what was resident before, plus the FP UNet (as the plan counts it). Planned peak: "
+             f"the peak above at these settings plus the autograd tensors measured at batch {SMOKE['batch']}. "
+             f"Seconds per iteration: BKD on the largest unit, measured in the run against the plan's timing of "
+             f"that unit alone. Q-Diffusion's passes (AdaRound, activation steps) are not what the plan models: "
+             f"its peak is listed against the same plan.", "",
+             "| config | method | largest unit | peak measured (GB) | peak planned (GB) | measured / planned | "
+             "s / iteration measured | s / iteration planned | measured / planned | quantization s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for sm in smokes:
+        for method, r in sm["runs"].items():
+            it = r["seconds_per_iteration"]
+            lines.append(f"| {sm['config']} | {method} | {sm['largest']} | {r['quantization_peak_gb']:.2f} | "
+                         f"{sm['planned_peak_gb']:.2f} | {ratio(r['quantization_peak_gb'], sm['planned_peak_gb'])} | "
+                         f"{'' if it is None else f'{it:.2f}'} | {sm['planned_seconds']:.2f} | "
+                         f"{ratio(it, sm['planned_seconds'])} | {r['quantization_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> list[dict]:
@@ -316,6 +372,9 @@ def main(argv=None) -> list[dict]:
         print(f"[dry_run] {row['config']}: {row['params_m']:.2f} M parameters, largest unit {row['largest']} "
               f"({row['cache_gb']['float32']:.2f} GB cache)", flush=True)
     text = markdown(rows, "python tools/dry_run.py " + " ".join(shlex.quote(a) for a in argv), machine)
+    if args.smoke:
+        smokes = [smoke_against_plan(path, Path(args.smoke_dir)) for path in paths]
+        text += smoke_markdown(smokes, machine_note())
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
