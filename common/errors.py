@@ -7,6 +7,7 @@ on the command line shows the traceback instead. Unexpected errors keep their tr
 from __future__ import annotations
 
 import errno
+import logging
 import sys
 from typing import Callable
 
@@ -64,6 +65,8 @@ def entry_point(main: Callable[[list[str]], object], argv: list[str] | None = No
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    if not logging.getLogger().handlers:                      # the library's log lines (quant.*), as plain lines
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         main(argv)
     except Exception as exc:                                   # noqa: BLE001 (sorted into known / unexpected)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.nn import MatMul
 from ddim.config import UNetConfig
 
 
@@ -27,13 +28,6 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
-
-
-class MatMul(nn.Module):
-    """Batched matmul as a module: a hook point for quantizing both inputs. [N,a,b]@[N,b,c] -> [N,a,c]."""
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(a, b)
 
 
 class ResnetBlock(nn.Module):

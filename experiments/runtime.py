@@ -158,11 +158,6 @@ def canonical(key: Mapping) -> dict:
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
-def stage_record(path: Path) -> dict | None:
-    """The record a stage saved at `path` with save_stage, whatever its key; None when it is missing."""
-    return json.loads(path.read_text())["record"] if path.exists() else None
-
-
 def load_stage(path: Path, key: Mapping) -> dict | None:
     """The record a finished stage saved at `path` with save_stage, if it was made with the same `key` (the
     settings and input contents it depends on); None when it is missing or was made with another key."""

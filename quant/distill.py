@@ -11,6 +11,7 @@ Only one unit's graph lives at a time; its inputs and targets are cached on the 
 """
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
@@ -29,6 +30,8 @@ from quant.calib_data import CalibSet
 from quant.unit_cache import CachePolicy, Store, describe, per_sample_shapes, plan, unit_output
 from quant.layers import QuantLayer, QuantMatMul
 from quant.model import QuantModel, quant_enabled
+
+logger = logging.getLogger(__name__)
 
 
 class BKDTraining(Enum):
@@ -387,8 +390,7 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
     device = next(qmodel.parameters()).device
     x, t, cond = next(calib.batches(1, device))
     shapes = per_sample_shapes(qmodel.model, lambda: qmodel(x, t, **cond), units)
-    print(describe(plan(shapes, len(calib.t), policy, cfg.fp_input > 0), len(calib.t), policy, run_dir / "cache"),
-          flush=True)
+    logger.info(describe(plan(shapes, len(calib.t), policy, cfg.fp_input > 0), len(calib.t), policy, run_dir / "cache"))
     log = []
     for k, unit in enumerate(tqdm(units, desc=f"reconstruct units ({run_dir.name})", dynamic_ncols=True)):
         path = run_dir / f"unit_{k:02d}.pt"

@@ -120,16 +120,21 @@ class QuantLayer(nn.Module):
 
 
 class QuantMatMul(nn.Module):
-    """bmm(Q_a(a), Q_b(b)) for the two attention matmuls (QKᵀ and softmax·V)."""
+    """op(Q_a(a), Q_b(b)) for the two attention matmuls (QKᵀ and softmax·V): the wrapped matmul module's own op
+    (torch.bmm when none is given) on quantized operands. `head_layout` is how the operands' leading dim holds the
+    batch's samples and heads ("(b h)": sample b's heads together; "(h b)": head-major), as the adapter declares it:
+    TPQ repeats each sample's step size over its heads accordingly."""
 
-    def __init__(self, spec_a: QuantizerSpec, spec_b: QuantizerSpec, slots: SlotIndex,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, spec_a: QuantizerSpec, spec_b: QuantizerSpec, slots: SlotIndex, op: nn.Module | None = None,
+                 head_layout: str = "(b h)", device: torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         like = dict(device=device, dtype=dtype)
-        self.a_quant = nn.ModuleList([ActQuantizer(spec_a, slots, **like), ActQuantizer(spec_b, slots, **like)])
+        self.a_quant = nn.ModuleList([ActQuantizer(spec_a, slots, head_layout=head_layout, **like),
+                                      ActQuantizer(spec_b, slots, head_layout=head_layout, **like)])
+        self.op = op
         self.quant_act = True
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.quant_act:
             a, b = self.a_quant[0](a), self.a_quant[1](b)
-        return torch.bmm(a, b)
+        return torch.bmm(a, b) if self.op is None else self.op(a, b)

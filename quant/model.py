@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from quant.adapters import adapter_for
+from quant.adapters import adapter_for, check_adapter
 from quant.layers import QUANTIZABLE, QuantLayer, QuantMatMul
 from quant.quantizer import ScratchPool
 from quant.settings import QuantConfig
@@ -100,6 +100,7 @@ class QuantModel(EpsCorrections):
             raise ValueError("a temporal (TPQ) model needs the sampling schedule it is calibrated for")
         self.config = config
         self.adapter = adapter_for(model)
+        check_adapter(model, self.adapter)
         self.model = copy.deepcopy(model)
         self.slots = SlotIndex(list(schedule) if config.temporal else None)
         self.register_buffer("schedule", torch.as_tensor(list(schedule or []), dtype=torch.long,
@@ -112,6 +113,7 @@ class QuantModel(EpsCorrections):
         first, last = adapter.edge_layers(self.model)
         splits = adapter.split_channels(self.model) if cfg.split else {}
         matmuls = adapter.softmax_operands(self.model)
+        layout = adapter.head_layout(self.model)
         # Weight layers this wrapper cannot quantize (e.g. ConvTranspose2d, Embedding) stay FP: listed here, in
         # the log and in results.json, never silently counted as quantized.
         self.unquantized = [f"{name} ({type(m).__name__})" for name, m in self.model.named_modules()
@@ -129,7 +131,8 @@ class QuantModel(EpsCorrections):
             elif name in matmuls and cfg.quant_act:
                 sm = matmuls[name]
                 specs = [cfg.softmax_spec() if sm == i else cfg.act_spec() for i in (0, 1)]
-                _set_submodule(self.model, name, QuantMatMul(*specs, self.slots, **self.like))
+                _set_submodule(self.model, name, QuantMatMul(*specs, self.slots, op=module, head_layout=layout,
+                                                             **self.like))
 
     @property
     def like(self) -> dict:

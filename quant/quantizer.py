@@ -141,17 +141,24 @@ class WeightQuantizer(_Quantizer):
         return fake_quant(w, self.delta.view(shape), self.zero.view(shape), self.spec.qmin, self.spec.qmax)
 
 
+HEAD_LAYOUTS = (None, "(b h)", "(h b)")     # how an activation's leading dim holds samples (and heads)
+
+
 class ActQuantizer(_Quantizer):
     """Per-tensor activation quantizer; with a SlotIndex of T slots it is the TPQ (eq. 15-16).
 
-    Δ, z have shape [T]. Each sample gathers its slot's parameters; when the leading dim is
-    batch*heads (attention operands laid out `(b h) ...`), each sample's parameters repeat over heads.
+    Δ, z have shape [T]. Each sample gathers its slot's parameters. An attention operand's leading dim holds
+    batch x heads in the `head_layout` its adapter declares ("(b h)" or "(h b)"): each sample's parameters repeat
+    over its heads. A layer input (`head_layout` None) has one row per sample.
     """
 
     def __init__(self, spec: QuantizerSpec, slots: SlotIndex, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, head_layout: str | None = None):
         super().__init__(slots.num_slots, spec, device, dtype)
+        if head_layout not in HEAD_LAYOUTS:
+            raise ValueError(f"head_layout {head_layout!r} is not one of {HEAD_LAYOUTS}")
         self.slots = slots  # shared plain object, not a submodule
+        self.head_layout = head_layout
         self.scratch: tuple[ScratchPool, int] | None = None   # (pool, k) inside quant.model.frozen on the CPU
 
     def slot_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,10 +169,15 @@ class ActQuantizer(_Quantizer):
         if x.shape[0] % idx.shape[0]:
             raise RuntimeError(f"activation batch {x.shape[0]} is not a multiple of the {idx.shape[0]} timesteps")
         heads = x.shape[0] // idx.shape[0]
+        if heads > 1 and self.head_layout is None:
+            raise RuntimeError(f"a layer input of {x.shape[0]} rows for {idx.shape[0]} timesteps: a layer reads one "
+                               f"row per sample (only attention operands hold heads, in their adapter's layout)")
         shape = (-1,) + (1,) * (x.dim() - 1)
         delta, zero = self.delta[idx], self.zero[idx]           # [B]
-        if heads > 1:                                           # rows laid out (b h): sample b's rows together
+        if heads > 1 and self.head_layout == "(b h)":          # sample b's heads together
             delta, zero = delta.repeat_interleave(heads), zero.repeat_interleave(heads)
+        elif heads > 1:                                         # "(h b)": head-major
+            delta, zero = delta.repeat(heads), zero.repeat(heads)
         return delta.view(shape), zero.view(shape)
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:

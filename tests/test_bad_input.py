@@ -293,6 +293,9 @@ class NetAdapter:
     def norm_producers(self, model):
         return {}
 
+    def head_layout(self, model):
+        return "(b h)"
+
 
 def _calibrated(block):
     from quant.calib_data import CalibSet

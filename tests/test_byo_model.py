@@ -233,6 +233,9 @@ class ForeignUNetAdapter:
             out[(f"{t}.attn2.to_q",)] = f"{t}.norm2"
         return out
 
+    def head_layout(self, model):                       # Attention.split: row b * heads + h
+        return "(b h)"
+
 
 # ------------------------------------------------------------------------------------------------------------
 

@@ -250,10 +250,11 @@ def test_weighted_distillation_loss_is_the_weighted_mean_of_sample_errors(tiny_u
     assert [e["loss_before"] for e in log] != [e["loss_before"] for e in plain]    # the weighted MSE is reported
 
 
-def test_unit_caches_on_disk_or_in_float16_are_bounded_and_faithful(tiny_unet, calib, tmp_path, capsys):
+def test_unit_caches_on_disk_or_in_float16_are_bounded_and_faithful(tiny_unet, calib, tmp_path, caplog):
     """A unit cache over the RAM budget goes to a memory-mapped file (same values, file removed when done);
-    a float16 cache halves the bytes and trains to nearly the same unit; the plan is printed first."""
+    a float16 cache halves the bytes and trains to nearly the same unit; the plan is logged first."""
     from quant.unit_cache import CachePolicy
+    caplog.set_level("INFO", logger="quant.distill")
     q = w4a4(tiny_unet, calib)
     ram = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16)
     disk = cache_unit_io(q, tiny_unet, "mid.block_1", calib, 16, CachePolicy(ram_gb=1e-6), tmp_path / "spill")
@@ -266,7 +267,7 @@ def test_unit_caches_on_disk_or_in_float16_are_bounded_and_faithful(tiny_unet, c
     torch.testing.assert_close(half.target.float(), ram.target, rtol=1e-3, atol=1e-3)
     cfg = DistillConfig(iters=2, batch_size=8, cache_ram_gb=1e-6)
     distill(w4a4(tiny_unet, calib), tiny_unet, calib, cfg, tmp_path / "run")
-    assert "[distill] plan:" in capsys.readouterr().out and not list((tmp_path / "run" / "cache").glob("*.bin"))
+    assert "[distill] plan:" in caplog.text and not list((tmp_path / "run" / "cache").glob("*.bin"))
 
 
 def test_fp_inputs_are_the_fp_models_and_mix_per_sample(tiny_unet, calib):

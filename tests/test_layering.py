@@ -61,3 +61,18 @@ def test_the_layering_has_no_cycle():
     for p in ALLOWED:
         visit(p)
     assert len(order) == len(ALLOWED)
+
+
+@pytest.mark.parametrize("package", ["common", "ddim", "ldm", "quant", "evaluation"])
+def test_library_packages_never_parse_command_lines(package):
+    """Command lines are parsed by the entry points (scripts/, tools/, experiments/): the library never imports
+    argparse, so nothing in it can depend on a Namespace."""
+    bad = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
+            if any((n or "").split(".")[0] == "argparse" for n in names):
+                bad.append(str(path.relative_to(ROOT)))
+    assert bad == [], f"library modules importing argparse: {bad}"

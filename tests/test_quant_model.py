@@ -218,10 +218,11 @@ def test_unquantizable_weight_layers_are_listed_loudly():
     from conftest import tiny_unet_config
     from ddim import UNet
     model = UNet(tiny_unet_config())
-    model.conv_out = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 8, 1), torch.nn.Conv2d(8, 1, 3, padding=1))
-    with pytest.warns(UserWarning, match="stay in full precision.*conv_out.0 \\(ConvTranspose2d\\)"):
+    c = model.mid.attn_1.proj_out.in_channels
+    model.mid.attn_1.proj_out = torch.nn.Sequential(torch.nn.ConvTranspose2d(c, c, 1), torch.nn.Conv2d(c, c, 1))
+    with pytest.warns(UserWarning, match="stay in full precision.*mid.attn_1.proj_out.0 \\(ConvTranspose2d\\)"):
         q = QuantModel(model, QuantConfig(weight_bit=4))
-    assert q.unquantized == ["conv_out.0 (ConvTranspose2d)"]
+    assert q.unquantized == ["mid.attn_1.proj_out.0 (ConvTranspose2d)"]
 
 
 def test_tpq_model_on_the_100_step_quad_schedule(tiny_unet):

@@ -82,9 +82,9 @@ def test_uncalibrated_quantizer_is_a_clear_error():
         WeightQuantizer(2, QuantizerSpec(4))(torch.randn(2, 3))
 
 
-def tpq(schedule, lo, hi):
+def tpq(schedule, lo, hi, head_layout=None):
     steps = SlotIndex(schedule)
-    q = ActQuantizer(QuantizerSpec(4), steps)
+    q = ActQuantizer(QuantizerSpec(4), steps, head_layout=head_layout)
     q.set_range(torch.tensor(lo), torch.tensor(hi))
     return steps, q
 
@@ -102,14 +102,24 @@ def test_tpq_mixed_batch_equals_per_step_runs():
         assert (q(x[:1]) - x[:1]).abs().max() > 0
 
 
-def test_tpq_repeats_parameters_over_attention_heads():
-    steps, q = tpq([0, 10], [-1.0, -8.0], [1.0, 8.0])
-    x = torch.randn(2 * 3, 4, 4) * 4                                # (batch * heads, tokens, dim)
+@pytest.mark.parametrize("layout", ["(b h)", "(h b)"])
+def test_tpq_repeats_parameters_over_attention_heads_in_the_declared_layout(layout):
+    steps, q = tpq([0, 10], [-1.0, -8.0], [1.0, 8.0], head_layout=layout)
+    x = torch.randn(2 * 3, 4, 4) * 4                                # 2 samples x 3 heads, tokens, dim
+    rows_of_first = slice(0, 3) if layout == "(b h)" else slice(0, None, 2)
     with steps.active(steps.lookup(torch.tensor([0, 10]))):
         out = q(x)
     with steps.active(steps.lookup(torch.tensor([0]))):
-        first = q(x[:3])
-    torch.testing.assert_close(out[:3], first, rtol=0, atol=0)
+        first = q(x[rows_of_first])
+    torch.testing.assert_close(out[rows_of_first], first, rtol=0, atol=0)
+
+
+def test_a_layer_input_with_more_rows_than_samples_is_an_error():
+    steps, q = tpq([0, 10], [-1.0, -8.0], [1.0, 8.0])               # a layer's quantizer: no head layout
+    with steps.active(steps.lookup(torch.tensor([0, 10]))), pytest.raises(RuntimeError, match="one row per sample"):
+        q(torch.randn(6, 4))
+    with pytest.raises(ValueError, match="head_layout"):
+        ActQuantizer(QuantizerSpec(4), steps, head_layout="b h")
 
 
 def test_uncalibrated_timestep_is_a_clear_error():

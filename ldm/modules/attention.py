@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddim.model import MatMul
+from common.nn import MatMul
 from ldm.modules.diffusionmodules.util import zero_module
 
 

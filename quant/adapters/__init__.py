@@ -2,13 +2,17 @@
 
 The core never imports model classes: an adapter names the distillation units in forward order,
 the first/last layers, layers reading a concatenated skip input (for --split), the attention
-matmuls (and which operand is a softmax output), and groups of layers that read one tensor.
+matmuls (which operand is a softmax output, and how their operands hold heads), and groups of layers that read
+one tensor. `check_adapter` holds every name to the network: each must exist and be of its kind, or a one-line
+AdapterError names it (QuantModel checks this before wrapping).
 """
 from __future__ import annotations
 
 from typing import Protocol
 
 import torch.nn as nn
+
+from common.errors import AdapterError
 
 
 class ArchAdapter(Protocol):
@@ -29,6 +33,10 @@ class ArchAdapter(Protocol):
 
     def norm_producers(self, model: nn.Module) -> dict[tuple[str, ...], str]:
         """Layer group -> the affine norm whose output they read directly (X/s folds into it exactly)."""
+
+    def head_layout(self, model: nn.Module) -> str:
+        """How the attention matmuls' operands hold samples and heads in their leading dim: "(b h)" (sample b's
+        heads together) or "(h b)"."""
 
 
 _REGISTRY: dict[str, ArchAdapter] = {}
@@ -52,6 +60,68 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
                        f"@quant.adapters.register({key!r}); see docs/api.md 'Bring your own model' "
                        f"(known: {sorted(_REGISTRY)})")
     return _REGISTRY[key]
+
+
+WEIGHT_LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)          # what QuantModel wraps (quant.layers.QUANTIZABLE)
+NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
+HEAD_LAYOUTS = ("(b h)", "(h b)")
+
+
+def check_adapter(model: nn.Module, adapter: ArchAdapter) -> None:
+    """Every name the adapter returns for `model` (the FP network) exists and is of the kind its role needs;
+    otherwise one AdapterError line names the entry."""
+    who, net = type(adapter).__name__, type(model).__name__
+    modules = dict(model.named_modules())
+    missing = [m for m in ("units", "edge_layers", "split_channels", "softmax_operands", "shared_inputs",
+                           "norm_producers", "head_layout") if not callable(getattr(adapter, m, None))]
+    if missing:
+        raise AdapterError(f"adapter {who} lacks {', '.join(missing)} (quant.adapters.ArchAdapter lists what an "
+                           f"adapter declares)")
+
+    def module(role: str, name: str, kinds: tuple[type, ...] | None = None, what: str = "") -> nn.Module:
+        if name not in modules or name == "":
+            raise AdapterError(f"adapter {who} names {role} {name!r}, which {net} does not have")
+        found = modules[name]
+        if kinds is not None and not isinstance(found, kinds):
+            raise AdapterError(f"adapter {who} names {role} {name!r}, a {type(found).__name__}, not {what}")
+        return found
+
+    layer = dict(kinds=WEIGHT_LAYERS, what="a Conv1d/Conv2d/Linear layer")
+    units = list(adapter.units(model))
+    if not units:
+        raise AdapterError(f"adapter {who} names no distillation units for {net}")
+    for name in units:
+        module("unit", name)
+    for a in units:
+        nested = [b for b in units if b != a and b.startswith(a + ".")]
+        if nested or units.count(a) > 1:
+            raise AdapterError(f"adapter {who} names unit {a!r} twice or with a unit inside it ({nested[:2]})")
+    for name in adapter.edge_layers(model):
+        module("edge layer", name, **layer)
+    for name, first in adapter.split_channels(model).items():
+        channels = module("split layer", name, **layer).weight.shape[1]
+        if not 0 < first < channels:
+            raise AdapterError(f"adapter {who} splits {name!r} after {first} of its {channels} input channels "
+                               f"(needs 0 < split < {channels})")
+    for name, operand in adapter.softmax_operands(model).items():
+        found = module("attention matmul", name)
+        if isinstance(found, WEIGHT_LAYERS) or any(True for _ in found.parameters()):
+            raise AdapterError(f"adapter {who} names attention matmul {name!r}, a {type(found).__name__} with "
+                               f"weights, not a parameter-free matmul module")
+        if operand not in (0, 1, None):
+            raise AdapterError(f"adapter {who} gives softmax operand {operand!r} for {name!r} (0, 1 or None)")
+    for group in adapter.shared_inputs(model):
+        widths = {module("shared-input layer", name, **layer).weight.shape[1] for name in group}
+        if len(widths) > 1:
+            raise AdapterError(f"adapter {who} groups {group} as reading one tensor, but their inputs have "
+                               f"{sorted(widths)} channels")
+    for group, norm in adapter.norm_producers(model).items():
+        for name in group:
+            module("norm-fed layer", name, **layer)
+        module("norm producer", norm, NORM_LAYERS, "a GroupNorm/LayerNorm/BatchNorm")
+    if adapter.head_layout(model) not in HEAD_LAYOUTS:
+        raise AdapterError(f"adapter {who} declares head layout {adapter.head_layout(model)!r}, not one of "
+                           f"{HEAD_LAYOUTS}")
 
 
 from quant.adapters import ddim_unet, ldm_unet  # noqa: E402,F401  (register this repo's two UNets)

@@ -64,3 +64,6 @@ class DDIMUNetAdapter:
         """q, k, v read GroupNorm(x) directly; every other layer reads through SiLU, a concat or a resampler."""
         return {tuple(f"{name}.{p}" for p in "qkv"): f"{name}.norm" for name, module in model.named_modules()
                 if type(module).__name__ == "AttnBlock"}
+
+    def head_layout(self, model: nn.Module) -> str:
+        return "(b h)"          # one head: q, k, v are [B, HW, C]

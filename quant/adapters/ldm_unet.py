@@ -80,3 +80,6 @@ class LDMUNetAdapter:
         layers = {name for name, m in model.named_modules()              # FP layers, or QuantLayers once wrapped
                   if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() > 1}
         return {group: norm for group, norm in out.items() if set(group) <= layers}
+
+    def head_layout(self, model: nn.Module) -> str:
+        return "(b h)"          # ldm.modules.attention.split_heads: row = b * heads + h

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from common.errors import UsageError
+from common.nn import MatMul
 from quant.deploy.kernels import onednn_available
 from quant.deploy.layers import IntLayer, IntMatMul, WeightOnlyLayer
 from quant.layers import QuantLayer, QuantMatMul
@@ -133,7 +134,10 @@ def convert(qmodel: QuantModel, compiled: bool = True, generic: bool = False) ->
                 simulated.append({"name": name, "kind": "simulated", "reason": reason})
         elif isinstance(module, QuantMatMul) and module.quant_act:
             wide = [q.spec.bits for q in module.a_quant if q.spec.bits > 8]
-            if wide:
+            if module.op is not None and not isinstance(module.op, MatMul):
+                simulated.append({"name": name, "kind": "simulated", "reason": f"its op {type(module.op).__name__} "
+                                  f"is not common.nn.MatMul (the integer product computes a plain bmm)"})
+            elif wide:
                 simulated.append({"name": name, "kind": "simulated", "reason": f"{max(wide)}-bit operand (softmax "
                                   f"at --sm_abit {max(wide)}) has no int8 kernel"})
             else:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddim.model import MatMul
+from common.nn import MatMul
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import avg_pool_nd, conv_nd, normalization, timestep_embedding, zero_module
 
