@@ -11,6 +11,7 @@ from quant.slots import SlotIndex
 
 
 QUANTIZABLE = (nn.Conv2d, nn.Conv1d, nn.Linear)     # weight layers QuantModel wraps; others are listed, not wrapped
+NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)   # what Weight Dilation folds X/s into
 _CONV_OPS = {nn.Conv2d: F.conv2d, nn.Conv1d: F.conv1d}
 
 

@@ -10,14 +10,13 @@ import torch
 import torch.nn as nn
 
 from quant.adapters import adapter_for, check_adapter
-from quant.layers import QUANTIZABLE, QuantLayer, QuantMatMul
+from quant.layers import NORMS, QUANTIZABLE, QuantLayer, QuantMatMul
 from quant.quantizer import ScratchPool
 from quant.settings import QuantConfig
 from quant.slots import SlotIndex
 
 
 # Normalization layers keep FP affine parameters (their weight may be [C, H, W]); they are not weight layers.
-NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

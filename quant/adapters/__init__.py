@@ -13,6 +13,8 @@ from typing import Protocol
 import torch.nn as nn
 
 from common.errors import AdapterError
+from quant.layers import NORMS, QUANTIZABLE
+from quant.quantizer import HEAD_LAYOUTS
 
 
 class ArchAdapter(Protocol):
@@ -62,11 +64,6 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
     return _REGISTRY[key]
 
 
-WEIGHT_LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)          # what QuantModel wraps (quant.layers.QUANTIZABLE)
-NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
-HEAD_LAYOUTS = ("(b h)", "(h b)")
-
-
 def check_adapter(model: nn.Module, adapter: ArchAdapter) -> None:
     """Every name the adapter returns for `model` (the FP network) exists and is of the kind its role needs;
     otherwise one AdapterError line names the entry."""
@@ -86,7 +83,7 @@ def check_adapter(model: nn.Module, adapter: ArchAdapter) -> None:
             raise AdapterError(f"adapter {who} names {role} {name!r}, a {type(found).__name__}, not {what}")
         return found
 
-    layer = dict(kinds=WEIGHT_LAYERS, what="a Conv1d/Conv2d/Linear layer")
+    layer = dict(kinds=QUANTIZABLE, what="a Conv1d/Conv2d/Linear layer")
     units = list(adapter.units(model))
     if not units:
         raise AdapterError(f"adapter {who} names no distillation units for {net}")
@@ -105,7 +102,7 @@ def check_adapter(model: nn.Module, adapter: ArchAdapter) -> None:
                                f"(needs 0 < split < {channels})")
     for name, operand in adapter.softmax_operands(model).items():
         found = module("attention matmul", name)
-        if isinstance(found, WEIGHT_LAYERS) or any(True for _ in found.parameters()):
+        if isinstance(found, QUANTIZABLE) or any(True for _ in found.parameters()):
             raise AdapterError(f"adapter {who} names attention matmul {name!r}, a {type(found).__name__} with "
                                f"weights, not a parameter-free matmul module")
         if operand not in (0, 1, None):
@@ -118,10 +115,10 @@ def check_adapter(model: nn.Module, adapter: ArchAdapter) -> None:
     for group, norm in adapter.norm_producers(model).items():
         for name in group:
             module("norm-fed layer", name, **layer)
-        module("norm producer", norm, NORM_LAYERS, "a GroupNorm/LayerNorm/BatchNorm")
-    if adapter.head_layout(model) not in HEAD_LAYOUTS:
+        module("norm producer", norm, NORMS, "a GroupNorm/LayerNorm/BatchNorm")
+    if adapter.head_layout(model) not in HEAD_LAYOUTS[1:]:
         raise AdapterError(f"adapter {who} declares head layout {adapter.head_layout(model)!r}, not one of "
-                           f"{HEAD_LAYOUTS}")
+                           f"{HEAD_LAYOUTS[1:]}")
 
 
 from quant.adapters import ddim_unet, ldm_unet  # noqa: E402,F401  (register this repo's two UNets)
