@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import UsageError
+from common.files import file_digest
 from ddim.data import mnist_uint8
 from common.device import pick_device
 
@@ -271,14 +272,13 @@ def check_reference(ref: str | None) -> None:
 
 
 def reference_digest(ref: str) -> str:
-    """A content hash of a reference file, or of a folder (its images' relative paths and bytes)."""
+    """A content hash of a reference file, or of a folder (its images' relative paths and contents)."""
     path = Path(ref)
-    h = hashlib.sha1()
-    for p in folder_images(path) if path.is_dir() else [path]:
-        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+    if not path.is_dir():
+        return file_digest(path)[:12]
+    h = hashlib.sha256()
+    for p in folder_images(path):
+        h.update(f"{p.relative_to(path)}\0{file_digest(p)}\0".encode())
     return h.hexdigest()[:12]
 
 
