@@ -51,31 +51,26 @@ class Float64(torch.nn.Module):
 
 
 def ldm_drawer(args):
-    """(the FP UNet, draw(model) -> uint8 images) for an LDM config: guided class-conditional DDIM sampling."""
-    from ddim.data import to_uint8
-    from experiments.ldm_task import Conditioning, latent_shape
+    """(the FP UNet, draw(model) -> uint8 images) for an LDM config: guided class-conditional DDIM sampling, as
+    scripts/sample_diffusion_ldm.py draws it (classes 0, 1, ... in turn; x_T from --seed)."""
+    from experiments.ldm_task import Conditioning
     from ldm.checkpoint import load_model_from_config
     from ldm.samplers import make_sampler as ldm_sampler
+    from ldm.sampling import class_conditional_images
     from ldm.util import load_config as ldm_config
     config = ldm_config(args.config)
     ldm = load_model_from_config(config, Path(config["ckpt"]), config_path=Path(args.config)).eval()
     sampler = ldm_sampler("ddim", args.steps, ldm.alphas_cumprod.double().cpu())
     cond = Conditioning(ldm, config)
-    noise = torch.randn((args.images,) + latent_shape(config, None), generator=torch.Generator().manual_seed(args.seed))
     fp, crop = ldm.model.diffusion_model, int(config.get("image", {}).get("crop", 0))
 
-    @torch.no_grad()
     def draw(model) -> np.ndarray:
         ldm.model.diffusion_model = model
-        out = []
-        for lo in range(0, args.images, args.batch):
-            hi = min(lo + args.batch, args.images)
-            c, u = cond.pair(cond.for_images(lo, hi), torch.device("cpu"))
-            z = sampler.sample(ldm.apply_model, noise[lo:hi], c, u, args.scale)
-            x = ldm.decode_first_stage(z).float()
-            out.append(to_uint8(x[..., crop:-crop, crop:-crop] if crop else x))
-        ldm.model.diffusion_model = fp
-        return np.concatenate(out)
+        try:
+            return class_conditional_images(ldm, sampler, cond.for_images(0, args.images), args.scale, cond.null,
+                                            args.seed, args.batch, crop)
+        finally:
+            ldm.model.diffusion_model = fp
     return fp, draw
 
 
