@@ -10,6 +10,7 @@ from quant.calib_data import CalibSet
 from quant.calibrate import calibrate
 from quant.deploy import convert, load_int, read_header, save_int
 from quant.deploy.codes import codes_function, pack_int4, quantize_codes, unpack_int4
+from quant.deploy.kernels import int_bmm
 from quant.deploy.layers import IntLayer, IntMatMul
 from quant.deploy.model import MixedTimestepsError
 from quant.layers import QuantLayer, QuantMatMul
@@ -137,6 +138,22 @@ def test_both_attention_matmuls_equal_their_fake_quant_form(sm_bits, generic):
         a = torch.rand(6, 5, 7, generator=gen) if softmax else torch.randn(6, 5, 7, generator=gen) * 2
         b = torch.randn(6, 7, 4, generator=gen) * 2
         _compare(fake, integer, slots, a, b)
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])      # float32 bmm in exact chunks; per-row _int_mm
+def test_batched_integer_product_is_the_int32_sum_bit_for_bit(precision):
+    gen = torch.Generator().manual_seed(7)
+    extreme_a = torch.full((2, 3, 2100), -128, dtype=torch.int8)      # every partial sum at its largest magnitude
+    extreme_b = torch.full((2, 2100, 24), -128, dtype=torch.int8)
+    rand_a = torch.randint(-128, 128, (3, 32, 1500), generator=gen, dtype=torch.int8)
+    rand_b = torch.randint(-128, 128, (3, 1500, 40), generator=gen, dtype=torch.int8)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        for a, b in ((extreme_a, extreme_b), (rand_a, rand_b)):
+            assert torch.equal(int_bmm(a, b), torch.bmm(a.long(), b.long()).int())
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def test_compiled_codes_are_the_eager_codes_bit_for_bit():

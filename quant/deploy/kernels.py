@@ -43,6 +43,29 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)[:m, :n]
 
 
+EXACT_CHUNK = 1024          # int8 x int8 products are <= 2^14: sums of 1,024 of them are integers <= 2^24, exact in fp32
+
+
+def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [N, n, K] @ int8 [N, K, m] -> int32 [N, n, m], exactly.
+
+    torch has no batched int8 matmul (`torch._int_mm` is 2-D), and a loop of N 2-D products costs more than the
+    products at the attention shapes of a UNet. On the CPU, under IEEE float32 matmuls (the default
+    `torch.get_float32_matmul_precision() == "highest"`), the product runs as float32 bmm over chunks of at most
+    1,024 along K: every partial sum is an integer of magnitude <= 2^24, which float32 holds exactly, so the
+    result equals the int32 accumulation bit for bit (integer arithmetic on float units). Elsewhere (CUDA, where
+    TF32 may round), one torch._int_mm per batch row."""
+    if a.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+        return torch.stack([int_mm(a[i], b[i]) for i in range(a.shape[0])])
+    k = a.shape[-1]
+    acc = None
+    for lo in range(0, k, EXACT_CHUNK):
+        hi = min(k, lo + EXACT_CHUNK)
+        part = torch.bmm(a[..., lo:hi].float(), b[:, lo:hi].float()).to(torch.int32)
+        acc = part if acc is None else acc.add_(part)
+    return acc
+
+
 class IntGemm:
     """One conv (2-d; a 1-d conv as 2-d with height 1) or linear layer's integer product over one slice of its
     input channels: Δ_x Δ_w,n Σ (W - z_w)(X - z_x) (+ bias when given), in float32.
@@ -115,7 +138,8 @@ class IntGemm:
                                                                self._one_zero, None, stride, padding, dilation, 1,
                                                                1.0, 0, torch.float32, "none", [], "")
             y.addcmul_(window, (self.w_correction * (self.w_scale * x_scale)).view(1, -1, 1, 1))
-        return y.squeeze(2) if squeeze else y
+        y = y.squeeze(2) if squeeze else y
+        return y.contiguous()     # oneDNN writes channels-last; the float GroupNorms that follow are ~4x slower on it
 
     def _generic(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, bits: int,
                  bias: torch.Tensor | None) -> torch.Tensor:

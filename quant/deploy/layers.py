@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.deploy.codes import codes_function, grid_offset, quantizer_tables, weight_codes
-from quant.deploy.kernels import IntGemm, int_mm
+from quant.deploy.kernels import IntGemm, int_bmm
 from quant.layers import QuantLayer, QuantMatMul
 from quant.quantizer import ActQuantizer
 from quant.slots import SlotIndex
@@ -189,7 +189,7 @@ class WeightOnlyLayer(_WeightCodes):
 
 class IntMatMul(nn.Module):
     """bmm of two quantized operands as an integer product: Δ_a Δ_b Σ_k (A - z_a)(B - z_b), int8 x int8 -> int32
-    per batch row (torch._int_mm), with the zero-point terms of 8-bit operands added exactly."""
+    (quant.deploy.kernels.int_bmm), with the zero-point terms of 8-bit operands added exactly."""
 
     def __init__(self, spec: dict, slots: SlotIndex, device=None):
         super().__init__()
@@ -225,7 +225,7 @@ class IntMatMul(nn.Module):
         slot = _current_slot(self.slots)
         a8, ca = self._int8(0, a, slot)                                      # [N, n, K]
         b8, cb = self._int8(1, b, slot)                                      # [N, K, m]
-        acc = torch.stack([int_mm(a8[i], b8[i]) for i in range(a8.shape[0])])      # [N, n, m] int32
+        acc = int_bmm(a8, b8)                                                # [N, n, m] int32
         if max(op.bits for op in self.inputs) > 7:                             # offsets away from the zero points
             acc = (acc + cb * a8.sum(2, keepdim=True, dtype=torch.int32) + ca * b8.sum(1, keepdim=True, dtype=torch.int32)
                    + a8.shape[2] * ca * cb)
