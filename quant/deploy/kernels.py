@@ -101,10 +101,12 @@ class IntGemm:
             kernel = w.unsqueeze(2) if w.dim() == 3 else w                       # conv1d [O, C, k] -> [O, C, 1, k]
             self.packed = torch.ops.onednn.qconv_prepack(kernel, self.w_scale, 1.0, 0, stride, padding, dilation,
                                                          groups, None)
-            if self.corrected:                                                   # window sums Σ (X - z_x)
-                ones = torch.ones((1, *kernel.shape[1:]), dtype=torch.int8)
+            if self.corrected:                                       # window sums Σ (X - z_x), one per group
+                ones = torch.ones((groups, *kernel.shape[1:]), dtype=torch.int8)
+                self._one_scale = torch.ones(groups, **like)
+                self._one_zero = torch.zeros(groups, dtype=torch.int64, **like)
                 self.ones = torch.ops.onednn.qconv_prepack(ones, self._one_scale, 1.0, 0, stride, padding,
-                                                           dilation, 1, None)
+                                                           dilation, groups, None)
         self.kernel = tuple(w.shape[2:])
 
     def _conv2d_args(self) -> tuple[list[int], list[int], list[int], int]:
@@ -135,8 +137,10 @@ class IntGemm:
                                                       "none", [], "")
         if self.corrected:
             window = torch.ops.onednn.qconv2d_pointwise.tensor(x, self._one, zp, self.ones, self._one_scale,
-                                                               self._one_zero, None, stride, padding, dilation, 1,
-                                                               1.0, 0, torch.float32, "none", [], "")
+                                                               self._one_zero, None, stride, padding, dilation,
+                                                               groups, 1.0, 0, torch.float32, "none", [], "")
+            if groups > 1:                                          # [N, groups, ...] -> one per output channel
+                window = window.repeat_interleave(y.shape[1] // groups, 1)
             y.addcmul_(window, (self.w_correction * (self.w_scale * x_scale)).view(1, -1, 1, 1))
         y = y.squeeze(2) if squeeze else y
         return y.contiguous()     # oneDNN writes channels-last; the float GroupNorms that follow are ~4x slower on it
