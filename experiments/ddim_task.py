@@ -20,7 +20,7 @@ from ddim.sampling import SAMPLE_TYPES, initial_noise, make_sampler
 from ddim.schedule import SKIP_TYPES, alphas_cumprod
 from experiments import dist
 from experiments.flags import (HelpFormatter, add_common_flags, add_quant_flags, check_input_files,
-                               check_no_quant_flags, check_quant_flags, check_rules)
+                               check_no_quant_flags, check_quant_flags, check_rules, parse_flags)
 from experiments.quantize import Preloaded, QuantJob, cached_calibration, preload
 from experiments.run import Family, check_logdir, execute, run_identity
 from experiments.runtime import timer
@@ -114,7 +114,7 @@ def sampler_record(args) -> dict:
 
 
 def main(argv=None) -> dict | None:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser, argv)
     cfg = load_config(args.config)
     check_flags(args, cfg)
     sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, args.eta, args.sample_type)

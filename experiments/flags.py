@@ -18,16 +18,9 @@ import torch
 from common.checkpoint import check_file
 from common.errors import UsageError
 from quant.deploy.file import is_int_file
-from quant.dilation import Scaling
-from quant.distill import BKDTraining, DistillConfig, LRSchedule
-from quant.methods import QuantMode
-from quant.methods.dilatequant import DilateQuantConfig
-from quant.methods.qdiff import QDiffConfig
+from quant.methods import Flag, method_type, methods
+from quant.methods.options import at_least, optional
 from quant.settings import ALLOWED_BITS, QuantConfig
-
-
-# --cache_dtype: float32 keeps the model's precision (the default, bit for bit as before the flag existed)
-CACHE_DTYPES = {"float32": None, "float16": torch.float16}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -49,11 +42,17 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_quant_flags(p: argparse.ArgumentParser, resume_flag: bool = True) -> None:
-    """The quantization flags. resume_flag=False leaves out the boolean --resume (the LDM script's -r/--resume
-    names the checkpoint, as in Q-Diffusion); without it, --cali_ckpt is used as is, as with --resume."""
+    """The quantization flags: the shared ones, then one group per registered method with its own options
+    (quant.methods; an option two methods share is listed under the first and named in the other's group).
+    resume_flag=False leaves out the boolean --resume (the LDM script's -r/--resume names the checkpoint, as in
+    Q-Diffusion); without it, --cali_ckpt is used as is, as with --resume."""
     q = p.add_argument_group("quantization")
     q.add_argument("--ptq", action="store_true", help="quantize the model")
-    q.add_argument("--quant_mode", default=QuantMode.BASELINE.value, choices=[m.value for m in QuantMode])
+    q.add_argument("--quant_mode", default="baseline", choices=list(methods()),
+                   help="the method (registered in quant.methods; --method_plugin adds one)")
+    q.add_argument("--method_plugin", default=None, metavar="FILE.py",
+                   help="a Python file that registers a quantization method (quant.methods.register_method), "
+                        "loaded before the flags are read")
     q.add_argument("--weight_bit", type=int, default=8, help="2..8")
     q.add_argument("--quant_act", action="store_true", help="quantize activations too")
     q.add_argument("--act_bit", type=int, default=8, help="2..8")
@@ -81,49 +80,67 @@ def add_quant_flags(p: argparse.ArgumentParser, resume_flag: bool = True) -> Non
                    help="beyond the paper, any method: scale the quantized eps per timestep by the factor that "
                         "undoes its shrinkage against the FP eps, fitted on the calibration set (PTQD's "
                         "correlated-noise correction; quant/bias_correction.py)")
-    r = p.add_argument_group("qdiff (BRECQ reconstruction with AdaRound)")
-    r.add_argument("--cali_iters_a", type=int, default=QDiffConfig.act_iters, help="activation-step iterations per block")
-    r.add_argument("--cali_lr", type=float, default=QDiffConfig.act_lr, help="activation-step learning rate")
-    r.add_argument("--cali_p", type=float, default=QDiffConfig.lp, help="norm of the activation range search")
-    r.add_argument("--running_stat", action="store_true", help="running min/max activation ranges")
     if resume_flag:
-        r.add_argument("--resume", action="store_true", help="with --cali_ckpt: use the calibrated model as is")
-    r.add_argument("--resume_w", action="store_true",
-                   help="with --cali_ckpt: keep its quantized weights, recalibrate the activations")
-    d = p.add_argument_group("dilatequant (Table 3 switches: --no-wd, --no-tpq, --no-bkd)")
-    d.add_argument("--wd", action=argparse.BooleanOptionalAction, default=True, help="Weight Dilation")
-    d.add_argument("--tpq", action=argparse.BooleanOptionalAction, default=True, help="Temporal Parallel Quantizer")
-    d.add_argument("--bkd", action=argparse.BooleanOptionalAction, default=True, help="Block-wise Knowledge Distillation")
-    d.add_argument("--scaling", default=Scaling.WEIGHT_DILATION.value, choices=[m.value for m in Scaling],
-                   help="equivalent scaling rule for --wd (Table 9: wd, smoothquant, awq, osplus, learnable)")
-    d.add_argument("--cali_iters", type=int, default=DistillConfig.iters,
-                   help="iterations per block: distillation (dilatequant) or AdaRound (qdiff)")
-    d.add_argument("--distill_batch_size", type=int, default=DistillConfig.batch_size)
-    d.add_argument("--lr_weight", type=float, default=DistillConfig.lr_weight)
-    d.add_argument("--lr_quant", type=float, default=DistillConfig.lr_quant,
-                   help="weight-quantizer step sizes and zero points (and activation ones unless --lr_act is given)")
-    d.add_argument("--lr_act", type=float, default=DistillConfig.lr_act,
-                   help="activation (TPQ) step sizes and zero points; default: --lr_quant")
-    d.add_argument("--lr_scale", type=float, default=DistillConfig.lr_scale, help="--scaling learnable factors")
-    d.add_argument("--lr_schedule", default=DistillConfig.lr_schedule.value, choices=[m.value for m in LRSchedule],
-                   help="learning rate over each unit's iterations: distillation (dilatequant) and the activation "
-                        "steps (qdiff); cosine anneals to 0")
-    d.add_argument("--cache_dtype", default="float32", choices=sorted(CACHE_DTYPES),
-                   help="dilatequant, qdiff: dtype of each unit's cached inputs/targets (float16 halves the memory)")
-    d.add_argument("--cache_ram_gb", type=float, default=None,
-                   help="dilatequant, qdiff: a unit cache larger than this goes to a memory-mapped file in the logdir "
-                        "(the plan is printed first; default: always RAM)")
-    d.add_argument("--t_weight_sigma", type=float, default=DistillConfig.t_weight_sigma,
-                   help="(beyond the paper) weight each distillation sample by 1/(sigma_t^2 + this^2), mean 1: "
-                        "more weight to small t, where feature errors become large eps errors; default: plain MSE")
-    d.add_argument("--distill_fp_input", type=float, default=DistillConfig.fp_input,
-                   help="dilatequant, qdiff (beyond the papers): probability that a reconstruction sample's block "
-                        "input comes from the FP model instead of the quantized chain: 0 = the papers (eq. 17), "
-                        "1 = FP inputs, 0.5 = mixed")
-    d.add_argument("--bkd_training", default=DistillConfig.training.value, choices=[m.value for m in BKDTraining],
-                   help="dilatequant: joint = the paper (weights and quantizers together, everything quantized); "
-                        "staged (beyond the paper) = per block, the weights with FP activations, then the activation "
-                        "quantizers with the weights frozen, --cali_iters each")
+        q.add_argument("--resume", action="store_true", help="with --cali_ckpt: use the calibrated model as is")
+    q.add_argument("--resume_w", action="store_true",
+                   help="qdiff, with --cali_ckpt: keep its quantized weights, recalibrate the activations")
+    added: set[str] = set()
+    for name, kind in methods().items():
+        shared = [f.name for f in kind.flags if f.dest in added]
+        summary = (kind.__doc__ or "").strip().split("\n")[0]
+        group = p.add_argument_group(f"--quant_mode {name}", " ".join(
+            [summary] + ([f"Also: {', '.join(shared)} (above)."] if shared else [])) or None)
+        for flag in kind.flags:
+            if flag.dest not in added:
+                _add_flag(group, flag)
+                added.add(flag.dest)
+
+
+def _add_flag(group, flag: Flag) -> None:
+    if flag.kind == "switch":
+        group.add_argument(flag.name, action="store_true", help=flag.help)
+    elif flag.kind == "toggle":
+        group.add_argument(flag.name, action=argparse.BooleanOptionalAction, default=flag.default, help=flag.help)
+    else:
+        group.add_argument(flag.name, type=flag.type, default=flag.default, choices=flag.choices, help=flag.help)
+
+
+def method_flags() -> dict[str, Flag]:
+    """Every registered method's options by destination (a shared option once)."""
+    return {f.dest: f for kind in methods().values() for f in kind.flags}
+
+
+def parse_flags(build_parser: Callable[[], argparse.ArgumentParser], argv=None) -> argparse.Namespace:
+    """Load --method_plugin (if given), then build the parser and parse argv (default: the command line)."""
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    load_method_plugin(argv)
+    return build_parser().parse_args(argv)
+
+
+def load_method_plugin(argv) -> None:
+    """--method_plugin FILE.py: run the file (it registers a method) before the parser is built, so that its
+    name and options are flags."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == "--method_plugin" and i + 1 < len(argv) else (
+            a.split("=", 1)[1] if a.startswith("--method_plugin=") else None)
+        if path is None:
+            continue
+        import importlib.util
+        if not Path(path).is_file():
+            raise UsageError(f"--method_plugin {path}: no such file", "pass a Python file that calls "
+                             "quant.methods.register_method")
+        resolved = str(Path(path).resolve())
+        if resolved in _PLUGINS:                     # run once per process (it registers its method)
+            continue
+        spec = importlib.util.spec_from_file_location(f"method_plugin_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _PLUGINS[resolved] = module
+
+
+_PLUGINS: dict[str, object] = {}
 
 
 INPUT_FILES = ("ckpt", "cali_data_path", "cali_ckpt", "fp_samples")
@@ -177,31 +194,11 @@ Rule = tuple[str, Callable[[object], bool], str]   # (flag, valid(value), the va
 BITS = "2..8"
 
 
-def at_least(n: float) -> Callable[[object], bool]:
-    """v >= n, and finite (NaN and inf are refused by every numeric rule)."""
-    return lambda v: math.isfinite(v) and v >= n
-
-
-def finite(ok: Callable[[object], bool]) -> Callable[[object], bool]:
-    return lambda v: math.isfinite(v) and ok(v)
-
-
-def optional(ok: Callable[[object], bool]) -> Callable[[object], bool]:
-    return lambda v: v is None or ok(v)
-
-
-QUANT_RULES: list[Rule] = [
+QUANT_RULES: list[Rule] = [              # the shared flags; each method's options carry their own (quant.methods)
     ("weight_bit", lambda v: 2 <= v <= 8, BITS), ("act_bit", lambda v: 2 <= v <= 8, BITS),
     ("sm_abit", optional(lambda v: v in ALLOWED_BITS), "2..8 or 16"),
     ("cali_n", at_least(1), ">= 1"), ("cali_st", at_least(1), ">= 1"), ("cali_per_traj", at_least(1), ">= 1"),
     ("cali_batch_size", at_least(1), ">= 1"), ("eps_correction", at_least(0), ">= 0 trajectories (0 = off)"),
-    ("cali_iters", at_least(0), ">= 0"), ("cali_iters_a", at_least(0), ">= 0"),
-    ("distill_batch_size", at_least(1), ">= 1"),
-    ("lr_weight", at_least(0), ">= 0"), ("lr_quant", at_least(0), ">= 0"), ("lr_act", optional(at_least(0)), ">= 0"),
-    ("lr_scale", at_least(0), ">= 0"), ("cali_lr", finite(lambda v: v > 0), "> 0"),
-    ("cali_p", finite(lambda v: v > 0), "> 0"), ("t_weight_sigma", optional(finite(lambda v: v > 0)), "> 0"),
-    ("cache_ram_gb", optional(finite(lambda v: v > 0)), "> 0"),
-    ("distill_fp_input", finite(lambda v: 0 <= v <= 1), "0..1 (a probability)"),
 ]
 
 
@@ -219,7 +216,7 @@ def quant_flag_defaults() -> dict[str, object]:
     """The default of every quantization flag, by its attribute name (--ptq and the boolean --resume aside)."""
     p = argparse.ArgumentParser()
     add_quant_flags(p, resume_flag=False)
-    return {a.dest: a.default for a in p._actions if a.dest not in ("help", "ptq")}
+    return {a.dest: a.default for a in p._actions if a.dest not in ("help", "ptq", "method_plugin")}
 
 
 def check_no_quant_flags(args) -> None:
@@ -234,9 +231,11 @@ def check_no_quant_flags(args) -> None:
 def check_quant_flags(args) -> None:
     """Ranges and combinations of the quantization flags (before any work)."""
     check_rules(args, QUANT_RULES)
+    for flag in method_flags().values():
+        flag.check(getattr(args, flag.dest))
     if getattr(args, "resume", None) is True and not args.cali_ckpt:
         raise UsageError("--resume needs --cali_ckpt (the calibrated checkpoint to resume from)")
-    if args.resume_w and not (args.cali_ckpt and args.quant_mode == QuantMode.QDIFF.value):
+    if args.resume_w and not (args.cali_ckpt and args.quant_mode == "qdiff"):
         raise UsageError("--resume_w needs --quant_mode qdiff and --cali_ckpt")
     if args.eps_rescale and args.eps_correction:
         raise UsageError("--eps_rescale and --eps_correction are two corrections of the same output: use one")
@@ -249,12 +248,13 @@ def check_quant_flags(args) -> None:
         if corrects_output(args) or args.resume_w:
             raise UsageError(f"--cali_ckpt {args.cali_ckpt} is a packed integer model: --eps_rescale, "
                              "--eps_correction and --resume_w need the simulated model", "give its quantized.pt")
-    if args.distill_fp_input > 0 and args.quant_mode == QuantMode.BASELINE.value:
-        raise UsageError("--distill_fp_input sets the inputs of block reconstruction, which the baseline does not run: "
-                         "use --quant_mode dilatequant or qdiff")
-    for flag, default in (("scaling", Scaling.WEIGHT_DILATION.value), ("bkd_training", BKDTraining.JOINT.value)):
-        if args.quant_mode != QuantMode.DILATEQUANT.value and getattr(args, flag) != default:
-            raise UsageError(f"--{flag} {getattr(args, flag)} is a DilateQuant setting: add --quant_mode dilatequant")
+    own = {f.dest for f in method_type(args.quant_mode).flags}
+    for flag in method_flags().values():           # an exclusive option of other methods would be ignored
+        value = getattr(args, flag.dest)
+        if flag.exclusive and flag.dest not in own and value != flag.default:
+            owners = [n for n, kind in methods().items() if flag.dest in {f.dest for f in kind.flags}]
+            raise UsageError(f"{flag.name} {value} is a setting of {' and '.join(owners)}, not of "
+                             f"{args.quant_mode}", f"use --quant_mode {' or '.join(owners)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,21 +266,10 @@ def quant_config(args) -> QuantConfig:
                        a_sym=args.a_sym, sm_abit=args.sm_abit, split=args.split)
 
 
-def dilatequant_config(args) -> DilateQuantConfig:
-    distill = DistillConfig(iters=args.cali_iters, batch_size=args.distill_batch_size, lr_weight=args.lr_weight,
-                            lr_quant=args.lr_quant, lr_act=args.lr_act, lr_scale=args.lr_scale,
-                            lr_schedule=LRSchedule(args.lr_schedule), t_weight_sigma=args.t_weight_sigma,
-                            cache_dtype=CACHE_DTYPES[args.cache_dtype], cache_ram_gb=args.cache_ram_gb,
-                            fp_input=args.distill_fp_input, training=BKDTraining(args.bkd_training), seed=args.seed)
-    return DilateQuantConfig(weight_dilation=args.wd, scaling=Scaling(args.scaling), temporal=args.tpq,
-                             distillation=args.bkd, distill=distill)
-
-
-def qdiff_settings(args) -> QDiffConfig:
-    return QDiffConfig(weight_iters=args.cali_iters, act_iters=args.cali_iters_a, act_lr=args.cali_lr, lp=args.cali_p,
-                       act_lr_schedule=LRSchedule(args.lr_schedule), running_stat=args.running_stat,
-                       batch_size=args.distill_batch_size, cache_dtype=CACHE_DTYPES[args.cache_dtype],
-                       cache_ram_gb=args.cache_ram_gb, fp_input=args.distill_fp_input, seed=args.seed)
+def method_config(args):
+    """The typed config of --quant_mode's method, from its options."""
+    kind = method_type(args.quant_mode)
+    return kind.from_flags({f.dest: getattr(args, f.dest) for f in kind.flags}, args.seed)
 
 
 EPS_CORRECTED = "+epsbc"   # method-name suffix of a model with the eps-mean correction (--eps_correction)
@@ -288,25 +277,10 @@ EPS_RESCALED = "+rescale"  # method-name suffix of a model with the eps rescale 
 
 
 def method_name(args) -> str:
-    """'dilatequant', e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row; '+epsbc' with --eps_correction,
-    '+rescale' with --eps_rescale, '+tw0.2' with --t_weight_sigma 0.2, '+fpin0.5' with --distill_fp_input 0.5,
-    '+staged' with --bkd_training staged (beyond the paper)."""
-    suffix = correction_suffix(args)
-    reconstructs = args.quant_mode == QuantMode.QDIFF.value or (args.quant_mode == QuantMode.DILATEQUANT.value and
-                                                                 args.bkd)
-    if reconstructs and args.distill_fp_input > 0:
-        suffix = f"+fpin{args.distill_fp_input:g}" + suffix
-    if args.quant_mode != QuantMode.DILATEQUANT.value:
-        return args.quant_mode + suffix
-    if args.bkd and args.t_weight_sigma is not None:
-        suffix = f"+tw{args.t_weight_sigma:g}" + suffix
-    if args.bkd and args.bkd_training != BKDTraining.JOINT.value:
-        suffix = f"+{args.bkd_training}" + suffix
-    if args.wd and args.tpq and args.bkd and args.scaling == Scaling.WEIGHT_DILATION.value:
-        return args.quant_mode + suffix
-    scaling = "wd" if args.scaling == Scaling.WEIGHT_DILATION.value else args.scaling
-    parts = [n for n, on in ((scaling, args.wd), ("tpq", args.tpq), ("bkd", args.bkd)) if on]
-    return f"dilatequant[{','.join(parts) or 'none'}]{suffix}"
+    """The method's label (quant.methods: e.g. 'dilatequant[wd,tpq]' for a Table 3 ablation row, '+tw0.2',
+    '+fpin0.5', '+staged' for options beyond the paper), then '+epsbc' with --eps_correction, '+rescale' with
+    --eps_rescale."""
+    return method_config(args).label() + correction_suffix(args)
 
 
 def corrects_output(args) -> bool:

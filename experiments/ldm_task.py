@@ -25,7 +25,7 @@ from common.files import file_digest
 from ddim.sampling import initial_noise
 from experiments import dist
 from experiments.flags import (HelpFormatter, add_common_flags, add_quant_flags, check_input_files,
-                               check_no_quant_flags, check_quant_flags, check_rules)
+                               check_no_quant_flags, check_quant_flags, check_rules, parse_flags)
 from experiments.quantize import Preloaded, QuantJob, cached_calibration, preload
 from experiments.run import Family, check_logdir, execute, run_identity
 from ldm.checkpoint import load_model_from_config
@@ -360,4 +360,4 @@ def run(args, make_conditioning=None, names: dict = FLAG_NAMES, **family_options
 
 
 def main(argv=None) -> dict | None:
-    return run(build_parser().parse_args(argv))
+    return run(parse_flags(build_parser, argv))

@@ -22,8 +22,8 @@ import torch.nn as nn
 from common.checkpoint import check_finite
 from common.errors import UsageError
 from common.files import file_digest
-from experiments.flags import (base_method, correction_suffix, corrects_output, dilatequant_config, method_name,
-                               qdiff_settings, quant_config)
+from experiments.flags import (base_method, correction_suffix, corrects_output, method_config, method_name,
+                               quant_config)
 from experiments.runtime import (canonical, load_stage, peak_memory_mb, provenance, reset_peak_memory,
                                  retire_finished_run, save_stage, timer)
 from quant import METHOD_VERSION
@@ -31,10 +31,8 @@ from quant.bias_correction import correct_eps_gain
 from quant.calib_data import CalibSet, collect_trajectories, draw_over_steps, evenly_spaced_steps, trajectories_for
 from quant.checkpoint import load_quantized, load_quantized_weights, read_quantized, save_quantized
 from quant.deploy.file import is_int_file, load_int, read_header
-from quant.methods import QuantMode
-from quant.methods.baseline import quantize_baseline
-from quant.methods.dilatequant import quantize_dilatequant
-from quant.methods.qdiff import quantize_qdiff, reconstruct_activations
+from quant.methods import CalibrationDraw, MethodContext, quantize as quantize_with
+from quant.methods.qdiff import reconstruct_activations
 from quant.model import QuantModel
 from quant.settings import QuantConfig
 
@@ -80,7 +78,7 @@ class Preloaded:
 
 def uses_tpq(args) -> bool:
     """Activation quantizers with one step size per timestep (DilateQuant's TPQ)."""
-    return args.quant_act and args.quant_mode == QuantMode.DILATEQUANT.value and args.tpq
+    return args.quant_act and method_config(args).temporal
 
 
 def missing_timesteps(calib: CalibSet, schedule: Sequence[int]) -> list[int]:
@@ -152,7 +150,7 @@ def check_cali_ckpt(payload: dict, path: str, args, schedule: Sequence[int]) -> 
     cfg = QuantConfig.from_dict(payload["config"])
     want = quant_config(args)
     pairs = [("--weight_bit", cfg.weight_bit, want.weight_bit), ("--split", cfg.split, want.split),
-             ("--quant_mode", base_method(payload["method"]), args.quant_mode)]
+             ("--quant_mode", saved_method(payload), args.quant_mode)]
     if not args.resume_w:                              # --resume_w keeps the weights and recalibrates activations
         pairs += [("--act_bit (with --quant_act)", cfg.act_bit, want.act_bit), ("--a_sym", cfg.a_sym, want.a_sym),
                   ("--sm_abit", cfg.sm_abit, want.sm_abit)]
@@ -171,10 +169,29 @@ def check_cali_ckpt(payload: dict, path: str, args, schedule: Sequence[int]) -> 
                              "recalibrate")
 
 
-def _calibrate(job: QuantJob, args, logdir: Path, device: torch.device, dq_config) -> tuple[QuantModel, dict]:
-    config, mode = quant_config(args), QuantMode(args.quant_mode)
-    needs_data = (config.quant_act or mode is QuantMode.QDIFF or (mode is QuantMode.DILATEQUANT and args.bkd)
-                  or args.eps_rescale)
+def output_correction(args) -> dict | None:
+    """--eps_correction / --eps_rescale as fields of the method identity."""
+    if args.eps_correction:
+        return {"kind": "eps_mean", "trajectories": args.eps_correction}
+    return {"kind": "eps_rescale"} if args.eps_rescale else None
+
+
+def method_identity(args) -> dict:
+    """What the quantized model is, as fields: the method's structured identity (quant.methods) and the output
+    correction; results.json and quantized.pt hold it beside the short label."""
+    return method_config(args).identity() | {"output_correction": output_correction(args)}
+
+
+def saved_method(payload: dict) -> str:
+    """The method name of a checkpoint: its identity's (quant.methods), or parsed from the label of a checkpoint
+    written before identities were stored."""
+    identity = payload.get("meta", {}).get("method_identity")
+    return identity["name"] if identity else base_method(payload["method"])
+
+
+def _calibrate(job: QuantJob, args, logdir: Path, device: torch.device) -> tuple[QuantModel, dict]:
+    config, method = quant_config(args), method_config(args)
+    needs_data = config.quant_act or method.needs_data(config) or args.eps_rescale
     reset_peak_memory(device)
     calib, data_seconds, reused = None, None, False
     with timer() as t, warnings.catch_warnings():
@@ -183,17 +200,12 @@ def _calibrate(job: QuantJob, args, logdir: Path, device: torch.device, dq_confi
         if needs_data:
             calib, data_seconds, reused = job.draw_calibration()
         _clear_stale_units(logdir, canonical(stage_key(args, job)))   # the calibration set passed its checks
-        if mode is QuantMode.BASELINE:
-            qmodel = quantize_baseline(job.fp, config, calib, batch_size=args.cali_batch_size, seed=args.seed)
-        elif mode is QuantMode.DILATEQUANT:
-            qmodel = quantize_dilatequant(job.fp, config, job.schedule, calib, dq_config, logdir,
-                                          batch_size=args.cali_batch_size, seed=args.seed, sigmas=job.sigmas)
-        elif args.resume_w:
+        if args.resume_w:                              # qdiff (check_quant_flags): keep the weights
             qmodel = load_quantized_weights(args.cali_ckpt, job.fp, config)
-            reconstruct_activations(qmodel, job.fp, calib, qdiff_settings(args), logdir, args.cali_batch_size)
+            reconstruct_activations(qmodel, job.fp, calib, method, logdir, args.cali_batch_size)
         else:
-            qmodel = quantize_qdiff(job.fp, config, calib, qdiff_settings(args), logdir,
-                                    batch_size=args.cali_batch_size)
+            context = MethodContext(job.schedule, calib, logdir, args.cali_batch_size, args.seed, job.sigmas)
+            qmodel = quantize_with(job.fp, config, method, context)
         stats = correct_output(job, args, qmodel, calib)
     # a reused calibration set counts with the seconds of its original draw (None: not recorded, not counted)
     seconds = t["seconds"] + ((data_seconds or 0.0) if reused else 0.0)
@@ -218,9 +230,9 @@ def cached_calibration(args, logdir: Path, key_settings: Sequence[str], inputs: 
     -> (calibration set, seconds its draw took (None if not recorded), whether it was reused)."""
     if args.cali_data_path:                       # read and checked before any work (preload)
         return preloaded.calib, (preloaded.calib_meta or {}).get("record", {}).get("seconds"), True
-    mode = QuantMode(args.quant_mode)
+    evenly_spaced = method_config(args).calibration is CalibrationDraw.EVENLY_SPACED
     path = logdir / "calib.pt"
-    key = canonical({k: getattr(args, k) for k in key_settings} | {"evenly_spaced": mode is QuantMode.QDIFF,
+    key = canonical({k: getattr(args, k) for k in key_settings} | {"evenly_spaced": evenly_spaced,
                                                                     "config": inputs["config"],
                                                                     "ckpt": inputs["ckpt"]})
     if path.exists():
@@ -228,12 +240,11 @@ def cached_calibration(args, logdir: Path, key_settings: Sequence[str], inputs: 
         if meta.get("key") == key:
             check_calibration_set(calib, str(path), schedule, args)
             return calib, meta.get("record", {}).get("seconds"), True
-    n_traj = (args.cali_n if mode is QuantMode.QDIFF
-              else trajectories_for(math.ceil(args.cali_n / halves), args.cali_per_traj))
+    n_traj = args.cali_n if evenly_spaced else trajectories_for(math.ceil(args.cali_n / halves), args.cali_per_traj)
     x_T, fp_sample = start(n_traj)
     gen = torch.Generator().manual_seed(args.seed)
     with timer() as t:
-        if mode is QuantMode.QDIFF:
+        if evenly_spaced:
             calib = evenly_spaced_steps(collect_trajectories(fp_sample, x_T), args.cali_n, args.cali_st, gen)
         else:
             calib = draw_over_steps(fp_sample, x_T, args.cali_n, n_steps, args.cali_per_traj, gen,
@@ -266,7 +277,7 @@ def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: d
              payload: dict | None = None) -> tuple[QuantModel, dict]:
     """Load --cali_ckpt (its `payload`, already checked against the flags), or calibrate and save
     <logdir>/quantized.pt. -> (model, record of what the model is and what it cost)."""
-    record = {"method": method_name(args), "weight_bit": args.weight_bit,
+    record = {"method": method_name(args), "method_identity": method_identity(args), "weight_bit": args.weight_bit,
               "act_bit": args.act_bit if args.quant_act else None}
     if args.cali_ckpt and "int_header" in (payload or {}):     # a packed integer model: sampled as it is
         model, _ = load_int(args.cali_ckpt, lambda network: copy.deepcopy(job.fp), device)
@@ -277,18 +288,22 @@ def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: d
     if args.cali_ckpt and not args.resume_w:
         qmodel, payload = load_quantized(args.cali_ckpt, job.fp, payload)
         cfg = payload["config"]
-        record |= {"method": payload["method"], "weight_bit": cfg["weight_bit"], "act_bit": cfg["act_bit"],
+        record |= {"method": payload["method"], "method_identity": payload.get("meta", {}).get("method_identity"),
+                   "weight_bit": cfg["weight_bit"], "act_bit": cfg["act_bit"],
                    "quantized_from": checkpoint_summary(args.cali_ckpt, payload)}
         if not corrects_output(args):
             return qmodel.eval(), record | {"calib_seconds": None, "peak_mem_mb": None}
         suffix = correction_suffix(args)
         if not record["method"].endswith(suffix):
             record["method"] += suffix
+        if record["method_identity"] is not None:
+            record["method_identity"] = record["method_identity"] | {"output_correction": output_correction(args)}
         with timer() as t:                                       # calib_seconds: the correction alone
             stats = correct_output(job, args, qmodel, job.draw_calibration()[0] if args.eps_rescale else None)
         retire_finished_run(logdir)
         save_quantized(logdir / "quantized.pt", qmodel, record["method"], sampler=sampler, network=job.network,
-                       cali_ckpt=str(args.cali_ckpt), stage_key=canonical(stage_key(args, job)))
+                       method_identity=record["method_identity"], cali_ckpt=str(args.cali_ckpt),
+                       stage_key=canonical(stage_key(args, job)))
         seconds = stats.get("eps_correction_seconds", t["seconds"])
         return qmodel.eval(), record | stats | {"calib_seconds": seconds, "peak_mem_mb": None}
     key = canonical(stage_key(args, job))
@@ -300,10 +315,10 @@ def quantize(job: QuantJob, args, logdir: Path, device: torch.device, sampler: d
             qmodel, _ = load_quantized(path, job.fp)
             cost = {k: v for k, v in (load_stage(logdir / "quantize.json", key) or {}).items() if k != "provenance"}
             return qmodel.eval(), record | cost
-    dq_config = dilatequant_config(args) if args.quant_mode == QuantMode.DILATEQUANT.value else None
-    qmodel, cost = _calibrate(job, args, logdir, device, dq_config)
+    qmodel, cost = _calibrate(job, args, logdir, device)
     retire_finished_run(logdir)                 # --overwrite: the finished run moves aside with its model
-    save_quantized(path, qmodel, record["method"], sampler=sampler, network=job.network, stage_key=key)
+    save_quantized(path, qmodel, record["method"], sampler=sampler, network=job.network,
+                   method_identity=record["method_identity"], stage_key=key)
     save_stage(logdir / "quantize.json", key, cost | {"method_version": METHOD_VERSION, "provenance": provenance(device)})
     return qmodel.eval(), record | cost
 

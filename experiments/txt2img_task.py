@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common.errors import UsageError
 from common.checkpoint import check_file
-from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags, check_rules
+from experiments.flags import HelpFormatter, add_common_flags, add_quant_flags, check_rules, parse_flags
 from experiments.ldm_task import Conditioning, input_digests, run
 from experiments.run import run_identity
 from evaluation.clip_score import DEFAULT_CLIP
@@ -114,7 +114,7 @@ def identity(args) -> dict:
 
 
 def main(argv=None) -> dict | None:
-    args = as_ldm_args(build_parser().parse_args(argv))
+    args = as_ldm_args(parse_flags(build_parser, argv))
     prompts = read_prompts(args.from_file, "--from-file", [args.prompt] * args.batch_size)
     cali_prompts = read_prompts(args.cali_prompts, "--cali_prompts", prompts)
     batch = args.batch_size                                   # txt2img's --n_samples

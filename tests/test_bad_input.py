@@ -206,7 +206,7 @@ def test_6_fp_samples_neither_invalidate_the_quantization_nor_come_in_another_co
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the quantization stage ran again")
-    monkeypatch.setattr(quantize_mod, "quantize_baseline", must_not_run)
+    monkeypatch.setattr(quantize_mod, "quantize_with", must_not_run)          # the method handler
     rec = run(tiny_task, tmp_path / "q", *W8A8, "--fp_samples", str(tmp_path / "fp" / "samples.npz"))
     assert rec["inputs"]["fp_samples"] is not None
     with pytest.raises(UsageError, match=r"--fp_samples .* holds 12 images, this run samples 5 \(--max_images\)"):

@@ -21,10 +21,10 @@ from quant.calibrate import calibrate
 from quant.dilation import dilate
 from quant.distill import DistillConfig, distill
 from quant.layers import QuantLayer, QuantMatMul
-from quant.methods import QuantMode
-from quant.methods.baseline import quantize_baseline
-from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant
-from quant.methods.qdiff import QDiffConfig, quantize_qdiff
+from quant.methods import MethodContext, quantize as quantize_with
+from quant.methods.baseline import BaselineConfig
+from quant.methods.dilatequant import DilateQuantConfig
+from quant.methods.qdiff import QDiffConfig
 from quant.model import QuantModel, frozen, quant_enabled
 from quant.settings import QuantConfig, RangeInit, Signedness
 from test_ldm_encoders import write_tiny_tokenizer
@@ -120,22 +120,21 @@ def tiny(built, name: str) -> tuple[Tiny, object]:
     return Tiny(name, copy.deepcopy(ldm)), calib
 
 
-def quantize(mode: QuantMode, m: Tiny, calib, run_dir) -> QuantModel:
-    if mode is QuantMode.BASELINE:
-        return quantize_baseline(m.unet, W4A4, calib, batch_size=CALIB_N)
-    if mode is QuantMode.QDIFF:
-        qd = QDiffConfig(weight_iters=2, act_iters=2, batch_size=2)
-        return quantize_qdiff(m.unet, W4A4, calib, qd, run_dir, batch_size=CALIB_N)
-    dq = DilateQuantConfig(distill=DistillConfig(iters=2, batch_size=2, cache_batch_size=CALIB_N))
-    return quantize_dilatequant(m.unet, W4A4, m.sampler.timesteps, calib, dq, run_dir, batch_size=CALIB_N)
+METHODS = {"baseline": BaselineConfig(), "qdiff": QDiffConfig(weight_iters=2, act_iters=2, batch_size=2),
+           "dilatequant": DilateQuantConfig(distill=DistillConfig(iters=2, batch_size=2, cache_batch_size=CALIB_N))}
+
+
+def quantize(mode: str, m: Tiny, calib, run_dir) -> QuantModel:
+    """Through the method registry: the config's type picks the handler."""
+    context = MethodContext(m.sampler.timesteps, calib, run_dir, batch_size=CALIB_N)
+    return quantize_with(m.unet, W4A4, METHODS[mode], context)
 
 
 # Every method on every config; the default run keeps one method per config (each method and each config once,
 # distillation on a cross-attention and an AttentionBlock model), the rest run with `-m slow` (~40 s more).
-FAST = {("sd_v1", QuantMode.DILATEQUANT), ("bedroom", QuantMode.QDIFF), ("cin256", QuantMode.BASELINE),
-        ("church", QuantMode.BASELINE)}
-MATRIX = [pytest.param(name, mode, marks=() if (name, mode) in FAST else pytest.mark.slow, id=f"{name}-{mode.value}")
-          for name in CONFIGS for mode in QuantMode]
+FAST = {("sd_v1", "dilatequant"), ("bedroom", "qdiff"), ("cin256", "baseline"), ("church", "baseline")}
+MATRIX = [pytest.param(name, mode, marks=() if (name, mode) in FAST else pytest.mark.slow, id=f"{name}-{mode}")
+          for name in CONFIGS for mode in METHODS]
 
 
 @pytest.mark.parametrize("name, mode", MATRIX)
@@ -150,9 +149,9 @@ def test_each_method_calibrates_distills_and_samples_with_guidance(built, name, 
         assert set(calib.cond) == {"context"} and context.shape[:2] == (len(calib.t), tokens)
         assert 0 < sum(torch.equal(row, uncond) for row in context) < len(calib.t)
     q = quantize(mode, m, calib, tmp_path)
-    assert q.config.split and q.config.temporal == (mode is QuantMode.DILATEQUANT) and q.unquantized == []
+    assert q.config.split and q.config.temporal == (mode == "dilatequant") and q.unquantized == []
     units = q.adapter.units(q.model)
-    finished = {QuantMode.DILATEQUANT: ["distill"], QuantMode.QDIFF: ["recon_w", "recon_a"]}.get(mode, [])
+    finished = {"dilatequant": ["distill"], "qdiff": ["recon_w", "recon_a"]}.get(mode, [])
     for stage in finished:
         assert len(list((tmp_path / stage).glob("unit_*.pt"))) == len(units)
     q.check_timesteps(m.sampler.timesteps)

@@ -105,7 +105,7 @@ def test_rerun_reuses_finished_stages_and_redoes_changed_ones(tiny_task, tmp_pat
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(task, "quantize_baseline", must_not_run)
+    monkeypatch.setattr(task, "quantize_with", must_not_run)        # the method's handler
     again = run(tiny_task, tmp_path / "q", *q)                      # calibration and sampling reused
     assert again["calib_seconds"] == first["calib_seconds"]
     assert again["sampling_seconds"] == first["sampling_seconds"]

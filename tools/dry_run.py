@@ -306,7 +306,8 @@ TOLERANCE = 0.25                                         # measured / planned wi
 
 
 def smoke_against_plan(path: Path, out: Path) -> dict:
-    """Each method's smoke run of `path` (its own process: a clean peak), and this plan at the same settings:
+    """Each method's smoke run of `path` (its own process: a clean peak; a record of a finished run at these
+    settings under `out` is reused, so an interrupted --smoke resumes), and this plan at the same settings:
     peak = the planned peak with a float32 cache + the autograd tensors measured at the run's batch; seconds per
     BKD iteration of the largest unit at that batch."""
     import json
@@ -317,6 +318,11 @@ def smoke_against_plan(path: Path, out: Path) -> dict:
               + planned["saved_gb"], "planned_seconds": planned["seconds"], "runs": {}}
     for method in ("dilatequant", "qdiff"):
         record = out / f"{path.stem}_{method}.json"
+        done = json.loads(record.read_text()) if record.exists() else None
+        if done is not None and all(done.get(k) == v for k, v in SMOKE.items()) and done.get("method") == method:
+            print(f"[dry_run] smoke run of {path.name} ({method}): finished before, reusing {record}", flush=True)
+            result["runs"][method] = done
+            continue
         cmd = [sys.executable, str(Path(__file__).with_name("smoke_run.py")), "--config", str(path), "--method",
                method, "--out", str(out / f"{path.stem}_{method}"), "--json", str(record),
                *[a for k, v in SMOKE.items() for a in (f"--{k}", str(v))]]

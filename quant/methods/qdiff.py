@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,9 @@ from quant.calib_data import CalibSet
 from quant.calibrate import calibrate_activations
 from quant.distill import DistillConfig, LRSchedule, reconstruct
 from quant.layers import QuantLayer, QuantMatMul
+from quant.methods import CalibrationDraw, Flag, MethodContext, identity_fields, register_method
+from quant.methods.options import (CACHE_DTYPES, CALI_ITERS, CACHE_DTYPE, CACHE_RAM, DISTILL_BATCH, FP_INPUT,
+                                   LR_SCHEDULE, at_least, positive)
 from quant.model import QuantModel, quant_enabled
 from quant.range_search import init_weight_quantizers
 from quant.settings import QuantConfig, RangeInit
@@ -28,6 +32,12 @@ from quant.settings import QuantConfig, RangeInit
 
 @dataclass(frozen=True)
 class QDiffConfig:
+    """Q-Diffusion: BRECQ reconstruction with AdaRound weights, then learned activation steps."""
+    name: ClassVar[str] = "qdiff"
+    calibration: ClassVar[CalibrationDraw] = CalibrationDraw.EVENLY_SPACED
+    flags: ClassVar[tuple[Flag, ...]] = ()          # set below, from the field defaults
+    temporal: ClassVar[bool] = False
+
     weight_iters: int = 20000      # --cali_iters: AdaRound iterations per unit
     act_iters: int = 5000          # --cali_iters_a: activation-step iterations per unit
     act_lr: float = 4e-4           # --cali_lr
@@ -48,6 +58,34 @@ class QDiffConfig:
         if (min(self.weight_iters, self.act_iters) < 0 or self.act_lr <= 0 or self.lp <= 0
                 or not 0 <= self.fp_input <= 1):
             raise ValueError(f"invalid QDiffConfig: {self}")
+
+    def needs_data(self, quant: QuantConfig) -> bool:
+        return True
+
+    def identity(self) -> dict:
+        return identity_fields(self)
+
+    def label(self) -> str:
+        return self.name + (f"+fpin{self.fp_input:g}" if self.fp_input > 0 else "")
+
+    @classmethod
+    def from_flags(cls, values: Mapping[str, Any], seed: int) -> "QDiffConfig":
+        return cls(weight_iters=values["cali_iters"], act_iters=values["cali_iters_a"], act_lr=values["cali_lr"],
+                   lp=values["cali_p"], act_lr_schedule=LRSchedule(values["lr_schedule"]),
+                   running_stat=values["running_stat"], batch_size=values["distill_batch_size"],
+                   cache_dtype=CACHE_DTYPES[values["cache_dtype"]], cache_ram_gb=values["cache_ram_gb"],
+                   fp_input=values["distill_fp_input"], seed=seed)
+
+
+QDiffConfig.flags = (
+    CALI_ITERS,
+    Flag("--cali_iters_a", QDiffConfig.act_iters, "activation-step iterations per block", int, valid=at_least(0),
+         valid_words=">= 0"),
+    Flag("--cali_lr", QDiffConfig.act_lr, "activation-step learning rate", float, valid=positive, valid_words="> 0"),
+    Flag("--cali_p", QDiffConfig.lp, "norm of the activation range search", float, valid=positive, valid_words="> 0"),
+    Flag("--running_stat", False, "running min/max activation ranges", kind="switch"),
+    DISTILL_BATCH, LR_SCHEDULE, CACHE_DTYPE, CACHE_RAM, FP_INPUT,
+)
 
 
 class AdaRoundObjective:
@@ -134,3 +172,7 @@ def quantize_qdiff(fp_model: nn.Module, config: QuantConfig, calib: CalibSet, qd
     reconstruct_weights(qmodel, fp_model, calib, qd, run_dir)
     reconstruct_activations(qmodel, fp_model, calib, qd, run_dir, batch_size)
     return qmodel
+
+
+register_method(QDiffConfig, lambda fp, quant, qd, ctx: quantize_qdiff(fp, quant, ctx.calib, qd, ctx.run_dir,
+                                                                       ctx.batch_size))
