@@ -16,9 +16,3 @@ def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1] (the range the diffusion model is trained on)."""
     x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float NCHW in [-1, 1] -> uint8 NHWC, clipping out-of-range samples."""
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UsageError
 from common.files import file_digest
 from ddim import load_config, make_betas
 from ddim.checkpoint import load_unet
-from ddim.sampling import SAMPLE_TYPES, initial_noise, make_sampler
+from ddim.sampling import SAMPLE_TYPES, SAMPLERS, make_sampler
 from ddim.schedule import SKIP_TYPES, alphas_cumprod
+from diffusion.sampling import initial_noise
 from experiments import dist
 from experiments.flags import (HelpFormatter, add_common_flags, add_quant_flags, check_input_files,
                                check_no_quant_flags, check_quant_flags, check_rules, parse_flags)
@@ -29,7 +31,8 @@ from quant.calib_data import CalibSet
 from common.device import check_device, set_seed
 
 SAMPLING_FLAGS = ("max_images", "batch_size", "backend")      # change what is sampled, not the calibrated model
-CALIB_SETTINGS = ("timesteps", "skip_type", "eta", "sample_type", "seed", "cali_n", "cali_st", "cali_per_traj")
+CALIB_SETTINGS = ("timesteps", "skip_type", "eta", "sample_type", "ddim_sampler", "seed", "cali_n", "cali_st",
+                  "cali_per_traj")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 (deterministic) .. 1 (DDPM-like)")
     p.add_argument("--skip_type", default="quad", choices=SKIP_TYPES)
     p.add_argument("--sample_type", default="generalized", choices=SAMPLE_TYPES)
+    p.add_argument("--sampler", dest="ddim_sampler", default="ddim", choices=list(SAMPLERS),
+                   help="ddim: the DDIM repository's sampler of --sample_type; plms, dpm: CompVis's PLMS (over the "
+                        "--skip_type discretization) and DPM-Solver-2 (diffusion.samplers)")
     p.add_argument("--max_images", type=int, default=1000, help="number of images to sample")
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("-l", "--logdir", required=True)
@@ -61,6 +67,14 @@ def check_flags(args, cfg) -> None:
     check_rules(args, [("timesteps", lambda v: 1 <= v <= steps, f"1..{steps} (the config's diffusion steps)"),
                        ("eta", lambda v: 0.0 <= v <= 1.0, "[0, 1]"), ("max_images", lambda v: v >= 1, ">= 1"),
                        ("batch_size", lambda v: v >= 1, ">= 1")])
+    if args.ddim_sampler != "ddim":
+        if args.eta > 0 or args.sample_type != "generalized":
+            raise UsageError(f"--sampler {args.ddim_sampler} is deterministic and has no --sample_type",
+                             "drop --eta and --sample_type, or use --sampler ddim")
+        try:
+            make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, 0.0, sampler=args.ddim_sampler)
+        except ValueError as e:                        # e.g. CompVis's +1 shift leaving the schedule
+            raise UsageError(f"--timesteps {args.timesteps} (--sampler {args.ddim_sampler}): {e}") from None
     check_device(args.device)
     check_no_quant_flags(args)
     if args.ptq:
@@ -95,7 +109,7 @@ def calibration_set(fp, sample, args, logdir: Path, device, inputs: dict,
         x_T = initial_noise(n_traj, (fp.cfg.in_channels, fp.cfg.resolution, fp.cfg.resolution), args.seed + 7)
         return x_T, lambda x, on_step, rows=None: sample(fp, x.to(device), on_step=on_step)
 
-    return cached_calibration(args, logdir, CALIB_SETTINGS, inputs, start, len(sample.seq), sample.seq, preloaded)
+    return cached_calibration(args, logdir, CALIB_SETTINGS, inputs, start, sample.calls, sample.seq, preloaded)
 
 
 def eps_correction(qmodel, fp, sample, args, device) -> dict:
@@ -110,14 +124,16 @@ def eps_correction(qmodel, fp, sample, args, device) -> dict:
 
 
 def sampler_record(args) -> dict:
-    return {"steps": args.timesteps, "skip_type": args.skip_type, "eta": args.eta, "sample_type": args.sample_type}
+    return {"steps": args.timesteps, "skip_type": args.skip_type, "eta": args.eta, "sample_type": args.sample_type,
+            "sampler": args.ddim_sampler}
 
 
 def main(argv=None) -> dict | None:
     args = parse_flags(build_parser, argv)
     cfg = load_config(args.config)
     check_flags(args, cfg)
-    sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, args.eta, args.sample_type)
+    sample = make_sampler(make_betas(cfg.diffusion), args.timesteps, args.skip_type, args.eta, args.sample_type,
+                          args.ddim_sampler)
     calibration = preload(args, sample.seq, (cfg.channels, cfg.image_size, cfg.image_size))
     identity = run_identity(args, input_digests(args, cfg))
     check_logdir(Path(args.logdir), "-l", identity, args.overwrite)
@@ -148,7 +164,7 @@ def family(args, cfg, sample, device, calibration: Preloaded) -> Family:
         x_T = noise[b * args.batch_size:(b + 1) * args.batch_size].to(device)
         return sample(current["model"], x_T, generator=gen, on_step=tick)
     return Family(job=job, install=lambda m: current.update(model=m), draw=draw, n_images=args.max_images,
-                  batch_size=args.batch_size, count_flag="max_images", steps=len(sample.seq),
+                  batch_size=args.batch_size, count_flag="max_images", steps=sample.calls,
                   sampler=sampler_record(args), reference=None if args.no_fid else reference(args, cfg),
                   fp_samples=None if args.no_fid else args.fp_samples,
                   record={"skip_type": args.skip_type, "eta": args.eta, "config": str(args.config)})

@@ -22,7 +22,7 @@ import torch.nn as nn
 from common.device import check_device, set_seed
 from common.errors import UsageError
 from common.files import file_digest
-from ddim.sampling import initial_noise
+from diffusion.sampling import initial_noise
 from experiments import dist
 from experiments.flags import (HelpFormatter, add_common_flags, add_quant_flags, check_input_files,
                                check_no_quant_flags, check_quant_flags, check_rules, parse_flags)
@@ -30,7 +30,7 @@ from experiments.quantize import Preloaded, QuantJob, cached_calibration, preloa
 from experiments.run import Family, check_logdir, execute, run_identity
 from ldm.checkpoint import load_model_from_config
 from ldm.modules.diffusionmodules.util import make_beta_schedule
-from ldm.samplers import Sampler, make_sampler
+from diffusion.samplers import Sampler, make_sampler
 from ldm.util import load_config
 from quant.calib_data import CalibSet
 

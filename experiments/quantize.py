@@ -40,6 +40,15 @@ KEY_VERSION = 3                                         # bump when the meaning 
 UNIT_DIRS = ("distill", "recon_w", "recon_a")           # per-unit reconstruction checkpoints
 # Flags that change neither the calibrated model nor the samples.
 NOT_RESULT = ("logdir", "device", "ref", "no_fid", "compile", "debug", "overwrite", "allow_download")
+# Flags added after runs were recorded, at the value that leaves every result as it was: left out of run
+# identities and stage keys there, so that finished runs stay finished (a plugin's file counts by its contents).
+OMITTED_AT = {"method_plugin": None, "ddim_sampler": "ddim"}
+
+
+def result_settings(args, exclude: tuple[str, ...] = ()) -> dict:
+    """The flags a run's results depend on, by name (NOT_RESULT, `exclude` and OMITTED_AT aside)."""
+    return {k: v for k, v in vars(args).items()
+            if k not in NOT_RESULT + exclude and not (k in OMITTED_AT and v == OMITTED_AT[k])}
 # Flags and input files that change only what the samples are scored against: they are part of a run's
 # identity (a task reruns the scoring when they change), but neither of its model nor of its samples.
 EVALUATION = ("fp_samples",)
@@ -62,7 +71,7 @@ class QuantJob:
 def stage_key(args, job: QuantJob) -> dict:
     """What the quantized model depends on: every setting but those of sampling and evaluation, and the input
     files' contents (evaluation inputs aside)."""
-    settings = {k: v for k, v in vars(args).items() if k not in NOT_RESULT + EVALUATION + job.sampling_flags}
+    settings = result_settings(args, EVALUATION + job.sampling_flags)
     inputs = {k: v for k, v in job.inputs.items() if k not in EVALUATION}
     return {"version": KEY_VERSION, "settings": settings, "inputs": inputs}
 
@@ -232,7 +241,8 @@ def cached_calibration(args, logdir: Path, key_settings: Sequence[str], inputs: 
         return preloaded.calib, (preloaded.calib_meta or {}).get("record", {}).get("seconds"), True
     evenly_spaced = method_config(args).calibration is CalibrationDraw.EVENLY_SPACED
     path = logdir / "calib.pt"
-    key = canonical({k: getattr(args, k) for k in key_settings} | {"evenly_spaced": evenly_spaced,
+    chosen = {k: getattr(args, k) for k in key_settings if not (k in OMITTED_AT and getattr(args, k) == OMITTED_AT[k])}
+    key = canonical(chosen | {"evenly_spaced": evenly_spaced,
                                                                     "config": inputs["config"],
                                                                     "ckpt": inputs["ckpt"]})
     if path.exists():

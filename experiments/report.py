@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common.errors import UsageError
-from ddim.sampling import make_grid
+from diffusion.sampling import make_grid
 from evaluation.fidelity import paired_psnr_db
 
 COLUMNS = [("run", "{}"), ("method", "{}"), ("W/A", "{}"), ("FID", "{:.2f}"), ("sFID", "{:.2f}"),

@@ -18,12 +18,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from common.files import file_digest
 from common.errors import UsageError
-from ddim.sampling import SAMPLE_FILES, join_batches, run_batches, save_samples
+from common.files import file_digest
+from diffusion.sampling import SAMPLE_FILES, join_batches, run_batches, save_samples
 from experiments import dist
 from experiments.flags import corrects_output
-from experiments.quantize import EVALUATION, NOT_RESULT, QuantJob, quantize
+from experiments.quantize import EVALUATION, QuantJob, quantize, result_settings
 from experiments.runtime import (PREVIOUS_RUN, canonical, load_stage, locked, provenance, recorded_identity,
                                  save_args, save_stage, write_results)
 from quant import METHOD_VERSION
@@ -52,7 +52,9 @@ class Family:
 def run_identity(args, inputs: dict) -> dict:
     """What makes a run's results: its settings and input contents (recorded in results.json; run_task skips a
     run only when they match)."""
-    return {"settings": canonical({k: v for k, v in vars(args).items() if k not in NOT_RESULT}), "inputs": inputs}
+    plugin = getattr(args, "method_plugin", None)
+    inputs = inputs | ({"method_plugin": file_digest(plugin)} if plugin else {})
+    return {"settings": canonical(result_settings(args)), "inputs": inputs}
 
 
 def samples_identity(identity: dict) -> dict:

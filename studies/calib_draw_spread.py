@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ddim.data import to_uint8  # noqa: E402
-from ddim.sampling import initial_noise  # noqa: E402
+from diffusion.sampling import to_uint8  # noqa: E402
+from diffusion.sampling import initial_noise  # noqa: E402
 from quant.calib_data import CalibSet  # noqa: E402
 from quant.methods.baseline import quantize_baseline  # noqa: E402
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant  # noqa: E402

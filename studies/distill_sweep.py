@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ddim.data import to_uint8  # noqa: E402
-from ddim.sampling import initial_noise  # noqa: E402
+from diffusion.sampling import to_uint8  # noqa: E402
+from diffusion.sampling import initial_noise  # noqa: E402
 from quant.distill import DistillConfig, LRSchedule  # noqa: E402
 from quant.methods.dilatequant import DilateQuantConfig, quantize_dilatequant  # noqa: E402
 from quant.settings import QuantConfig  # noqa: E402

@@ -55,8 +55,8 @@ def ldm_drawer(args):
     scripts/sample_diffusion_ldm.py draws it (classes 0, 1, ... in turn; x_T from --seed)."""
     from experiments.ldm_task import Conditioning
     from ldm.checkpoint import load_model_from_config
-    from ldm.samplers import make_sampler as ldm_sampler
-    from ldm.sampling import class_conditional_images
+    from diffusion.samplers import make_sampler as ldm_sampler
+    from tools.ldm_images import class_conditional_images
     from ldm.util import load_config as ldm_config
     config = ldm_config(args.config)
     ldm = load_model_from_config(config, Path(config["ckpt"]), config_path=Path(args.config)).eval()

@@ -24,9 +24,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ddim import load_config, make_betas  # noqa: E402
-from ddim.data import mnist_uint8, to_uint8  # noqa: E402
+from ddim.data import mnist_uint8  # noqa: E402
+from diffusion.sampling import to_uint8  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
-from ddim.sampling import initial_noise, make_sampler  # noqa: E402
+from ddim.sampling import make_sampler  # noqa: E402
+from diffusion.sampling import initial_noise  # noqa: E402
 from ddim.schedule import alphas_cumprod  # noqa: E402
 from quant.calib_data import CalibSet  # noqa: E402
 from quant.calibrate import calibrate_activations  # noqa: E402

@@ -8,7 +8,7 @@ import yaml
 
 from common.errors import UsageError
 from conftest import ROOT
-from ldm.tiny import tiny_config
+from tools.tiny_ldm import tiny_config
 from ldm.util import instantiate_from_config, load_config
 from tools.dry_run import main
 

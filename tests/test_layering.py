@@ -1,8 +1,10 @@
 """The package layering: lower packages never import higher ones, so there is no import cycle between them.
 
-    common  <-  ddim, ldm  <-  quant  <-  evaluation  <-  experiments  <-  tools  <-  studies, scripts, tests
+    common  <-  diffusion  <-  ddim  <-  ldm;  common  <-  quant;  both  <-  evaluation  <-  experiments  <-  tools
+    <-  studies, scripts
 
-(quant never imports a model package: it reaches models through adapters registered by class path;
+(diffusion: the samplers and the sampling pipeline every family shares; ldm builds its first stage from ddim's
+blocks; quant never imports a model package: it reaches models through adapters registered by class path;
 evaluation may read the offline datasets of ddim/ldm.)
 """
 import ast
@@ -14,16 +16,16 @@ from conftest import ROOT
 
 ALLOWED = {
     "common": set(),
-    "ddim": {"common"},
-    "ldm": {"common", "ddim"},
+    "diffusion": {"common"},
+    "ddim": {"common", "diffusion"},
+    "ldm": {"common", "diffusion", "ddim"},
     "quant": {"common"},
-    "evaluation": {"common", "ddim", "ldm"},
-    "experiments": {"common", "ddim", "ldm", "quant", "evaluation"},
-    "tools": {"common", "ddim", "ldm", "quant", "evaluation", "experiments"},
-    "studies": {"common", "ddim", "ldm", "quant", "evaluation", "experiments", "tools"},
-    "scripts": {"common", "ddim", "ldm", "quant", "evaluation", "experiments", "tools"},
+    "evaluation": {"common", "diffusion", "ddim", "ldm"},
+    "experiments": {"common", "diffusion", "ddim", "ldm", "quant", "evaluation"},
+    "tools": {"common", "diffusion", "ddim", "ldm", "quant", "evaluation", "experiments"},
+    "studies": {"common", "diffusion", "ddim", "ldm", "quant", "evaluation", "experiments", "tools"},
+    "scripts": {"common", "diffusion", "ddim", "ldm", "quant", "evaluation", "experiments", "tools"},
 }
-
 
 def imported_packages(path: Path) -> set[str]:
     """Top-level packages of this repo that a file imports (anywhere in it, lazy imports included)."""
@@ -63,7 +65,7 @@ def test_the_layering_has_no_cycle():
     assert len(order) == len(ALLOWED)
 
 
-@pytest.mark.parametrize("package", ["common", "ddim", "ldm", "quant", "evaluation"])
+@pytest.mark.parametrize("package", ["common", "diffusion", "ddim", "ldm", "quant", "evaluation"])
 def test_library_packages_never_parse_command_lines(package):
     """Command lines are parsed by the entry points (scripts/, tools/, experiments/): the library never imports
     argparse, so nothing in it can depend on a Namespace."""

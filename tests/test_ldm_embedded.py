@@ -7,8 +7,8 @@ import torch
 
 from conftest import ROOT
 from ldm.checkpoint import load_model_from_config
-from ldm.samplers import make_sampler
-from ldm.sampling import class_conditional_images
+from diffusion.samplers import make_sampler
+from tools.ldm_images import class_conditional_images
 from ldm.util import load_config
 
 CONFIG = ROOT / "configs" / "latent-diffusion" / "mnist-ldm-kl-4.yaml"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldm.modules.encoders.modules import ClassEmbedder, FrozenCLIPEmbedder
-from ldm.tiny import TINY_CLIP_TEXT
+from tools.tiny_ldm import TINY_CLIP_TEXT
 
 
 def test_class_embedder_gives_one_token_of_context():

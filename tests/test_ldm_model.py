@@ -21,7 +21,7 @@ from ldm.checkpoint import (LEGACY_POSITION_IDS, ema_key, load_ldm_state, load_m
 from ldm.models.autoencoder import AutoencoderKL, VQModelInterface
 from ldm.modules.attention import CrossAttention
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock
-from ldm.tiny import random_weights, tiny_config
+from tools.tiny_ldm import random_weights, tiny_config
 from ldm.util import instantiate_from_config, load_config
 
 CONFIGS = {"bedroom": "latent-diffusion/lsun_bedrooms-ldm-vq-4", "church": "latent-diffusion/lsun_churches-ldm-kl-8",

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from conftest import ROOT
-from ldm.samplers import make_sampler
-from ldm.tiny import random_weights, tiny_config
+from diffusion.samplers import make_sampler
+from tools.tiny_ldm import random_weights, tiny_config
 from ldm.util import instantiate_from_config, load_config
 from quant import distill as distill_mod
 from quant.calib_data import draw_over_steps, trajectories_for

@@ -9,9 +9,9 @@ import torch
 
 from conftest import ROOT
 from ldm.modules.diffusionmodules.util import make_beta_schedule, make_ddim_timesteps
-from ldm.samplers import (SAMPLERS, ddim_sample, ddim_timesteps, dpm_solver_grid, dpm_solver_sample,
+from diffusion.samplers import (SAMPLERS, ddim_sample, ddim_timesteps, dpm_solver_grid, dpm_solver_sample,
                           dpm_solver_timesteps, make_sampler)
-from ldm.tiny import random_weights, tiny_config
+from tools.tiny_ldm import random_weights, tiny_config
 from ldm.util import instantiate_from_config, load_config
 
 ABAR = np.cumprod(1 - make_beta_schedule("linear", 1000, 0.0015, 0.0195))

@@ -11,7 +11,7 @@ import yaml
 from common.errors import UsageError
 from conftest import ROOT
 from experiments.ldm_task import build_parser, main
-from ldm.tiny import TINY_CLIP_TEXT, random_weights, tiny_config
+from tools.tiny_ldm import TINY_CLIP_TEXT, random_weights, tiny_config
 from ldm.util import instantiate_from_config, load_config
 from test_ldm_encoders import write_tiny_tokenizer
 

@@ -108,7 +108,7 @@ def test_an_images_noise_depends_only_on_the_seed_and_its_index(shape):
     """The first k images of an n-image draw are the k-image draw (torch fills normals 16 at a time, so this
     holds for images of a multiple of 16 values, which every model here has): shards and reruns of other
     sizes see the same noise per image."""
-    from ddim.sampling import initial_noise
+    from diffusion.sampling import initial_noise
     full = initial_noise(300, shape, seed=5)
     for k in (1, 7, 250):
         assert torch.equal(initial_noise(k, shape, seed=5), full[:k])
@@ -122,3 +122,28 @@ def test_any_subset_of_batches_gives_the_same_images(tiny_unet):
                          progress=False)
     assert list(every) == [0, 1, 2] and list(odd) == [1]
     assert np.array_equal(every[1][0], odd[1][0])
+
+
+@pytest.mark.parametrize("sampler", ["plms", "dpm"])
+def test_ddim_models_sample_with_plms_and_dpm_solver_quantized_at_their_timesteps(tiny_task, tmp_path, sampler):
+    from conftest import run
+    from ddim import load_config
+    from ddim.sampling import make_sampler
+    rec = run(tiny_task, tmp_path / sampler, "--sampler", sampler, "--ptq", "--quant_mode", "dilatequant",
+              "--weight_bit", "8", "--quant_act", "--act_bit", "8", "--cali_n", "16", "--cali_iters", "1",
+              "--distill_batch_size", "4", "--no_fid")
+    assert rec["sampler"] == sampler and rec["method"] == "dilatequant"
+    cfg = load_config(tiny_task / "tiny.yml")
+    expected = make_sampler(make_betas(cfg.diffusion), 4, "quad", 0.0, sampler=sampler)
+    saved = torch.load(tmp_path / sampler / "quantized.pt", weights_only=False)
+    assert sorted(saved["schedule"]) == expected.seq                      # a TPQ slot per timestep it calls
+    assert expected.calls == 4 + (sampler == "plms")                     # PLMS's first step calls twice
+    images = np.load(tmp_path / sampler / "samples.npz")["arr_0"]
+    assert images.shape == (12, 28, 28, 1) and images.std() > 0
+
+
+def test_plms_and_dpm_on_a_ddim_model_refuse_eta(tiny_task, tmp_path):
+    from common.errors import UsageError
+    from conftest import run
+    with pytest.raises(UsageError, match="--sampler plms is deterministic"):
+        run(tiny_task, tmp_path / "x", "--sampler", "plms", "--eta", "0.5", "--no_fid")

@@ -67,7 +67,7 @@ RUNS = {
 def tiny_sd(folder: Path) -> list[str]:
     """A tiny random Stable Diffusion (the public config's classes, widths of 32) as files, and its flags."""
     import yaml
-    from ldm.tiny import TINY_CLIP_TEXT, random_weights, tiny_config
+    from tools.tiny_ldm import TINY_CLIP_TEXT, random_weights, tiny_config
     from ldm.util import instantiate_from_config, load_config
     tok = folder / "clip" / "tokenizer"
     tok.mkdir(parents=True)

@@ -105,7 +105,8 @@ def ddim_workload(config: str, random_weights: bool, ckpt: str | None, batch: in
                   device: torch.device) -> Workload:
     from ddim import UNet, load_config, make_betas
     from ddim.checkpoint import load_unet
-    from ddim.sampling import initial_noise, make_sampler
+    from ddim.sampling import make_sampler
+    from diffusion.sampling import initial_noise
     cfg = load_config(config)
     net = (UNet(cfg.model) if random_weights else load_unet(cfg, ckpt)).to(device).eval()
     sampler = make_sampler(make_betas(cfg.diffusion), steps, "quad", 0.0)
@@ -127,8 +128,8 @@ def ldm_workload(config: str, random_weights: bool, ckpt: str | None, batch: int
     """The UNet of an LDM config under guidance: rows cat([uncond, cond]) of `batch` images, class labels in turn
     (ClassEmbedder) or a fixed prompt (CLIP)."""
     from ldm.checkpoint import load_model_from_config
-    from ldm.samplers import make_sampler
-    from ldm.tiny import random_weights as randomize
+    from diffusion.samplers import make_sampler
+    from tools.tiny_ldm import random_weights as randomize
     from ldm.util import instantiate_from_config, load_config
     config_dict = load_config(config)
     ldm = (randomize(instantiate_from_config(config_dict["model"])) if random_weights else

@@ -41,7 +41,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common.errors import UsageError  # noqa: E402
-from ldm.samplers import ddim_timesteps  # noqa: E402
+from diffusion.samplers import ddim_timesteps  # noqa: E402
 from ldm.util import instantiate_from_config, load_config  # noqa: E402
 from quant.distill import DistillConfig, unit_param_groups  # noqa: E402
 from quant.layers import QuantLayer, QuantMatMul  # noqa: E402

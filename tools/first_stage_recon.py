@@ -21,7 +21,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common.device import pick_device  # noqa: E402
-from ddim.data import to_model_range, to_uint8  # noqa: E402
+from ddim.data import to_model_range  # noqa: E402
+from diffusion.sampling import to_uint8  # noqa: E402
 from evaluation.fid import evaluate, load_reference_images  # noqa: E402
 from experiments.flags import HelpFormatter  # noqa: E402
 from ldm.checkpoint import load_model_from_config  # noqa: E402

@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from ddim import load_config, make_betas  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
-from ddim.sampling import initial_noise, make_sampler  # noqa: E402
+from ddim.sampling import make_sampler  # noqa: E402
+from diffusion.sampling import initial_noise  # noqa: E402
 from quant.calib_data import CalibSet, draw_over_steps, to_device, trajectories_for  # noqa: E402
 from quant.calibrate import calibrate  # noqa: E402
 from quant.dilation import dilate  # noqa: E402

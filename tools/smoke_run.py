@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from common.errors import UsageError  # noqa: E402
-from ldm.samplers import make_sampler  # noqa: E402
+from diffusion.samplers import make_sampler  # noqa: E402
 from ldm.util import instantiate_from_config, load_config  # noqa: E402
 from quant.calib_data import draw_over_steps, trajectories_for  # noqa: E402
 from quant.checkpoint import load_quantized, save_quantized  # noqa: E402

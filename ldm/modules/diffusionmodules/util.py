@@ -7,8 +7,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from diffusion.schedule import DDIM_DISCRETIZATIONS, make_ddim_sampling_parameters, make_ddim_timesteps  # noqa: F401
+
 BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
-DDIM_DISCRETIZATIONS = ("uniform", "quad")
 
 
 def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
@@ -25,36 +26,6 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
     if schedule == "sqrt":
         return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64) ** 0.5
     raise ValueError(f"unknown beta schedule {schedule!r}; choose one of {BETA_SCHEDULES}")
-
-
-def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
-    """The increasing integer timesteps a DDIM/PLMS sampler visits, as CompVis chooses them (note the +1).
-
-    uniform: range(0, T, T // S) + 1; quad: int(linspace(0, sqrt(0.8 T), S)^2) + 1.
-    """
-    if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
-        raise ValueError(f"steps must be in [1, {num_ddpm_timesteps}], got {num_ddim_timesteps}")
-    if method == "uniform":
-        steps = np.arange(0, num_ddpm_timesteps, num_ddpm_timesteps // num_ddim_timesteps)
-    elif method == "quad":
-        steps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(int)
-    else:
-        raise ValueError(f"unknown DDIM discretization {method!r}; choose one of {DDIM_DISCRETIZATIONS}")
-    if steps[-1] + 1 >= num_ddpm_timesteps:
-        raise ValueError(f"{num_ddim_timesteps} {method} steps reach timestep {steps[-1] + 1} outside "
-                         f"0..{num_ddpm_timesteps - 1} (the +1 shift); use fewer steps")
-    return steps + 1
-
-
-def make_ddim_sampling_parameters(alphas_cumprod: np.ndarray, ddim_timesteps: np.ndarray, eta: float):
-    """(sigmas, alphas, alphas_prev) of each DDIM step, CompVis's choice: alphas_prev[0] = abar_0 (not 1).
-
-    sigma_i = eta sqrt((1 - a_prev) / (1 - a) (1 - a / a_prev))  (DDIM eq. 16).
-    """
-    alphas = alphas_cumprod[ddim_timesteps]
-    alphas_prev = np.concatenate([alphas_cumprod[:1], alphas_cumprod[ddim_timesteps[:-1]]])
-    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
-    return sigmas, alphas, alphas_prev
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

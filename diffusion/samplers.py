@@ -1,28 +1,39 @@
-"""DDIM, PLMS and DPM-Solver(-2, multistep) as plain functions of an eps callable.
+"""Every sampler of this repo, as plain functions of a noise-prediction callable, for every model family.
 
-`eps_fn(x, t, cond)` is the noise-prediction network (for an LDM, `LatentDiffusion.apply_model`); the
-samplers know nothing else about it. Every network call gets the TRUE integer timestep t of the discrete
-schedule as a long tensor [N], so a quantizer can look up per-timestep parameters from t; each sampler's
-timesteps are known before sampling (`*_timesteps`, `Sampler.timesteps`). Classifier-free guidance is one
-network call on cat([x, x]), cat([t, t]), cat([uncond, cond]) with eps = eps_u + scale (eps_c - eps_u);
-scale 1 (or no uncond) runs the conditional pass only. `on_step(x, t, cond)` sees every network input (the
-doubled batch under guidance), e.g. to draw calibration data. Schedule coefficients are Python floats
-computed on the host from `alphas_cumprod`, so sampling makes no device-to-host syncs.
+- CompVis's DDIM, PLMS and DPM-Solver(-2, multistep) over `eps_fn(x, t, cond)` (for an LDM,
+  `LatentDiffusion.apply_model`; for a DDIM UNet, `unconditional(model)`), with classifier-free guidance;
+  `Sampler` fixes their settings and knows the timesteps they call the network at.
+- The DDIM repository's own `generalized_steps` (DDIM with abar_{-1} = 1 at the last step) and `ddpm_steps`
+  (ancestral), over `model(x, t)`, with coefficients in the tensor's dtype: Q-Diffusion's `--sample_type
+  generalized` / `ddpm_noisy` for DDIM models, kept bit for bit.
+
+Every network call gets the TRUE integer timestep t of the discrete schedule as a long tensor [N], so a quantizer
+can look up per-timestep parameters from t; each sampler's timesteps are known before sampling. Classifier-free
+guidance is one network call on cat([x, x]), cat([t, t]), cat([uncond, cond]) with eps = eps_u + scale (eps_c -
+eps_u); scale 1 (or no uncond) runs the conditional pass only. `on_step(x, t, cond)` (`on_step(x, t)` for the
+DDIM repository's samplers) sees every network input (the doubled batch under guidance), e.g. to draw calibration
+data. CompVis's schedule coefficients are Python floats computed on the host from `alphas_cumprod`, so sampling
+makes no device-to-host syncs. The samplers know nothing about quantization.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
+from diffusion.schedule import make_ddim_sampling_parameters, make_ddim_timesteps
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 StepHook = Optional[Callable[[torch.Tensor, torch.Tensor, Any], None]]
 SAMPLERS = ("ddim", "plms", "dpm_solver")
+
+
+def unconditional(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> EpsFn:
+    """eps_fn(x, t, cond) of an unconditional network model(x, t) (a DDIM UNet): cond is None."""
+    return lambda x, t, cond: model(x, t)
 
 
 def cat_cond(uncond, cond):
@@ -207,3 +218,64 @@ class Sampler:
 def make_sampler(name: str, steps: int, alphas_cumprod, eta: float = 0.0, discretize: str = "uniform") -> Sampler:
     """A Sampler over the model's `alphas_cumprod` (e.g. LatentDiffusion.alphas_cumprod)."""
     return Sampler(name, steps, tuple(float(a) for a in _abar(alphas_cumprod)), eta, discretize)
+
+
+# The DDIM repository's samplers (Q-Diffusion's --sample_type generalized / ddpm_noisy) ------------------------
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ModelStepHook = Optional[Callable[[torch.Tensor, torch.Tensor], None]]
+
+
+def _model_steps(model: EpsModel, x_T: torch.Tensor, seq: Sequence[int], betas: torch.Tensor,
+                 on_step: ModelStepHook, current: Callable[[], torch.Tensor]):
+    """Per step of `seq` from its end: (t, t_next, eps = model(x, t), abar_t, abar_next) with x = current() (the
+    caller's latest x; abar_{-1} = 1), after on_step(x, t)."""
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    nxt = [-1] + list(seq[:-1])
+    for t, t_next in zip(reversed(seq), reversed(nxt)):
+        x = current()
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        if on_step is not None:
+            on_step(x, tt)
+        yield t, t_next, model(x, tt), _abar_at(abar, t, x), _abar_at(abar, t_next, x)
+
+
+def _abar_at(abar: torch.Tensor, t: int, like: torch.Tensor) -> torch.Tensor:
+    """abar_t with abar_{-1} = 1, as a scalar tensor on like's device/dtype."""
+    value = 1.0 if t < 0 else float(abar[t])
+    return torch.tensor(value, device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def generalized_steps(model: EpsModel, x_T: torch.Tensor, seq: Sequence[int], betas: torch.Tensor, eta: float = 0.0,
+                      generator: torch.Generator | None = None, on_step: ModelStepHook = None) -> torch.Tensor:
+    """DDIM generalized steps (Song et al. 2021, eq. 12), visiting `seq` from its end to its start.
+
+    x0 = (x_t - sqrt(1-a_t) eps) / sqrt(a_t); c1 = eta sqrt((1 - a_t/a_n)(1 - a_n)/(1 - a_t));
+    x_n = sqrt(a_n) x0 + c1 z + sqrt(1 - a_n - c1^2) eps.
+    """
+    x = x_T
+    for t, t_next, eps, a_t, a_n in _model_steps(model, x_T, seq, betas, on_step, lambda: x):
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        c1 = eta * ((1 - a_t / a_n) * (1 - a_n) / (1 - a_t)).sqrt()
+        c2 = (1 - a_n - c1 ** 2).sqrt()
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else 0.0
+        x = a_n.sqrt() * x0 + c1 * noise + c2 * eps
+    return x
+
+
+@torch.no_grad()
+def ddpm_steps(model: EpsModel, x_T: torch.Tensor, seq: Sequence[int], betas: torch.Tensor,
+                      generator: torch.Generator | None = None, on_step: ModelStepHook = None) -> torch.Tensor:
+    """Ancestral sampling (DDPM eq. 11) over `seq`, with the posterior variance of the skipped chain."""
+    x = x_T
+    for t, t_next, eps, a_t, a_n in _model_steps(model, x_T, seq, betas, on_step, lambda: x):
+        beta_t = 1 - a_t / a_n                                   # effective beta of the skip t -> t_next
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        mean = (a_n.sqrt() * beta_t * x0 + (1 - beta_t).sqrt() * (1 - a_n) * x) / (1 - a_t)
+        if t_next < 0:
+            x = mean
+        else:
+            var = beta_t * (1 - a_n) / (1 - a_t)
+            x = mean + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x

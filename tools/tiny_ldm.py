@@ -1,4 +1,4 @@
-"""Tiny random-weight variants of the public LDM/SD configs: the same classes and structure (levels, attention
+"""(A helper of tests and tools, not a command.) Tiny random-weight variants of the public LDM/SD configs: the same classes and structure (levels, attention
 placement, conditioning, first-stage type) with small widths, for tests and quick end-to-end checks on CPU.
 GroupNorm(32) stays, so every width is a multiple of 32."""
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""Images from a class-conditional LatentDiffusion with classifier-free guidance, batch by batch from fixed
+"""(A helper of tests and studies, not a command.) Images from a class-conditional LatentDiffusion with classifier-free guidance, batch by batch from fixed
 noise (the embedded MNIST model's evaluation; any ClassEmbedder-conditioned config works)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ddim.data import to_uint8
-from ldm.samplers import Sampler
+from diffusion.sampling import to_uint8
+from diffusion.samplers import Sampler
 
 
 @torch.no_grad()
