@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 import yaml
 
@@ -115,3 +117,19 @@ def replace_dir(path: Path, fill: Callable[[Path], None]) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
+
+
+def _json_scalar(value: Any) -> Any:
+    """numpy / torch scalars -> Python numbers for json."""
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_json(path: str | Path, record: Mapping[str, Any] | list) -> Path:
+    """`record` as indented JSON at `path`, written atomically (numpy / torch scalars and paths as numbers and
+    strings)."""
+    text = json.dumps(record, indent=2, default=_json_scalar) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import zipfile
 from functools import lru_cache
@@ -12,8 +11,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
-
-import torch
 
 from common.checkpoint import check_file
 from common.errors import UsageError

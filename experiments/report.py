@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from common.files import write_json
 from common.errors import UsageError
 from diffusion.sampling import make_grid
 from evaluation.fidelity import paired_psnr_db
@@ -104,7 +105,7 @@ def archive_runs(runs: Path, archive: Path) -> list[tuple[str, dict]]:
     results = collect(runs)
     add_psnr_to_fp(runs, results)
     for name, record in results:
-        (archive / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(archive / f"{name}.json", record)
         samples = runs / name / "samples.npz"
         if samples.exists():
             np.savez_compressed(archive / f"{name}.npz", arr_0=np.load(samples)["arr_0"][:GRID_N])

@@ -17,11 +17,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import numpy as np
 import torch
 
 from common.errors import LogdirLocked
-from common.files import atomic_write
+from common.files import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,20 +73,6 @@ def provenance(device: torch.device) -> dict:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return code_version() | {"torch": torch.__version__, "python": platform.python_version(),
                              "device": f"{device.type}: {where}", "host": socket.gethostname()}
-
-
-def _json_scalar(value: Any) -> Any:
-    """numpy / torch scalars -> Python numbers for json."""
-    if isinstance(value, (np.generic, torch.Tensor)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def write_json(path: str | Path, record: Mapping[str, Any]) -> Path:
-    text = json.dumps(record, indent=2, default=_json_scalar) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def update_json(path: str | Path, fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.files import write_json
 from ddim.train import TrainConfig, ema_update
 
 
@@ -182,7 +183,7 @@ def train_first_stage(config: dict, images: torch.Tensor, cfg: StageConfig, run_
     start = time.time()
     _, steps = run_stage(ae, autoencoder_loss(ae, images, cfg.batch_size, kl_weight), cfg, state, "autoencoder")
     info = {"steps": steps, "seconds": round(time.time() - start, 1), "kl_weight": kl_weight}
-    done.write_text(json.dumps(info) + "\n")
+    write_json(done, info)
     return ae.eval(), info
 
 

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from ddim import load_config, make_betas  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
 from ddim.sampling import generate, make_sampler  # noqa: E402
@@ -101,7 +102,7 @@ def main(argv=None) -> dict:
             row["psnr_to_fp_median_db"] = float(np.median(paired_psnr_db(fp_images, images)))
         report["bands"][name] = row
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+        write_json(out, report)
         print(f"band {name}: {row}", flush=True)
     return report
 

@@ -16,7 +16,6 @@ are from the first draw's (median and max |log2 ratio| over all activation quant
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from diffusion.sampling import to_uint8  # noqa: E402
 from diffusion.sampling import initial_noise  # noqa: E402
 from quant.calib_data import CalibSet  # noqa: E402
@@ -101,8 +101,7 @@ def main(argv=None):
     print(summary)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "rows": rows,
-                                              "summary": summary}, indent=2) + "\n")
+        write_json(args.out, {"command": " ".join(sys.argv), "args": vars(args), "rows": rows, "summary": summary})
     return rows
 
 

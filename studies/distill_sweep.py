@@ -19,7 +19,6 @@ Rows run in the order given; the PTQ start (no distillation) comes first.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from diffusion.sampling import to_uint8  # noqa: E402
 from diffusion.sampling import initial_noise  # noqa: E402
 from quant.distill import DistillConfig, LRSchedule  # noqa: E402
@@ -136,8 +136,7 @@ def main(argv=None):
         print({k: v for k, v in row.items() if k != "units"}, flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "rows": rows},
-                                             indent=2) + "\n")
+        write_json(args.out, {"command": " ".join(sys.argv), "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

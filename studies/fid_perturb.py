@@ -13,7 +13,6 @@ strokes. Both are diagnostics of the metric, not methods: no reported result app
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from evaluation.fid import (DEFAULT_CACHE_DIR, InceptionExtractor, feature_stats, fid_sfid,  # noqa: E402
                            load_images_npz, reference_stats)
 from studies.sample_drift import pixel_stats  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
             print(f"{path}  {name:>18}: FID {row['fid']:7.2f}  sFID {row['sfid']:7.2f}  mean px {row['mean_px']:.2f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return report
 
 

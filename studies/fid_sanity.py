@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from ddim.data import mnist_uint8  # noqa: E402
 from evaluation.fid import (DEFAULT_CACHE_DIR, Features, InceptionExtractor, feature_stats,  # noqa: E402
                            fid_sfid, save_stats, stats_cache_path)
@@ -54,7 +55,7 @@ def main(argv=None):
     }
     print(json.dumps(report, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from ddim import load_config, make_betas  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
 from ddim.sampling import generate, make_sampler  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
         print(f"{a:>12} vs {b:<12} median PSNR {np.median(psnr):6.2f} dB (10th percentile "
               f"{np.percentile(psnr, 10):.2f})", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     return report
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from experiments.ldm_task import load_model  # noqa: E402
 from quant.calib_data import CalibSet  # noqa: E402
 from quant.checkpoint import load_quantized  # noqa: E402
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
         result["runs"][path] = anatomy(qmodel.eval(), fp, data, null_context, class_context, args.scale)
         summary = result["runs"][path]
         print(f"{path}: eps MSE {summary['mse']['all quantized']:.4f}, guided {summary['guided']['mse_guided']:.4f}")
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

@@ -9,7 +9,6 @@ this is the least favourable order for the quantized model.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from ddim import load_config  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
 from quant.model import frozen  # noqa: E402
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
                "quant_ms": statistics.median(r["quant_ms"] for r in rounds)}
     result = {"config": args.config, "batch": args.batch, "bits": args.bits, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "rounds": rounds, "median": summary}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     print(summary)
     return result
 

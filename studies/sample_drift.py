@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from ddim import load_config, make_betas  # noqa: E402
 from ddim.data import mnist_uint8  # noqa: E402
 from diffusion.sampling import to_uint8  # noqa: E402
@@ -122,7 +123,7 @@ def main(argv=None) -> dict:
         report["runs"][str(path)] = row
         print(path, json.dumps(row), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return report
 
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from quant.calib_data import CalibSet  # noqa: E402
 from quant.checkpoint import read_quantized  # noqa: E402
 from quant.slots import SlotIndex  # noqa: E402
@@ -104,7 +105,7 @@ def main(argv=None):
               json.dumps({k: v for k, v in r.items() if k not in ("before", "after", "per_quantizer_median_abs_log2")}))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(reports, indent=2) + "\n")
+        write_json(args.out, reports)
 
 
 if __name__ == "__main__":

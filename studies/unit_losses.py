@@ -9,9 +9,10 @@ quant/distill.py logged), and for every run after the first its final loss over 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from common.files import write_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,7 +55,7 @@ def main(argv=None) -> list[dict]:
         print(f"{row['unit']:>20}  " + "  |  ".join(cells))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
+        write_json(args.out, {"command": " ".join(sys.argv), "rows": rows})
     return rows
 
 

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common.files import write_json  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -132,7 +134,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         digests = run_all(Path(d), args.only.split(",") if args.only else None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(digests, indent=2) + "\n")
+    write_json(args.out, digests)
     if args.compare:
         before = json.loads(Path(args.compare).read_text())
         differ = [n for n in digests if before.get(n) != digests[n]]

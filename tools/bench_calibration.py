@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.files import write_json  # noqa: E402
 from experiments.task import load_task, pipeline, run_argv  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def main(argv=None) -> list[dict]:
     if args.out:
         record = {"command": "python tools/bench_calibration.py " + " ".join(args.runs) + f" --threads {args.threads}",
                   "cpu_count": os.cpu_count(), "rows": rows}
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(args.out, record)
     return rows
 
 

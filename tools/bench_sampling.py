@@ -22,7 +22,6 @@ twin's quantized.pt and its packed integer file, and reports their sizes on disk
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from common.device import pick_device  # noqa: E402
-from common.files import read_yaml  # noqa: E402
+from common.files import read_yaml, write_json  # noqa: E402
 from quant.calib_data import CalibSet  # noqa: E402
 from quant.calibrate import calibrate  # noqa: E402
 from quant.checkpoint import save_quantized  # noqa: E402
@@ -306,7 +305,7 @@ def main(argv=None):
             print(f"  {row['file']:<36} {row['bytes']:>13,} B  {row['x_fp32']:.3f}x FP32")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return report
 
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from evaluation.fid import InceptionExtractor, feature_stats, fid_sfid, load_images_npz  # noqa: E402
 from evaluation.fidelity import paired_psnr_db  # noqa: E402
 
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
     report = {"fp": str(fp_path), "n": len(fp_images), "fp_mean_px": float(fp_images.mean()), "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return report
 
 

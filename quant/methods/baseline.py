@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from quant.calib_data import CalibSet
 from quant.calibrate import calibrate
-from quant.methods import CalibrationDraw, Flag, MethodContext, identity_fields, register_method
+from quant.methods import CalibrationDraw, Flag, identity_fields, register_method
 from quant.model import QuantModel
 from quant.settings import QuantConfig
 

@@ -16,7 +16,7 @@ from quant.calib_data import CalibSet
 from quant.calibrate import calibrate
 from quant.dilation import Scaling, dilate
 from quant.distill import BKDTraining, DistillConfig, LRSchedule, distill
-from quant.methods import CalibrationDraw, Flag, MethodContext, identity_fields, register_method
+from quant.methods import CalibrationDraw, Flag, identity_fields, register_method
 from quant.methods.options import (CACHE_DTYPES, CALI_ITERS, CACHE_DTYPE, CACHE_RAM, DISTILL_BATCH, FP_INPUT,
                                    LR_SCHEDULE, at_least, optional, positive)
 from quant.model import QuantModel

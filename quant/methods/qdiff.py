@@ -22,7 +22,7 @@ from quant.calib_data import CalibSet
 from quant.calibrate import calibrate_activations
 from quant.distill import DistillConfig, LRSchedule, reconstruct
 from quant.layers import QuantLayer, QuantMatMul
-from quant.methods import CalibrationDraw, Flag, MethodContext, identity_fields, register_method
+from quant.methods import CalibrationDraw, Flag, identity_fields, register_method
 from quant.methods.options import (CACHE_DTYPES, CALI_ITERS, CACHE_DTYPE, CACHE_RAM, DISTILL_BATCH, FP_INPUT,
                                    LR_SCHEDULE, at_least, positive)
 from quant.model import QuantModel, quant_enabled
