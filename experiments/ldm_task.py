@@ -22,16 +22,18 @@ import torch.nn as nn
 from common.device import check_device, set_seed
 from common.errors import UsageError
 from common.files import file_digest
+from diffusion.samplers import Sampler, make_sampler
 from diffusion.sampling import initial_noise
 from experiments import dist
 from experiments.flags import (HelpFormatter, add_common_flags, add_quant_flags, check_input_files,
                                check_no_quant_flags, check_quant_flags, check_rules, parse_flags)
 from experiments.quantize import Preloaded, QuantJob, cached_calibration, preload
 from experiments.run import Family, check_logdir, execute, run_identity
+from experiments.runtime import timer
 from ldm.checkpoint import load_model_from_config
 from ldm.modules.diffusionmodules.util import make_beta_schedule
-from diffusion.samplers import Sampler, make_sampler
 from ldm.util import load_config
+from quant.bias_correction import correct_eps_bias
 from quant.calib_data import CalibSet
 
 SAMPLERS = {"ddim": "ddim", "plms": "plms", "dpm": "dpm_solver"}
@@ -110,8 +112,6 @@ def check_flags(args, config: dict, names: dict = FLAG_NAMES) -> None:
     check_no_quant_flags(args)
     if args.ptq:
         check_quant_flags(args)
-        if args.eps_correction:
-            raise UsageError("--eps_correction is offered for DDIM models only", "drop it for latent diffusion")
     check_image_settings(config, args)
     check_input_files(args, args.n_samples, names["n_samples"])
     model_ckpt = checkpoint_path(config, resolve(args)[1])
@@ -256,6 +256,41 @@ def calibration_set(ldm, cond: Conditioning, sampler: Sampler, args, logdir: Pat
                               preloaded, halves=guided_halves(cond, args.scale))
 
 
+class _Network(nn.Module):
+    """A callable network(x, t, **cond) in the UNet's place (ldm.model.diffusion_model must be a module)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, t, **cond):
+        return self.fn(x, t, **cond)
+
+
+def eps_correction(qmodel, ldm, cond: Conditioning, sampler: Sampler, args, device,
+                   shape: tuple[int, int, int]) -> dict:
+    """--eps_correction N: estimate and install the per-timestep eps-mean correction (quant.bias_correction) on N
+    guided trajectories of the quantized model through this run's sampler, with their own noise seed and the
+    calibration trajectories' kind of conditioning (random classes, the calibration prompts), both guidance
+    halves included."""
+    unet = ldm.model.diffusion_model
+    n = args.eps_correction
+    c, u = cond.pair(cond.for_trajectories(n, args.seed + 19), device)
+
+    def sample(network, x_T: torch.Tensor, generator=None) -> torch.Tensor:
+        ldm.model.diffusion_model = _Network(network)
+        try:
+            return sampler.sample(ldm.apply_model, x_T, c, u, args.scale, generator=generator)
+        finally:
+            ldm.model.diffusion_model = unet
+
+    x_T = initial_noise(n, shape, args.seed + 11).to(device)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 12)
+    with timer() as t:
+        stats = correct_eps_bias(qmodel, unet, sample, x_T, args.cali_batch_size, gen)
+    return stats | {"eps_correction_seconds": t["seconds"]}
+
+
 def config_alphas_cumprod(config: dict):
     """ᾱ_t of the config's schedule (what the model computes), to know the sampler's timesteps before loading."""
     import numpy as np
@@ -308,7 +343,8 @@ def family(args, ldm, config: dict, sampler: Sampler, device, inputs: dict, cali
     job = QuantJob(fp=unet, schedule=sampler.timesteps, sigmas=(1 - abar).sqrt(),
                    draw_calibration=lambda: calibration_set(ldm, cond, sampler, args, logdir, device, inputs,
                                                             shape, calibration),
-                   eps_correction=None, inputs=inputs, sampling_flags=SAMPLING_FLAGS, calibration=calibration,
+                   eps_correction=lambda q: eps_correction(q, ldm, cond, sampler, args, device, shape),
+                   inputs=inputs, sampling_flags=SAMPLING_FLAGS, calibration=calibration,
                    network={"family": "ldm", "unet_config": config["model"]["params"]["unet_config"]})
     noise = initial_noise(args.n_samples, shape, args.seed)
     crop = int(config.get("image", {}).get("crop", 0))

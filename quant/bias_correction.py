@@ -45,17 +45,22 @@ from quant.model import QuantModel
 @torch.no_grad()
 def estimate_eps_bias(qmodel: QuantModel, fp_model: nn.Module, sample: Callable, x_T: torch.Tensor,
                       batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `sample` (ddim.sampling.make_sampler) from x_T [N, C, H, W] with the corrected quantized model
-    and return (timesteps [S] sorted, bias [S, C]). Network calls run in chunks of `batch_size`; b_t is
-    the mean over all N trajectories. Any correction already on qmodel is ignored (and left in place)."""
+    """Run `sample(network, x_T, generator=...)` from x_T [N, C, H, W] with the corrected quantized model as its
+    network, called as network(x, t, **cond) (a DDIM sampler of ddim.sampling.make_sampler; or a family's guided
+    sampler, whose calls carry the conditioning of both halves), and return (timesteps [S] sorted, bias [S, C]).
+    Network calls run in chunks of `batch_size` rows; b_t is the mean over all rows of every call at t. Any
+    correction already on qmodel is ignored (and left in place)."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
 
-    def corrected(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps_q = torch.cat([qmodel.raw_eps(x[i:i + batch_size], t[i:i + batch_size])
-                           for i in range(0, len(x), batch_size)])
-        eps_fp = torch.cat([fp_model(x[i:i + batch_size], t[i:i + batch_size])
-                            for i in range(0, len(x), batch_size)])
+    def chunks(net, x, t, cond):
+        return torch.cat([net(x[i:i + batch_size], t[i:i + batch_size],
+                              **{k: v[i:i + batch_size] for k, v in cond.items()})
+                          for i in range(0, len(x), batch_size)])
+
+    def corrected(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        eps_q = chunks(qmodel.raw_eps, x, t, cond)
+        eps_fp = chunks(fp_model, x, t, cond)
         step = int(t[0])
         if not bool((t == step).all()):
             raise ValueError("estimate_eps_bias needs every trajectory at the same timestep per call")

@@ -65,6 +65,12 @@ def test_embedded_ldm_runs_fp_and_quantized_and_reloads_identically(tmp_path):
     assert rescaled["method"] == "dilatequant+rescale" and 0.5 < rescaled["eps_gain_median"] < 2
     assert not np.array_equal(np.load(tmp_path / "q" / "samples.npz")["arr_0"],
                               np.load(tmp_path / "rescale" / "samples.npz")["arr_0"])
+    corrected = main([*EMBEDDED, *SMALL, *W4A4, "-l", str(tmp_path / "epsbc"), "--eps_correction", "2",
+                      "--cali_ckpt", str(tmp_path / "q" / "quantized.pt")])      # through the guided sampler
+    assert corrected["method"] == "dilatequant+epsbc" and corrected["eps_correction_trajectories"] == 2
+    assert corrected["eps_bias_abs_max"] > 0 and corrected["method_identity"]["output_correction"]["trajectories"] == 2
+    assert not np.array_equal(np.load(tmp_path / "q" / "samples.npz")["arr_0"],
+                              np.load(tmp_path / "epsbc" / "samples.npz")["arr_0"])
     from studies.ldm_error_anatomy import main as anatomy           # the study runs on these checkpoints
     out = anatomy([str(tmp_path / "q" / "quantized.pt"), str(tmp_path / "rescale" / "quantized.pt"), *EMBEDDED,
                    "--calib", str(tmp_path / "q" / "calib.pt"), "--n", "8", "--out", str(tmp_path / "anatomy.json")])
