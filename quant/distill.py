@@ -54,7 +54,7 @@ class LRSchedule(Enum):
 class DistillConfig:
     iters: int = 5000          # per unit (paper: 5K iterations, batch 32)
     batch_size: int = 32
-    lr_weight: float = 1e-3    # weights and biases (paper: 1e-2; an early W4A4 sweep, commit 9da4e47, chose 1e-3)
+    lr_weight: float = 1e-3    # weights and biases (paper: 1e-2; why 1e-3: docs/method-choices.md)
     lr_quant: float = 1e-4     # Δ_w, z_w (and Δ_x, z_x unless lr_act is set) (paper: 1e-4)
     lr_act: float | None = None  # Δ_x, z_x of the activation quantizers; None = lr_quant
     lr_scale: float = 1e-5     # learnable equivalent-scaling factors, --scaling learnable (paper Table 9: 1e-5)
