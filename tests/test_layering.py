@@ -1,11 +1,11 @@
 """The package layering: lower packages never import higher ones, so there is no import cycle between them.
 
-    common  <-  diffusion  <-  ddim  <-  ldm;  common  <-  quant;  both  <-  evaluation  <-  experiments  <-  tools
-    <-  studies, scripts
+    common  <-  diffusion  <-  ddim  <-  ldm;  common  <-  hf;  common  <-  quant;  all  <-  evaluation  <-  experiments
+    <-  tools  <-  studies, scripts
 
-(diffusion: the samplers and the sampling pipeline every family shares; ldm builds its first stage from ddim's
-blocks; quant never imports a model package: it reaches models through adapters registered by class path;
-evaluation may read the offline datasets of ddim/ldm.)
+(diffusion: the samplers and the sampling pipeline every family shares; hf: diffusers networks, wrapped for the
+core; ldm builds its first stage from ddim's blocks; quant never imports a model package: it reaches models
+through adapters registered by class path; evaluation may read the offline datasets of ddim/ldm.)
 """
 import ast
 from pathlib import Path
@@ -17,14 +17,15 @@ from conftest import ROOT
 ALLOWED = {
     "common": set(),
     "diffusion": {"common"},
+    "hf": {"common"},
     "ddim": {"common", "diffusion"},
     "ldm": {"common", "diffusion", "ddim"},
     "quant": {"common"},
     "evaluation": {"common", "diffusion", "ddim", "ldm"},
-    "experiments": {"common", "diffusion", "ddim", "ldm", "quant", "evaluation"},
-    "tools": {"common", "diffusion", "ddim", "ldm", "quant", "evaluation", "experiments"},
-    "studies": {"common", "diffusion", "ddim", "ldm", "quant", "evaluation", "experiments", "tools"},
-    "scripts": {"common", "diffusion", "ddim", "ldm", "quant", "evaluation", "experiments", "tools"},
+    "experiments": {"common", "diffusion", "ddim", "ldm", "hf", "quant", "evaluation"},
+    "tools": {"common", "diffusion", "ddim", "ldm", "hf", "quant", "evaluation", "experiments"},
+    "studies": {"common", "diffusion", "ddim", "ldm", "hf", "quant", "evaluation", "experiments", "tools"},
+    "scripts": {"common", "diffusion", "ddim", "ldm", "hf", "quant", "evaluation", "experiments", "tools"},
 }
 
 def imported_packages(path: Path) -> set[str]:
@@ -65,7 +66,7 @@ def test_the_layering_has_no_cycle():
     assert len(order) == len(ALLOWED)
 
 
-@pytest.mark.parametrize("package", ["common", "diffusion", "ddim", "ldm", "quant", "evaluation"])
+@pytest.mark.parametrize("package", ["common", "diffusion", "ddim", "ldm", "hf", "quant", "evaluation"])
 def test_library_packages_never_parse_command_lines(package):
     """Command lines are parsed by the entry points (scripts/, tools/, experiments/): the library never imports
     argparse, so nothing in it can depend on a Namespace."""

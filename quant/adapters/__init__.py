@@ -121,4 +121,4 @@ def check_adapter(model: nn.Module, adapter: ArchAdapter) -> None:
                            f"{HEAD_LAYOUTS[1:]}")
 
 
-from quant.adapters import ddim_unet, ldm_unet  # noqa: E402,F401  (register this repo's two UNets)
+from quant.adapters import ddim_unet, diffusers_unet, ldm_unet  # noqa: E402,F401  (register the adapters)

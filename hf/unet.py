@@ -1,0 +1,89 @@
+"""A diffusers UNet (UNet2DModel, UNet2DConditionModel) as a network of this repo's quantization core.
+
+`DiffusersUNet(unet)` installs `MatMulAttnProcessor` on every attention module through diffusers' public
+extension points (the UNet's `set_attn_processor`, or each Attention's `set_processor` where the model has none),
+and is called as `net(x, t, **cond)` (cond: the UNet's keyword arguments, e.g.
+`encoder_hidden_states`), returning the sample tensor instead of diffusers' output object. The processor computes
+what diffusers' default processor (AttnProcessor2_0, `F.scaled_dot_product_attention`) computes, with the two
+products QKᵀ and softmax·V as `common.nn.MatMul` modules (`processor.qk`, `processor.av`) that the quantizer
+wraps; heads are laid out "(b h)". `quant/adapters/diffusers_unet.py` tells the core the rest (units, split
+channels, norms).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from common.errors import UsageError
+from common.nn import MatMul
+
+
+class MatMulAttnProcessor(nn.Module):
+    """Attention of a diffusers `Attention` module with its two products as modules. Supports what the UNets'
+    attention uses (self- and cross-attention, the optional group_norm, spatial 4-d inputs, residual connection,
+    output rescale); an attention mask, spatial norm or q/k norms are refused in one line."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk, self.av = MatMul(), MatMul()
+
+    def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if attention_mask is not None or getattr(attn, "spatial_norm", None) is not None or \
+                getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            raise UsageError("MatMulAttnProcessor supports no attention mask, spatial norm or q/k norm",
+                             "quantize this model's attention with its own processor")
+        residual = hidden_states
+        spatial = hidden_states.dim() == 4
+        if spatial:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        n, heads = query.shape[0], attn.heads
+        head_dim = key.shape[-1] // heads
+
+        def rows(t: torch.Tensor) -> torch.Tensor:                     # [n, L, heads*d] -> [(n heads), L, d]
+            return t.view(n, -1, heads, head_dim).transpose(1, 2).reshape(n * heads, -1, head_dim)
+
+        q, k, v = rows(query), rows(key), rows(value)
+        scores = self.qk(q, k.transpose(1, 2)) * head_dim ** -0.5       # SDPA's default scale
+        out = self.av(scores.softmax(dim=-1), v)                        # [(n heads), Lq, d]
+        out = out.view(n, heads, -1, head_dim).transpose(1, 2).reshape(n, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))                       # projection, dropout
+        if spatial:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class DiffusersUNet(nn.Module):
+    """A diffusers UNet called as net(x, t, **cond) -> the predicted tensor (diffusers' `return_dict=False`
+    output), its attention through MatMulAttnProcessor. `unet` keeps the diffusers module (its config, its
+    state_dict keys under `unet.`)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        if type(unet).__name__ not in ("UNet2DModel", "UNet2DConditionModel"):
+            raise UsageError(f"{type(unet).__name__} is not a diffusers UNet this wrapper knows",
+                             "pass a diffusers UNet2DModel or UNet2DConditionModel")
+        self.unet = unet
+        if hasattr(unet, "set_attn_processor"):                 # the model's own extension point
+            unet.set_attn_processor({name: MatMulAttnProcessor() for name in unet.attn_processors})
+        else:                                                    # UNet2DModel: each Attention's set_processor
+            for module in unet.modules():
+                if callable(getattr(module, "set_processor", None)):
+                    module.set_processor(MatMulAttnProcessor())
+
+    @property
+    def kind(self) -> str:
+        return type(self.unet).__name__
+
+    def forward(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
+        return self.unet(x, t, return_dict=False, **cond)[0]

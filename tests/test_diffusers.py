@@ -1,0 +1,128 @@
+"""diffusers UNets through the same core (hf.unet.DiffusersUNet + quant/adapters/diffusers_unet.py), on tiny
+random-weight UNet2DConditionModel (guided) and UNet2DModel instances built from configs."""
+import copy
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from hf.unet import DiffusersUNet  # noqa: E402
+from quant.adapters import adapter_for, check_adapter  # noqa: E402
+from quant.calib_data import CalibSet  # noqa: E402
+from quant.calibrate import calibrate  # noqa: E402
+from quant.checkpoint import load_quantized, save_quantized  # noqa: E402
+from quant.deploy import convert  # noqa: E402
+from quant.dilation import dilate  # noqa: E402
+from quant.distill import DistillConfig  # noqa: E402
+from quant.methods import MethodContext, quantize  # noqa: E402
+from quant.methods.dilatequant import DilateQuantConfig  # noqa: E402
+from quant.model import QuantModel, frozen, quant_enabled  # noqa: E402
+from quant.settings import QuantConfig  # noqa: E402
+
+STEPS = [0, 333, 666]                                   # a 3-step DDIMScheduler's timesteps (leading spacing)
+
+
+def conditional():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+
+
+def unconditional():
+    torch.manual_seed(1)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8, norm_num_groups=8).eval()
+
+
+def inputs(unet, n=4, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    c = unet.config
+    x = torch.randn(n, c.in_channels, c.sample_size, c.sample_size, generator=gen)
+    cond = ({"encoder_hidden_states": torch.randn(n, 5, c.cross_attention_dim, generator=gen)}
+            if hasattr(c, "cross_attention_dim") else {})
+    return x, cond
+
+
+def calibration(unet, per_step=2):
+    x, cond = inputs(unet, per_step * len(STEPS), seed=3)
+    return CalibSet(x, torch.tensor(STEPS * per_step), cond)
+
+
+@pytest.mark.parametrize("build", [conditional, unconditional])
+def test_the_wrapped_unet_is_the_diffusers_one_to_float_rounding(build):
+    unet = build()
+    x, cond = inputs(unet)
+    t = torch.full((len(x),), 333)
+    with torch.no_grad():
+        want = unet(x, t, **cond).sample                          # diffusers' own SDPA processor
+        got = DiffusersUNet(copy.deepcopy(unet))(x, t, **cond)
+    assert got.shape == want.shape and float((got - want).abs().max()) < 1e-5
+    net = DiffusersUNet(copy.deepcopy(unet))
+    check_adapter(net, adapter_for(net))                          # every name the adapter gives exists
+
+
+@pytest.mark.parametrize("build", [conditional, unconditional])
+def test_dilation_and_the_split_channels_keep_the_fp_function(build):
+    net = DiffusersUNet(build())
+    adapter = adapter_for(net)
+    splits = adapter.split_channels(net)
+    assert splits and all(name.startswith("unet.up_blocks.") for name in splits)
+    q = QuantModel(net, QuantConfig(weight_bit=4, act_bit=4, split=True, temporal=True), STEPS)
+    x, cond = inputs(net.unet)
+    with torch.no_grad(), quant_enabled(q, weight=False, act=False):
+        before = q(x, 333, **cond)
+        dilate(q)
+        after = q(x, 333, **cond)
+    assert float((after - before).abs().max()) < 1e-4 * float(before.abs().max())
+    assert q.unquantized == []
+
+
+def test_dilatequant_w4a4_distils_saves_reloads_and_samples_with_guidance(tmp_path):
+    unet = conditional()
+    net = DiffusersUNet(copy.deepcopy(unet))
+    calib = calibration(unet)
+    method = DilateQuantConfig(distill=DistillConfig(iters=1, batch_size=2, cache_batch_size=len(calib.t)))
+    q = quantize(net, QuantConfig(weight_bit=4, act_bit=4, split=True), method,
+                 MethodContext(STEPS, calib, tmp_path, batch_size=len(calib.t)))
+    assert len(list((tmp_path / "distill").glob("unit_*.pt"))) == len(adapter_for(net).units(net))
+    save_quantized(tmp_path / "quantized.pt", q, "dilatequant")
+    again, _ = load_quantized(tmp_path / "quantized.pt", DiffusersUNet(copy.deepcopy(unet)))
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(3)
+    assert sorted(int(t) for t in scheduler.timesteps) == STEPS     # the scheduler's integer timesteps: TPQ's slots
+    x, cond = inputs(unet, n=2, seed=5)
+    context = torch.cat([torch.zeros_like(cond["encoder_hidden_states"]), cond["encoder_hidden_states"]])
+
+    def sample(model):
+        z = x.clone()
+        for t in scheduler.timesteps:                               # 0-d timesteps, guidance 3.0
+            e_u, e_c = model(torch.cat([z, z]), t, encoder_hidden_states=context).chunk(2)
+            z = scheduler.step(e_u + 3.0 * (e_c - e_u), t, z).prev_sample
+        return z
+    with torch.no_grad(), frozen(q), frozen(again):
+        a, b = sample(q), sample(again)
+        fp = sample(DiffusersUNet(unet))
+    assert torch.equal(a, b) and torch.isfinite(a).all() and not torch.equal(a, fp)
+    integer = convert(q, compiled=False)                            # the integer backend runs it too
+    with torch.no_grad(), frozen(q):
+        want = q(torch.cat([x, x]), 333, encoder_hidden_states=context)
+        got = integer(torch.cat([x, x]), 333, encoder_hidden_states=context)
+    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+
+
+def test_an_unconditional_unet_calibrates_per_timestep():
+    unet = unconditional()
+    net = DiffusersUNet(unet)
+    q = calibrate(QuantModel(net, QuantConfig(weight_bit=8, act_bit=8, temporal=True), STEPS), calibration(unet),
+                  batch_size=6)
+    x, _ = inputs(unet)
+    with torch.no_grad(), frozen(q):
+        out = q(x, torch.tensor(666))
+    with torch.no_grad():
+        ref = unet(x, 666).sample
+    assert float((out - ref).abs().mean()) < 0.1 * float(ref.abs().mean())
