@@ -126,3 +126,48 @@ def test_an_unconditional_unet_calibrates_per_timestep():
     with torch.no_grad():
         ref = unet(x, 666).sample
     assert float((out - ref).abs().mean()) < 0.1 * float(ref.abs().mean())
+
+
+def tiny_pipeline(tmp_path):
+    """A StableDiffusionPipeline of tiny random parts: the conditional UNet, a one-level AutoencoderKL, a 2-layer
+    CLIP text tower and a letter-level CLIP tokenizer written to disk."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from test_ldm_encoders import write_tiny_tokenizer
+    from tools.tiny_ldm import TINY_CLIP_TEXT
+    write_tiny_tokenizer(tmp_path / "tok")
+    torch.manual_seed(4)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(32,), latent_channels=4,
+                                  norm_num_groups=8, sample_size=8).eval()
+    return diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT)).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(str(tmp_path / "tok"), model_max_length=77), unet=conditional(),
+        scheduler=diffusers.DDIMScheduler(num_train_timesteps=1000), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def test_a_pipeline_unet_is_quantized_in_a_few_lines_on_its_own_sampling(tmp_path):
+    from hf.pipeline import quantize_unet
+    pipe = tiny_pipeline(tmp_path)
+    fp_image = pipe("a horse", num_inference_steps=3, guidance_scale=3.0, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    method = DilateQuantConfig(distill=DistillConfig(iters=1, batch_size=2, cache_batch_size=4))
+    pipe.unet = quantize_unet(pipe, QuantConfig(weight_bit=4, act_bit=4, split=True), method, prompts=["a horse",
+                              "zebra"], steps=3, guidance=3.0, run_dir=tmp_path / "run", batch_size=4)
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(3)
+    assert pipe.unet.qmodel.schedule.tolist() == sorted(int(t) for t in scheduler.timesteps)   # TPQ's slots
+    image = pipe("a horse", num_inference_steps=3, guidance_scale=3.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == fp_image.shape and (image != fp_image).any()
+    with pytest.raises(Exception, match="timestep"):                   # other steps: slots it has none for
+        pipe("a horse", num_inference_steps=4, guidance_scale=3.0, output_type="np")
+
+
+def test_a_scheduler_with_non_integer_timesteps_is_refused_naming_it():
+    from common.errors import UsageError
+    from hf.pipeline import scheduler_timesteps
+    scheduler = diffusers.EulerDiscreteScheduler(num_train_timesteps=1000, use_karras_sigmas=True)
+    scheduler.set_timesteps(5)
+    with pytest.raises(UsageError, match="EulerDiscreteScheduler calls the UNet at non-integer timesteps"):
+        scheduler_timesteps(scheduler)
