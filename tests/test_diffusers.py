@@ -171,3 +171,21 @@ def test_a_scheduler_with_non_integer_timesteps_is_refused_naming_it():
     scheduler.set_timesteps(5)
     with pytest.raises(UsageError, match="EulerDiscreteScheduler calls the UNet at non-integer timesteps"):
         scheduler_timesteps(scheduler)
+
+
+def test_the_command_line_quantizes_a_local_pipeline_folder_and_writes_the_run(tmp_path):
+    from common.errors import UsageError
+    from experiments.diffusers_task import main
+    tiny_pipeline(tmp_path).save_pretrained(tmp_path / "pipe")
+    with pytest.raises(UsageError, match="is not a diffusers pipeline folder"):
+        main(["--model_dir", str(tmp_path / "nope"), "--prompt", "a horse", "--outdir", str(tmp_path / "x")])
+    rec = main(["--model_dir", str(tmp_path / "pipe"), "--prompt", "a horse", "--prompt", "zebra", "--steps", "3",
+                "--guidance", "3", "--n_samples", "2", "--outdir", str(tmp_path / "run"), "--ptq", "--quant_mode",
+                "dilatequant", "--weight_bit", "4", "--quant_act", "--act_bit", "4", "--split", "--cali_n", "2",
+                "--cali_iters", "1", "--distill_batch_size", "2", "--cali_batch_size", "4"])
+    assert rec["method"] == "dilatequant" and rec["method_identity"]["name"] == "dilatequant"
+    assert rec["pipeline"] == "StableDiffusionPipeline" and {"torch", "device"} <= set(rec["provenance"])
+    for name in ("samples.npz", "grid.png", "results.json", "quantized.pt"):
+        assert (tmp_path / "run" / name).is_file()
+    import numpy as np
+    assert np.load(tmp_path / "run" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)

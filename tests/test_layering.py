@@ -1,6 +1,6 @@
 """The package layering: lower packages never import higher ones, so there is no import cycle between them.
 
-    common  <-  diffusion  <-  ddim  <-  ldm;  common  <-  hf;  common  <-  quant;  all  <-  evaluation  <-  experiments
+    common  <-  diffusion  <-  ddim  <-  ldm;  common  <-  quant  <-  hf;  all  <-  evaluation  <-  experiments
     <-  tools  <-  studies, scripts
 
 (diffusion: the samplers and the sampling pipeline every family shares; hf: diffusers networks, wrapped for the
@@ -17,7 +17,7 @@ from conftest import ROOT
 ALLOWED = {
     "common": set(),
     "diffusion": {"common"},
-    "hf": {"common"},
+    "hf": {"common", "quant"},
     "ddim": {"common", "diffusion"},
     "ldm": {"common", "diffusion", "ddim"},
     "quant": {"common"},
