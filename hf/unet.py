@@ -63,6 +63,17 @@ class MatMulAttnProcessor(nn.Module):
         return out / attn.rescale_output_factor
 
 
+def install_processors(model: nn.Module) -> None:
+    """MatMulAttnProcessor on every attention module, through diffusers' public extension points: the model's
+    `set_attn_processor`, or each Attention's `set_processor` where the model has none."""
+    if hasattr(model, "set_attn_processor"):
+        model.set_attn_processor({name: MatMulAttnProcessor() for name in model.attn_processors})
+        return
+    for module in model.modules():
+        if callable(getattr(module, "set_processor", None)):
+            module.set_processor(MatMulAttnProcessor())
+
+
 class DiffusersUNet(nn.Module):
     """A diffusers UNet called as net(x, t, **cond) -> the predicted tensor (diffusers' `return_dict=False`
     output), its attention through MatMulAttnProcessor. `unet` keeps the diffusers module (its config, its
@@ -74,12 +85,7 @@ class DiffusersUNet(nn.Module):
             raise UsageError(f"{type(unet).__name__} is not a diffusers UNet this wrapper knows",
                              "pass a diffusers UNet2DModel or UNet2DConditionModel")
         self.unet = unet
-        if hasattr(unet, "set_attn_processor"):                 # the model's own extension point
-            unet.set_attn_processor({name: MatMulAttnProcessor() for name in unet.attn_processors})
-        else:                                                    # UNet2DModel: each Attention's set_processor
-            for module in unet.modules():
-                if callable(getattr(module, "set_processor", None)):
-                    module.set_processor(MatMulAttnProcessor())
+        install_processors(unet)
 
     @property
     def kind(self) -> str:
@@ -87,3 +93,30 @@ class DiffusersUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
         return self.unet(x, t, return_dict=False, **cond)[0]
+
+
+class DiffusersTransformer(nn.Module):
+    """A diffusers DiT or PixArt transformer (DiTTransformer2DModel, PixArtTransformer2DModel) called as
+    net(x, t, **cond) -> its output tensor (DiT and PixArt predict eps and the variance: 2 x in_channels), its
+    attention through MatMulAttnProcessor. cond: `class_labels` (DiT), `encoder_hidden_states` and
+    `added_cond_kwargs` (PixArt)."""
+
+    KINDS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if type(model).__name__ not in self.KINDS:
+            raise UsageError(f"{type(model).__name__} is not a diffusers transformer this wrapper knows",
+                             f"pass one of {', '.join(self.KINDS)}")
+        self.model = model
+        install_processors(model)
+
+    @property
+    def kind(self) -> str:
+        return type(self.model).__name__
+
+    def forward(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
+        if self.kind == "PixArtTransformer2DModel":
+            cond.setdefault("added_cond_kwargs", {"resolution": None, "aspect_ratio": None})
+        t = torch.as_tensor(t, device=x.device)
+        return self.model(x, timestep=t.expand(len(x)) if t.dim() == 0 else t, return_dict=False, **cond)[0]

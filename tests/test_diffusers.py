@@ -189,3 +189,41 @@ def test_the_command_line_quantizes_a_local_pipeline_folder_and_writes_the_run(t
         assert (tmp_path / "run" / name).is_file()
     import numpy as np
     assert np.load(tmp_path / "run" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
+
+
+def dit():
+    torch.manual_seed(6)
+    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                           num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                           norm_num_groups=8).eval(), {"class_labels": torch.tensor([1, 2, 3, 4])}
+
+
+def pixart():
+    torch.manual_seed(7)
+    model = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                               out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                               cross_attention_dim=32, caption_channels=24, norm_num_groups=8).eval()
+    return model, {"encoder_hidden_states": torch.randn(4, 5, 24, generator=torch.Generator().manual_seed(8))}
+
+
+@pytest.mark.parametrize("build", [dit, pixart])
+def test_dit_and_pixart_quantize_per_timestep_through_the_same_core(build, tmp_path):
+    from hf.unet import DiffusersTransformer
+    model, cond = build()
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}} if "encoder_hidden_states" in cond else {}
+    with torch.no_grad():
+        want = model(x, timestep=torch.full((4,), 333), return_dict=False, **cond, **extra)[0]
+        net = DiffusersTransformer(copy.deepcopy(model))
+        got = net(x, torch.tensor(333), **cond)                      # a 0-d timestep, as schedulers pass it
+    assert float((got - want).abs().max()) < 1e-5
+    check_adapter(net, adapter_for(net))
+    assert adapter_for(net).norm_producers(net) == {}                 # ada-norms: s stays in the quantizers
+    calib = CalibSet(torch.cat([x, x]), torch.tensor(STEPS + STEPS[:1] + STEPS + STEPS[:1]),
+                     {k: torch.cat([v, v]) for k, v in cond.items()})
+    method = DilateQuantConfig(distill=DistillConfig(iters=1, batch_size=2, cache_batch_size=8))
+    q = quantize(net, QuantConfig(weight_bit=4, act_bit=4), method, MethodContext(STEPS, calib, tmp_path, 8))
+    with torch.no_grad(), frozen(q):
+        out = q(x, 333, **cond)
+    assert out.shape == want.shape and torch.isfinite(out).all()
+    assert all("(Embedding)" in name for name in q.unquantized)      # DiT's class table stays FP

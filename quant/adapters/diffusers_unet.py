@@ -1,5 +1,6 @@
-"""Adapter for diffusers' UNet2DModel and UNet2DConditionModel, as wrapped by `hf.unet.DiffusersUNet` (read
-through module names and class names only: no import of diffusers or hf).
+"""Adapters for diffusers' UNet2DModel and UNet2DConditionModel (as wrapped by `hf.unet.DiffusersUNet`) and its
+DiT and PixArt transformers (`hf.unet.DiffusersTransformer`), read through module names and class names only (no
+import of diffusers or hf).
 
 Units, in forward order: `time_embedding`, `conv_in`, then per down/mid/up block its resnets and attentions in the
 order the block calls them (a Transformer2DModel as its `proj_in`, each transformer block and `proj_out`, since
@@ -90,6 +91,8 @@ class DiffusersUNetAdapter:
     def norm_producers(self, model: nn.Module) -> dict[tuple[str, ...], str]:
         out = {}
         for name, m in _named(model, "BasicTransformerBlock"):
+            if getattr(m, "norm_type", "layer_norm") != "layer_norm":     # modulated after the norm: no fold
+                continue
             out[tuple(f"{name}.attn1.to_{p}" for p in "qkv")] = f"{name}.norm1"
             if getattr(m, "attn2", None) is not None:
                 out[(f"{name}.attn2.to_q",)] = f"{name}.norm2"
@@ -107,3 +110,47 @@ class DiffusersUNetAdapter:
 
     def head_layout(self, model: nn.Module) -> str:
         return "(b h)"          # hf.unet.MatMulAttnProcessor: row = b * heads + h
+
+
+@register("hf.unet.DiffusersTransformer")
+class DiffusersTransformerAdapter:
+    """DiT / PixArt. Units in forward order: the patch embedding, (PixArt) the timestep embedding and its
+    projection, the caption projection, every transformer block (each computes its own ada-norm modulation), and
+    the output projections. Edge layers: the patch conv and the last projection. No split. Attention products as
+    for the UNets. Their norms are modulated after normalising (AdaLayerNormZero, ada_norm_single: LN(x)(1 +
+    scale) + shift, the LayerNorm without affine), so no layer group has a norm to fold X/s into: it stays in
+    each layer's activation quantizer (exact); q/k/v, and attn2's k/v, still share one s."""
+
+    PREFIX = "model."
+
+    def units(self, model: nn.Module) -> list[str]:
+        net = model.model
+        blocks = [f"transformer_blocks.{k}" for k in range(len(net.transformer_blocks))]
+        if model.kind == "PixArtTransformer2DModel":
+            head = ["pos_embed", "adaln_single.emb", "adaln_single.linear"]
+            head += ["caption_projection"] if getattr(net, "caption_projection", None) is not None else []
+            return [self.PREFIX + u for u in head + blocks + ["proj_out"]]
+        return [self.PREFIX + u for u in ["pos_embed", *blocks, "proj_out_1", "proj_out_2"]]
+
+    def edge_layers(self, model: nn.Module) -> tuple[str, str]:
+        last = "proj_out" if model.kind == "PixArtTransformer2DModel" else "proj_out_2"
+        return self.PREFIX + "pos_embed.proj", self.PREFIX + last
+
+    def split_channels(self, model: nn.Module) -> dict[str, int]:
+        return {}
+
+    softmax_operands = DiffusersUNetAdapter.softmax_operands
+
+    def shared_inputs(self, model: nn.Module) -> list[tuple[str, ...]]:
+        out = []
+        for name, m in _named(model, "BasicTransformerBlock"):
+            out.append(tuple(f"{name}.attn1.to_{p}" for p in "qkv"))
+            if getattr(m, "attn2", None) is not None:
+                out.append((f"{name}.attn2.to_k", f"{name}.attn2.to_v"))
+        return out
+
+    def norm_producers(self, model: nn.Module) -> dict[tuple[str, ...], str]:
+        return {}
+
+    def head_layout(self, model: nn.Module) -> str:
+        return "(b h)"
