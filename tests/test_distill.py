@@ -132,7 +132,7 @@ def test_stale_unit_cache_is_a_clear_error(tiny_unet, calib, tmp_path):
 
 def test_dilatequant_pipeline_improves_on_w4a4_baseline(tiny_unet, calib, tmp_path):
     held = calib  # the tiny model has no held-out trajectories worth the time; same-set comparison
-    off = DilateQuantConfig(weight_dilation=False, temporal=False, distillation=False)
+    off = DilateQuantConfig(scaling=None, temporal=False, distillation=False)
     on = DilateQuantConfig(distill=DistillConfig(iters=40, batch_size=16, lr_weight=1e-4, lr_quant=1e-4))
     errs = {}
     for name, dq in {"baseline": off, "dilatequant": on}.items():

@@ -44,6 +44,7 @@ def test_the_identity_is_structured_and_the_label_short():
     assert identity["distill"]["training"] == "staged" and identity["distill"]["fp_input"] == 0.5
     assert dq.label() == "dilatequant+staged+fpin0.5"
     assert DilateQuantConfig(temporal=False, distillation=False).label() == "dilatequant[wd]"
+    assert DilateQuantConfig(scaling=None).label() == "dilatequant[tpq,bkd]" and not DilateQuantConfig(scaling=None).weight_dilation
     assert QDiffConfig(fp_input=1.0).label() == "qdiff+fpin1" and QDiffConfig().identity()["cache_dtype"] is None
     json.dumps(identity)                                                  # fields, ready for results.json
 

@@ -59,11 +59,14 @@ class DilateQuantConfig:
     calibration: ClassVar[CalibrationDraw] = CalibrationDraw.RANDOM_STEPS
     flags: ClassVar[tuple[Flag, ...]] = FLAGS
 
-    weight_dilation: bool = True
-    scaling: Scaling = Scaling.WEIGHT_DILATION   # Table 9: the equivalent-scaling rule used for "WD"
+    scaling: Scaling | None = Scaling.WEIGHT_DILATION   # WD's equivalent-scaling rule (Table 9); None: no WD
     temporal: bool = True
     distillation: bool = True
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+    @property
+    def weight_dilation(self) -> bool:
+        return self.scaling is not None
 
     def needs_data(self, quant: QuantConfig) -> bool:
         return quant.quant_act or self.distillation
@@ -80,9 +83,9 @@ class DilateQuantConfig:
             suffix += f"+{d.training.value}" if d.training is not BKDTraining.JOINT else ""
             suffix += f"+tw{d.t_weight_sigma:g}" if d.t_weight_sigma is not None else ""
             suffix += f"+fpin{d.fp_input:g}" if d.fp_input > 0 else ""
-        if self.weight_dilation and self.temporal and self.distillation and self.scaling is Scaling.WEIGHT_DILATION:
+        if self.temporal and self.distillation and self.scaling is Scaling.WEIGHT_DILATION:
             return self.name + suffix
-        scaling = "wd" if self.scaling is Scaling.WEIGHT_DILATION else self.scaling.value
+        scaling = "wd" if self.scaling in (Scaling.WEIGHT_DILATION, None) else self.scaling.value
         parts = [n for n, on in ((scaling, self.weight_dilation), ("tpq", self.temporal), ("bkd", self.distillation))
                  if on]
         return f"{self.name}[{','.join(parts) or 'none'}]{suffix}"
@@ -95,7 +98,7 @@ class DilateQuantConfig:
             lr_schedule=LRSchedule(values["lr_schedule"]), t_weight_sigma=values["t_weight_sigma"],
             cache_dtype=CACHE_DTYPES[values["cache_dtype"]], cache_ram_gb=values["cache_ram_gb"],
             fp_input=values["distill_fp_input"], training=BKDTraining(values["bkd_training"]), seed=seed)
-        return cls(weight_dilation=values["wd"], scaling=Scaling(values["scaling"]), temporal=values["tpq"],
+        return cls(scaling=Scaling(values["scaling"]) if values["wd"] else None, temporal=values["tpq"],
                    distillation=values["bkd"], distill=distill_cfg)
 
 
