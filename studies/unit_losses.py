@@ -12,11 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.files import write_json  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from common.files import write_json  # noqa: E402
 
 
 def unit_logs(run: Path) -> list[dict]:

@@ -18,11 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common.files import write_json  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from common.files import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DDIM = ["--config", str(ROOT / "configs" / "mnist.yml"), "--timesteps", "10", "--max_images", "8", "--batch_size",
