@@ -293,10 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time_iters", type=int, default=3, help="timed iterations (after one warm-up)")
     p.add_argument("--no_time", action="store_true", help="shapes and memory only (no timing)")
     p.add_argument("--out", default=None, help="write the markdown table here")
-    p.add_argument("--smoke", action="store_true",
+    p.add_argument("--smoke", nargs="*", default=None, metavar="CONFIG",
                    help="also run tools/smoke_run.py on each config (random full-size weights; DilateQuant W4A4 and "
                         "Q-Diffusion W4A8), each in its own process, and set its measured peak memory and seconds per "
-                        "iteration next to this plan's for the same settings (a long run on a CPU)")
+                        "iteration next to this plan's for the same settings (a long run on a CPU); with CONFIGs, on "
+                        "those of --config only")
     p.add_argument("--smoke_dir", default="runs/smoke", help="where the smoke runs write their units and records")
     return p
 
@@ -378,9 +379,15 @@ def main(argv=None) -> list[dict]:
         print(f"[dry_run] {row['config']}: {row['params_m']:.2f} M parameters, largest unit {row['largest']} "
               f"({row['cache_gb']['float32']:.2f} GB cache)", flush=True)
     text = markdown(rows, "python tools/dry_run.py " + " ".join(shlex.quote(a) for a in argv), machine)
-    if args.smoke:
-        smokes = [smoke_against_plan(path, Path(args.smoke_dir)) for path in paths]
-        text += smoke_markdown(smokes, machine_note())
+    if args.smoke is not None:
+        chosen = {Path(c).resolve() for c in args.smoke} or {p.resolve() for p in paths}
+        unknown = sorted(str(c) for c in chosen - {p.resolve() for p in paths})
+        if unknown:
+            raise UsageError(f"--smoke {unknown[0]} is not one of the --config files")
+        smokes = [smoke_against_plan(path, Path(args.smoke_dir)) for path in paths if path.resolve() in chosen]
+        skipped = [path.stem for path in paths if path.resolve() not in chosen]
+        text += smoke_markdown(smokes, machine_note()) + (
+            f"\nNo smoke run in this file for: {', '.join(skipped)}.\n" if skipped else "")
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
