@@ -74,18 +74,25 @@ def install_processors(model: nn.Module) -> None:
             module.set_processor(MatMulAttnProcessor())
 
 
+def _prepared(model: nn.Module, kinds: tuple[str, ...], what: str) -> nn.Module:
+    """`model` with MatMulAttnProcessor installed, if it is one of the diffusers classes `kinds`."""
+    if type(model).__name__ not in kinds:
+        raise UsageError(f"{type(model).__name__} is not a diffusers {what} this wrapper knows",
+                         f"pass one of {', '.join(kinds)}")
+    install_processors(model)
+    return model
+
+
 class DiffusersUNet(nn.Module):
     """A diffusers UNet called as net(x, t, **cond) -> the predicted tensor (diffusers' `return_dict=False`
     output), its attention through MatMulAttnProcessor. `unet` keeps the diffusers module (its config, its
     state_dict keys under `unet.`)."""
 
+    KINDS = ("UNet2DModel", "UNet2DConditionModel")
+
     def __init__(self, unet: nn.Module):
         super().__init__()
-        if type(unet).__name__ not in ("UNet2DModel", "UNet2DConditionModel"):
-            raise UsageError(f"{type(unet).__name__} is not a diffusers UNet this wrapper knows",
-                             "pass a diffusers UNet2DModel or UNet2DConditionModel")
-        self.unet = unet
-        install_processors(unet)
+        self.unet = _prepared(unet, self.KINDS, "UNet")
 
     @property
     def kind(self) -> str:
@@ -105,11 +112,7 @@ class DiffusersTransformer(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        if type(model).__name__ not in self.KINDS:
-            raise UsageError(f"{type(model).__name__} is not a diffusers transformer this wrapper knows",
-                             f"pass one of {', '.join(self.KINDS)}")
-        self.model = model
-        install_processors(model)
+        self.model = _prepared(model, self.KINDS, "transformer")
 
     @property
     def kind(self) -> str:
