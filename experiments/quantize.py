@@ -45,10 +45,14 @@ NOT_RESULT = ("logdir", "device", "ref", "no_fid", "compile", "debug", "overwrit
 OMITTED_AT = {"method_plugin": None, "ddim_sampler": "ddim"}
 
 
+def recorded(settings: Mapping[str, object]) -> dict:
+    """`settings` without the OMITTED_AT flags at their omitted values."""
+    return {k: v for k, v in settings.items() if not (k in OMITTED_AT and v == OMITTED_AT[k])}
+
+
 def result_settings(args, exclude: tuple[str, ...] = ()) -> dict:
     """The flags a run's results depend on, by name (NOT_RESULT, `exclude` and OMITTED_AT aside)."""
-    return {k: v for k, v in vars(args).items()
-            if k not in NOT_RESULT + exclude and not (k in OMITTED_AT and v == OMITTED_AT[k])}
+    return recorded({k: v for k, v in vars(args).items() if k not in NOT_RESULT + exclude})
 # Flags and input files that change only what the samples are scored against: they are part of a run's
 # identity (a task reruns the scoring when they change), but neither of its model nor of its samples.
 EVALUATION = ("fp_samples",)
@@ -241,10 +245,8 @@ def cached_calibration(args, logdir: Path, key_settings: Sequence[str], inputs: 
         return preloaded.calib, (preloaded.calib_meta or {}).get("record", {}).get("seconds"), True
     evenly_spaced = method_config(args).calibration is CalibrationDraw.EVENLY_SPACED
     path = logdir / "calib.pt"
-    chosen = {k: getattr(args, k) for k in key_settings if not (k in OMITTED_AT and getattr(args, k) == OMITTED_AT[k])}
-    key = canonical(chosen | {"evenly_spaced": evenly_spaced,
-                                                                    "config": inputs["config"],
-                                                                    "ckpt": inputs["ckpt"]})
+    key = canonical(recorded({k: getattr(args, k) for k in key_settings})
+                    | {"evenly_spaced": evenly_spaced, "config": inputs["config"], "ckpt": inputs["ckpt"]})
     if path.exists():
         calib, meta = CalibSet.read(path, "calib.pt")
         if meta.get("key") == key:
