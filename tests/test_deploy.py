@@ -10,7 +10,7 @@ from quant.calib_data import CalibSet
 from quant.calibrate import calibrate
 from quant.deploy import convert, load_int, read_header, save_int
 from quant.deploy.codes import codes_function, pack_int4, quantize_codes, unpack_int4
-from quant.deploy.kernels import int_bmm
+from quant.deploy.kernels import exact_bmm, int_bmm
 from quant.deploy.layers import IntLayer, IntMatMul
 from quant.deploy.model import MixedTimestepsError
 from quant.layers import QuantLayer, QuantMatMul
@@ -157,6 +157,45 @@ def test_batched_integer_product_is_the_int32_sum_bit_for_bit(precision):
             assert torch.equal(int_bmm(a, b), torch.bmm(a.long(), b.long()).int())
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_exact_float_product_of_wide_codes_is_the_integer_sum():
+    """exact_bmm chunks K by the operands' product bound: 8-bit centred codes (|q| <= 255) over K = 700 take three
+    chunks of <= 258, each partial sum within 2^24."""
+    extreme = torch.full((2, 3, 700), 255.0), torch.full((2, 700, 5), -255.0)
+    gen = torch.Generator().manual_seed(8)
+    rand = (torch.randint(-255, 256, (3, 4, 700), generator=gen).float(),
+            torch.randint(-255, 256, (3, 700, 6), generator=gen).float())
+    for a, b in (extreme, rand):
+        assert torch.equal(exact_bmm(a, b, 255 * 255), torch.bmm(a.long(), b.long()).float())
+
+
+@pytest.mark.parametrize("zero_at", ["low", "high"])
+def test_attention_product_on_float_units_equals_the_int8_product(zero_at):
+    """The CPU's float path (centred codes in exact float32 sums) and the int8 path (int_bmm plus zero-point terms,
+    taken under a reduced float32 matmul precision) give the same bits, with 8-bit zero points at a grid end and K
+    long enough to be chunked."""
+    slots = SlotIndex(SLOTS)
+    sign = 1.0 if zero_at == "low" else -1.0
+    fake = QuantMatMul(QuantizerSpec(8), QuantizerSpec(8), slots)
+    for q in fake.a_quant:
+        q.set_range(torch.zeros(3), torch.full((3,), 4.0)) if sign > 0 else \
+            q.set_range(torch.full((3,), -4.0), torch.zeros(3))
+    gen = torch.Generator().manual_seed(9)
+    a, b = sign * torch.rand(2, 5, 600, generator=gen) * 5, sign * torch.rand(2, 600, 3, generator=gen) * 5
+    outs = {}
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            integer = IntMatMul.of(fake, slots)
+            integer.prepare(compiled=False)
+            assert (integer.bound is not None) == (precision == "highest")
+            with slots.active(torch.full((2,), 1)):
+                outs[precision] = integer(a, b)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(outs["highest"], outs["high"])
 
 
 def test_compiled_codes_are_the_eager_codes_bit_for_bit():

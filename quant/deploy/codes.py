@@ -22,19 +22,26 @@ def quantize_codes(x: torch.Tensor, step: torch.Tensor, lo: torch.Tensor, hi: to
     return (x / step).clamp_(lo, hi).round_().add_(shift).to(torch.uint8)
 
 
+def signed_codes(x: torch.Tensor, step: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """round(clip(x / step, lo, hi)) = X - z_x, integers held in x's float dtype: the same division, clip and round
+    as quantize_codes (and as the fake quantizer, which multiplies this by Δ)."""
+    return (x / step).clamp_(lo, hi).round_()
+
+
 # Layouts the compiled quantize step specialises on (matrix or channels-first, unit sizes, scalar or per-channel
 # steps): a UNet's layers need about ten, above torch.compile's default limit of 8 per function.
 RECOMPILE_LIMIT = 64
 
 
 @lru_cache(maxsize=None)
-def codes_function(compiled: bool):
-    """quantize_codes, or its torch.compile'd form: one fused pass over the activation instead of five (on a
-    2-core CPU the eager form costs about half an int8 convolution; the fused one a few percent). Bit for bit
-    the same codes (the codes keep the input's memory layout)."""
+def codes_function(compiled: bool, signed: bool = False):
+    """quantize_codes (signed: signed_codes), or its torch.compile'd form: one fused pass over the activation
+    instead of five (on a 2-core CPU the eager form costs about half an int8 convolution; the fused one a few
+    percent). Bit for bit the same codes (the codes keep the input's memory layout)."""
+    step = signed_codes if signed else quantize_codes
     if not compiled:
-        return quantize_codes
-    fused = torch.compile(quantize_codes, dynamic=True)
+        return step
+    fused = torch.compile(step, dynamic=True)
 
     def call(*args):
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):     # scoped to this step's compilations

@@ -43,27 +43,43 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)[:m, :n]
 
 
-EXACT_CHUNK = 1024          # int8 x int8 products are <= 2^14: sums of 1,024 of them are integers <= 2^24, exact in fp32
+FLOAT_EXACT = 2 ** 24       # float32 holds every integer of magnitude <= 2^24 exactly
+
+
+def exact_float_path(device: torch.device) -> bool:
+    """Whether integer products may run as float32 bmm here: on the CPU under IEEE float32 matmuls (the default
+    `torch.get_float32_matmul_precision() == "highest"`; TF32/bf16 would round the sums)."""
+    return device.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
+
+
+def exact_bmm(a: torch.Tensor, b: torch.Tensor, bound: int) -> torch.Tensor:
+    """float32 [N, n, K] @ [N, K, m] of integer-valued operands whose products have magnitude <= bound: the exact
+    integer sums, as float32 (integer arithmetic on float units).
+
+    The product runs over chunks along K of at most 2^24 // bound terms: every partial sum is an integer of
+    magnitude <= 2^24, held exactly, and so is each chunk's float32 result. Chunks are summed in int32 (exact),
+    or in float32 when K fits one chunk."""
+    chunk = max(1, FLOAT_EXACT // max(1, bound))
+    k = a.shape[-1]
+    if k <= chunk:
+        return torch.bmm(a, b)
+    acc = None
+    for lo in range(0, k, chunk):
+        part = torch.bmm(a[..., lo:lo + chunk], b[:, lo:lo + chunk]).to(torch.int32)
+        acc = part if acc is None else acc.add_(part)
+    return acc.float()
 
 
 def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 [N, n, K] @ int8 [N, K, m] -> int32 [N, n, m], exactly.
 
     torch has no batched int8 matmul (`torch._int_mm` is 2-D), and a loop of N 2-D products costs more than the
-    products at the attention shapes of a UNet. On the CPU, under IEEE float32 matmuls (the default
-    `torch.get_float32_matmul_precision() == "highest"`), the product runs as float32 bmm over chunks of at most
-    1,024 along K: every partial sum is an integer of magnitude <= 2^24, which float32 holds exactly, so the
-    result equals the int32 accumulation bit for bit (integer arithmetic on float units). Elsewhere (CUDA, where
-    TF32 may round), one torch._int_mm per batch row."""
-    if a.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+    products at the attention shapes of a UNet. Where exact_float_path holds, the product runs as exact_bmm of the
+    codes (int8 x int8 products are <= 2^14: chunks of 1,024 along K), bit for bit the int32 accumulation.
+    Elsewhere (CUDA, where TF32 may round), one torch._int_mm per batch row."""
+    if not exact_float_path(a.device):
         return torch.stack([int_mm(a[i], b[i]) for i in range(a.shape[0])])
-    k = a.shape[-1]
-    acc = None
-    for lo in range(0, k, EXACT_CHUNK):
-        hi = min(k, lo + EXACT_CHUNK)
-        part = torch.bmm(a[..., lo:hi].float(), b[:, lo:hi].float()).to(torch.int32)
-        acc = part if acc is None else acc.add_(part)
-    return acc
+    return exact_bmm(a.float(), b.float(), 2 ** 14).to(torch.int32)
 
 
 class IntGemm:
@@ -142,8 +158,7 @@ class IntGemm:
             if groups > 1:                                          # [N, groups, ...] -> one per output channel
                 window = window.repeat_interleave(y.shape[1] // groups, 1)
             y.addcmul_(window, (self.w_correction * (self.w_scale * x_scale)).view(1, -1, 1, 1))
-        y = y.squeeze(2) if squeeze else y
-        return y.contiguous()     # oneDNN writes channels-last; the float GroupNorms that follow are ~4x slower on it
+        return y.squeeze(2) if squeeze else y       # channels-last, as oneDNN writes it (see IntModel.prepare)
 
     def _generic(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, bits: int,
                  bias: torch.Tensor | None) -> torch.Tensor:

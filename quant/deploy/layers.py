@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.deploy.codes import codes_function, grid_offset, quantizer_tables, weight_codes
-from quant.deploy.kernels import IntGemm, int_bmm
+from quant.deploy.kernels import IntGemm, exact_bmm, exact_float_path, int_bmm
 from quant.layers import QuantLayer, QuantMatMul
 from quant.quantizer import ActQuantizer
 from quant.slots import SlotIndex
@@ -46,11 +46,17 @@ class _Operand(nn.Module):
         """Per slot: clip bounds qmin - z, qmax - z and the code zero point z - qmin (the kernels' x_zero)."""
         self.lo, self.hi, self.shift = self.qmin - self.zero, self.qmax - self.zero, self.zero - self.qmin
 
-    def codes(self, x: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, fn, channel_dim: int = -1) -> torch.Tensor:
-        """x's codes, in x's shape. The quantize step sees x as a [M, C] matrix with the channels last (a view for
-        channels-last and row-major activations): a handful of layouts for the compiled step to specialise on,
-        whatever the layer. step: [C] or 0-d."""
-        bounds = self.lo[slot], self.hi[slot], self.shift[slot]
+    def magnitude(self) -> int:
+        """The largest |X - z_x| over the slots (read on the host: for prepare, not a forward)."""
+        return int(torch.maximum(self.lo.abs(), self.hi.abs()).max())
+
+    def codes(self, x: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, fn, channel_dim: int = -1,
+              signed: bool = False) -> torch.Tensor:
+        """x's codes (signed: X - z_x as floats, for codes_function(..., signed=True)), in x's shape. The quantize
+        step sees x as a [M, C] matrix with the channels last (a view for channels-last and row-major
+        activations): a handful of layouts for the compiled step to specialise on, whatever the layer.
+        step: [C] or 0-d."""
+        bounds = (self.lo[slot], self.hi[slot]) + (() if signed else (self.shift[slot],))
         moved = x.movedim(channel_dim, -1)                                          # [..., C]
         matrix = moved.reshape(-1, moved.shape[-1]) if _rows_of_channels(moved) else None
         if matrix is None:                                       # channels-first (e.g. NCHW on an accelerator)
@@ -188,14 +194,19 @@ class WeightOnlyLayer(_WeightCodes):
 
 
 class IntMatMul(nn.Module):
-    """bmm of two quantized operands as an integer product: Δ_a Δ_b Σ_k (A - z_a)(B - z_b), int8 x int8 -> int32
-    (quant.deploy.kernels.int_bmm), with the zero-point terms of 8-bit operands added exactly."""
+    """bmm of two quantized operands as an integer product: Δ_a Δ_b Σ_k (A - z_a)(B - z_b).
+
+    On the CPU under IEEE float32 matmuls (quant.deploy.kernels.exact_float_path) the operands are their signed
+    codes X - z_x held as float integers, and their product an exact_bmm: every partial sum an integer within
+    float32's exact range, so the result is the integer sum (no zero-point terms: the codes are already centred).
+    Elsewhere int8 x int8 -> int32 (kernels.int_bmm), with the zero-point terms of 8-bit operands added exactly."""
 
     def __init__(self, spec: dict, slots: SlotIndex, device=None):
         super().__init__()
         self.spec, self.slots = spec, slots
         self.inputs = nn.ModuleList([_Operand(slots.num_slots, **a, device=device) for a in spec["inputs"]])
         self.codes_fn = codes_function(False)
+        self.bound: int | None = None            # max |(A - z_a)(B - z_b)| where the float path runs, else None
 
     @staticmethod
     def spec_of(mm: QuantMatMul) -> dict:
@@ -209,9 +220,13 @@ class IntMatMul(nn.Module):
         return out
 
     def prepare(self, compiled: bool, generic: bool = False) -> None:
-        self.codes_fn = codes_function(compiled)
         for op in self.inputs:
             op.tables()
+        device = self.inputs[0].delta.device
+        self.bound = None
+        if exact_float_path(device):
+            self.bound = self.inputs[0].magnitude() * self.inputs[1].magnitude()
+        self.codes_fn = codes_function(compiled, signed=self.bound is not None)
 
     def _int8(self, k: int, x: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 X' = codes - o, o - z) of operand k."""
@@ -223,10 +238,15 @@ class IntMatMul(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         slot = _current_slot(self.slots)
+        scale = self.inputs[0].delta[slot] * self.inputs[1].delta[slot]
+        if self.bound is not None:                                           # exact float products (CPU)
+            qa, qb = (op.codes(x.float(), op.delta[slot], slot, self.codes_fn, signed=True)
+                      for op, x in zip(self.inputs, (a, b)))
+            return exact_bmm(qa, qb, self.bound).mul_(scale)
         a8, ca = self._int8(0, a, slot)                                      # [N, n, K]
         b8, cb = self._int8(1, b, slot)                                      # [N, K, m]
         acc = int_bmm(a8, b8)                                                # [N, n, m] int32
         if max(op.bits for op in self.inputs) > 7:                             # offsets away from the zero points
             acc = (acc + cb * a8.sum(2, keepdim=True, dtype=torch.int32) + ca * b8.sum(1, keepdim=True, dtype=torch.int32)
                    + a8.shape[2] * ca * cb)
-        return acc.float() * (self.inputs[0].delta[slot] * self.inputs[1].delta[slot])
+        return acc.float() * scale

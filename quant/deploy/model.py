@@ -53,6 +53,7 @@ class IntModel(EpsCorrections):
         self.unquantized: list[str] = []                        # weight layers with no quantized form (QuantModel)
         self.kernels = ""                                       # which integer kernels run (set by prepare)
         self.channels_last = False
+        self._norm_hooks: list = []
         for module in self.model.modules():                     # every slot lookup goes through this model's index
             if isinstance(module, (ActQuantizer, IntLayer, IntMatMul)):
                 module.slots = self.slots
@@ -79,9 +80,14 @@ class IntModel(EpsCorrections):
             return self
         for _, module in self.int_modules():
             module.prepare(compiled, generic)
-        # oneDNN's convolutions write channels-last: the whole network runs in that layout (converting back after
-        # every convolution costs more than the norms lose in it)
+        # oneDNN's convolutions write channels-last and the network runs in that layout (converting back after every
+        # convolution costs more than it saves), except into GroupNorm: torch's channels-last GroupNorm is about 5x
+        # slower here at a UNet's widths, so its input is made contiguous first (measured: docs/deploy.md)
         self.channels_last = not generic
+        for handle in self._norm_hooks:
+            handle.remove()
+        self._norm_hooks = [m.register_forward_pre_hook(_contiguous_input) for m in self.model.modules()
+                            if isinstance(m, nn.GroupNorm)] if self.channels_last else []
 
         with torch.no_grad():
             for module in self.model.modules():                  # simulated layers: weights quantized once
@@ -107,6 +113,10 @@ class IntModel(EpsCorrections):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), self.slots.active(idx):
             return self.corrected(self.model(x, t, **cond), t).contiguous()
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
 
 
 def _why_simulated(layer: QuantLayer) -> str | None:
