@@ -334,6 +334,7 @@ def train_unit(qmodel: QuantModel, unit: str, data: UnitData, objective: Objecti
                 sched.step()
             if it % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3e}")
+        opt.zero_grad(set_to_none=True)          # the unit's gradients are not kept once it is trained
     objective.finish(module)
     after = unit_loss(qmodel, module, data, cfg.cache_batch_size)
     if after > before:

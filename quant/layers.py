@@ -26,10 +26,14 @@ class QuantLayer(nn.Module):
     `in_shift` z ([C_in], OS+-like) quantizes X - z and adds z back after dequantization,
     Q((X - z)/s) + z/s, i.e. W·z is a bias term; `in_gain` r ([C_in], learnable, OmniQuant-like) is a
     trained extra factor: the quantizer sees X/(s·r) and the weight is used as r·W.
+
+    The weight and bias are copies of the layer's, or (`copy=False`, for a layer the caller owns and discards, as
+    QuantModel does with its deep copy of the network) the layer's own tensors, so a full-size model is not held
+    twice while it is wrapped.
     """
 
     def __init__(self, layer: nn.Conv2d | nn.Conv1d | nn.Linear, w_spec: QuantizerSpec, a_spec: QuantizerSpec | None,
-                 slots: SlotIndex, split: int = 0):
+                 slots: SlotIndex, split: int = 0, copy: bool = True):
         super().__init__()
         if type(layer) in _CONV_OPS:
             self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
@@ -41,8 +45,9 @@ class QuantLayer(nn.Module):
             self.conv_args, self.conv_op = None, None
         else:
             raise TypeError(f"cannot quantize {type(layer).__name__}")
-        self.weight = nn.Parameter(layer.weight.detach().clone())
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        own = (lambda v: v.detach().clone()) if copy else (lambda v: v.detach())
+        self.weight = nn.Parameter(own(layer.weight))
+        self.bias = None if layer.bias is None else nn.Parameter(own(layer.bias))
         c_in = self.weight.shape[1] * (layer.groups if self.conv_args else 1)
         if not 0 <= split < c_in:
             raise ValueError(f"split {split} must be in [0, {c_in})")

@@ -125,7 +125,8 @@ class QuantModel(EpsCorrections):
             if isinstance(module, QUANTIZABLE):
                 edge = name in (first, last)
                 a_spec = cfg.act_spec(edge) if cfg.quant_act else None
-                new = QuantLayer(module, cfg.weight_spec(edge), a_spec, self.slots, splits.get(name, 0))
+                new = QuantLayer(module, cfg.weight_spec(edge), a_spec, self.slots, splits.get(name, 0),
+                                 copy=False)                          # self.model is this model's own copy
                 _set_submodule(self.model, name, new)
             elif name in matmuls and cfg.quant_act:
                 sm = matmuls[name]

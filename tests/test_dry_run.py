@@ -85,3 +85,52 @@ def test_a_full_size_smoke_run_agrees_with_the_plan(config, tmp_path):
         assert abs(run["quantization_peak_gb"] / result["planned_peak_gb"] - 1) <= TOLERANCE, (method, result)
     dq = result["runs"]["dilatequant"]
     assert abs(dq["seconds_per_iteration"] / result["planned_seconds"] - 1) <= TOLERANCE, result
+
+
+def test_stage_memory_records_each_stage_and_keeps_nested_calls_in_theirs():
+    """tools/smoke_run.StageMemory: the high-water mark of each watched call, relative to the baseline; a watched
+    function called inside another watched one is part of the outer stage, not a stage of its own."""
+    import types
+    import sys
+    import torch
+    from tools.smoke_run import StageMemory, memory_gb
+    module = types.ModuleType("stage_memory_probe")
+
+    def inner():
+        block = torch.ones(64 * 2 ** 20 // 4)           # 64 MiB, touched, then freed
+        return float(block[-1])
+
+    def outer():
+        return inner() + 1
+    module.inner, module.outer = inner, outer
+    sys.modules[module.__name__] = module
+    try:
+        stages = StageMemory(memory_gb("VmRSS"))
+        with stages.watching(module.__name__, ("inner", "outer")):
+            assert module.outer() == 2.0
+            with stages.stage("small"):
+                pass
+        assert module.inner is inner                    # restored
+    finally:
+        del sys.modules[module.__name__]
+    assert [r["stage"] for r in stages.records] == ["outer", "small"]
+    big, small = stages.records
+    assert big["peak_gb"] - big["rss_before_gb"] >= 0.055 and small["peak_gb"] - small["rss_before_gb"] < 0.03
+
+
+def test_a_smoke_run_starts_from_an_empty_directory(tmp_path):
+    """Units a previous run left would be reloaded instead of trained: a smoke run's own directory is cleared, any
+    other non-empty one refused."""
+    from tools.smoke_run import MARKER, fresh_directory
+    out = tmp_path / "smoke"
+    fresh_directory(out)
+    (out / "distill").mkdir()
+    (out / "distill" / "unit_00.pt").write_bytes(b"old")
+    fresh_directory(out)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "results.json").write_text("{}")
+    with pytest.raises(UsageError, match="not empty"):
+        fresh_directory(other)
+    assert (other / "results.json").exists()

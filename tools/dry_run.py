@@ -356,6 +356,16 @@ def smoke_markdown(smokes: list[dict], machine: str) -> str:
                          f"{sm['planned_peak_gb']:.2f} | {ratio(r['quantization_peak_gb'], sm['planned_peak_gb'])} | "
                          f"{'' if it is None else f'{it:.2f}'} | {sm['planned_seconds']:.2f} | "
                          f"{ratio(it, sm['planned_seconds'])} | {r['quantization_seconds']:.0f} |")
+    staged = [(sm["config"], method, r) for sm in smokes for method, r in sm["runs"].items() if r.get("stages")]
+    if staged:
+        lines += ["", "Where the measured peak comes from: each stage's resident high-water mark (tools/smoke_run.py "
+                  "StageMemory), counted as above (less what was resident before the run, plus the FP UNet), and "
+                  "what stayed resident after it.", "",
+                  "| config | method | stage | seconds | peak (GB) | resident after (GB) |", "|---|---|---|---|---|---|"]
+        for config, method, r in staged:
+            for st in r["stages"]:
+                lines.append(f"| {config} | {method} | {st['stage']} | {st['seconds']:.0f} | "
+                             f"{st['peak_gb'] + r['fp_unet_gb']:.2f} | {st['rss_after_gb'] + r['fp_unet_gb']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

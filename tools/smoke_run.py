@@ -18,10 +18,14 @@ text conditioning is random CLIP token ids (no tokenizer is needed), class condi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import json
 import dataclasses
+import functools
+import importlib
+import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,6 +63,58 @@ def memory_gb(field: str) -> float:
 def reset_peak_memory() -> None:
     """Reset VmHWM to the current RSS (Linux: `echo 5 > /proc/self/clear_refs`)."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+# the top-level steps of each method's function (quant/methods/*.py), whose peaks are recorded one by one
+STAGES = {"dilatequant": ("quant.methods.dilatequant", ("QuantModel", "dilate", "calibrate", "distill")),
+          "qdiff": ("quant.methods.qdiff", ("QuantModel", "reconstruct_weights", "reconstruct_activations"))}
+
+
+class StageMemory:
+    """The resident high-water mark of each stage of a run, relative to a baseline RSS: a stage is a call of one
+    of the named functions of a module (wrapped while `watching`), or a block under `stage(name)`; calls nested
+    inside a stage belong to it. Records: {stage, seconds, rss_before_gb, peak_gb, rss_after_gb}."""
+
+    def __init__(self, baseline_gb: float):
+        self.baseline, self.records, self._depth = baseline_gb, [], 0
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if self._depth:
+            yield
+            return
+        self._depth += 1
+        before, start = memory_gb("VmRSS"), time.perf_counter()
+        reset_peak_memory()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            self.records.append({"stage": name, "seconds": time.perf_counter() - start,
+                                 "rss_before_gb": before - self.baseline, "peak_gb": memory_gb("VmHWM") - self.baseline,
+                                 "rss_after_gb": memory_gb("VmRSS") - self.baseline})
+
+    @contextlib.contextmanager
+    def watching(self, module_name: str, names: tuple[str, ...]):
+        module = importlib.import_module(module_name)
+        originals = {n: getattr(module, n) for n in names}
+
+        def wrapped(name, fn):
+            @functools.wraps(fn, updated=())
+            def call(*args, **kwargs):
+                with self.stage(name):
+                    return fn(*args, **kwargs)
+            return call
+        for n, fn in originals.items():
+            setattr(module, n, wrapped(n, fn))
+        try:
+            yield self
+        finally:
+            for n, fn in originals.items():
+                setattr(module, n, fn)
+
+    def peak_gb(self) -> float:
+        return max(r["peak_gb"] for r in self.records)
 
 
 @torch.no_grad()
@@ -101,6 +157,22 @@ class Conditions:
         return self.ldm.get_learned_conditioning(ids), self.ldm.get_learned_conditioning(empty)
 
 
+MARKER = ".smoke_run"
+
+
+def fresh_directory(out: Path) -> None:
+    """An empty `out` for this run: a smoke run measures a run from scratch, and the distillation would reload the
+    units a previous run left there. A previous smoke run's directory (marked) is cleared; any other non-empty
+    directory is refused."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise UsageError(f"--out {out} is not empty and not a smoke run's directory",
+                             "choose a new --out (a smoke run starts from an empty directory)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by tools/smoke_run.py; cleared by its next run here\n")
+
+
 def calibration(ldm, sampler, cond: Conditions, cali_n: int, scale: float, seed: int):
     """cali_n network inputs of guided FP trajectories (every step of each: per_traj = steps), with their contexts."""
     unet, halves = ldm.model.diffusion_model, 1 if cond.kind is None else 2
@@ -141,7 +213,7 @@ def smoke(config_path: Path, method: str, out: Path, cali_n: int = 4, steps: int
     from tools.dry_run import describe
     if method not in METHODS:
         raise UsageError(f"--method {method}: choose one of {sorted(METHODS)}")
-    out.mkdir(parents=True, exist_ok=True)
+    fresh_directory(out)
     torch.manual_seed(seed)
     config = load_config(config_path)
     ldm = randomize(instantiate_from_config(config["model"]), seed).eval()
@@ -153,17 +225,19 @@ def smoke(config_path: Path, method: str, out: Path, cali_n: int = 4, steps: int
     config_q = METHODS[method]
     distill = DistillConfig(iters=iters, batch_size=batch, cache_batch_size=batch, seed=seed)
     rss_before = memory_gb("VmRSS")
-    reset_peak_memory()
+    stages = StageMemory(rss_before)
     start = time.perf_counter()
-    calib = calibration(ldm, sampler, cond, cali_n, scale, seed)
-    if method == "dilatequant":
-        qmodel = quantize_dilatequant(unet, config_q, sampler.timesteps, calib, DilateQuantConfig(distill=distill),
-                                      out, batch_size=batch)
-    else:
-        qdiff = QDiffConfig(weight_iters=iters, act_iters=iters, batch_size=batch, seed=seed)
-        qmodel = quantize_qdiff(unet, config_q, calib, qdiff, out, batch_size=batch)
+    with stages.stage("calibration data"):
+        calib = calibration(ldm, sampler, cond, cali_n, scale, seed)
+    with stages.watching(*STAGES[method]):
+        if method == "dilatequant":
+            qmodel = quantize_dilatequant(unet, config_q, sampler.timesteps, calib,
+                                          DilateQuantConfig(distill=distill), out, batch_size=batch)
+        else:
+            qdiff = QDiffConfig(weight_iters=iters, act_iters=iters, batch_size=batch, seed=seed)
+            qmodel = quantize_qdiff(unet, config_q, calib, qdiff, out, batch_size=batch)
     quant_seconds = time.perf_counter() - start
-    peak = memory_gb("VmHWM")
+    peak = stages.peak_gb() + rss_before
     save_quantized(out / "quantized.pt", qmodel, method)
     reloaded, _ = load_quantized(out / "quantized.pt", unet)
     reloaded.check_timesteps(sampler.timesteps)
@@ -184,6 +258,7 @@ def smoke(config_path: Path, method: str, out: Path, cali_n: int = 4, steps: int
             "quantization_seconds": quant_seconds, "largest_unit": largest,
             "rss_before_gb": rss_before, "peak_rss_gb": peak, "fp_unet_gb": fp_unet_gb,
             "quantization_peak_gb": peak - rss_before + fp_unet_gb, "seconds_per_iteration": measured_iter,
+            "stages": stages.records,
             "threads": torch.get_num_threads()}
 
 
