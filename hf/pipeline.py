@@ -14,6 +14,7 @@ steps than it was calibrated for is an error naming the timestep (quant.slots).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Sequence
@@ -62,12 +63,18 @@ def guided_calibration(net: nn.Module, scheduler, latents: torch.Tensor, cond: t
 
 class PipelineUNet(nn.Module):
     """A quantized UNet in a diffusers pipeline's place: called as the pipeline calls `pipe.unet`
-    (sample, timestep, encoder_hidden_states=..., return_dict=...), with the FP UNet's `config`."""
+    (sample, timestep, encoder_hidden_states=..., return_dict=...), with the FP UNet's `config`.
+
+    Its weights are quantized once (quant.model.frozen) and reused by every call of every sampling run, until the
+    parameters change: moved (`pipe.to(...)`), replaced or edited in place, they are quantized again on the next
+    call."""
 
     def __init__(self, qmodel: QuantModel, fp_unet: nn.Module):
         super().__init__()
         self.qmodel = qmodel
         self.config = fp_unet.config
+        self._frozen: contextlib.ExitStack | None = None
+        self._frozen_for: tuple = ()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -77,14 +84,33 @@ class PipelineUNet(nn.Module):
     def device(self) -> torch.device:
         return next(self.qmodel.parameters()).device
 
+    def _weights(self) -> tuple:
+        """What the frozen weights depend on: each parameter's identity, device and in-place version."""
+        return tuple((id(p), p.device, p._version) for p in self.qmodel.parameters())
+
+    def _freeze(self) -> None:
+        weights = self._weights()
+        if self._frozen is not None and weights == self._frozen_for:
+            return
+        self.release()
+        stack = contextlib.ExitStack()
+        stack.enter_context(frozen(self.qmodel))
+        self._frozen, self._frozen_for = stack, weights
+
+    def release(self) -> None:
+        """Drop the frozen weights (the next call quantizes them again)."""
+        if self._frozen is not None:
+            self._frozen.close()
+        self._frozen, self._frozen_for = None, ()
+
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None,
                 return_dict: bool = True, **kwargs):
         unused = [k for k, v in kwargs.items() if v is not None]
         if unused:
             raise UsageError(f"the quantized UNet takes no {', '.join(unused)}", "sample without those arguments")
         cond = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
-        with frozen(self.qmodel):                              # weights quantized once per call
-            out = self.qmodel(sample, timestep, **cond)
+        self._freeze()
+        out = self.qmodel(sample, timestep, **cond)
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
             return UNet2DConditionOutput(sample=out)

@@ -2,6 +2,7 @@
 random-weight UNet2DConditionModel (guided) and UNet2DModel instances built from configs."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from quant.calibrate import calibrate  # noqa: E402
 from quant.checkpoint import load_quantized, save_quantized  # noqa: E402
 from quant.deploy import convert  # noqa: E402
 from quant.dilation import dilate  # noqa: E402
+from quant.layers import QuantLayer  # noqa: E402
 from quant.distill import DistillConfig  # noqa: E402
 from quant.methods import MethodContext, quantize  # noqa: E402
 from quant.methods.dilatequant import DilateQuantConfig  # noqa: E402
@@ -162,6 +164,18 @@ def test_a_pipeline_unet_is_quantized_in_a_few_lines_on_its_own_sampling(tmp_pat
     assert image.shape == fp_image.shape and (image != fp_image).any()
     with pytest.raises(Exception, match="timestep"):                   # other steps: slots it has none for
         pipe("a horse", num_inference_steps=4, guidance_scale=3.0, output_type="np")
+    # weights quantized once for every call of every run, again only after they change
+    calls, op_weight = [], QuantLayer.op_weight
+    layers = sum(1 for _ in pipe.unet.qmodel.quant_layers())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(QuantLayer, "op_weight", lambda self: calls.append(1) or op_weight(self))
+        again = [pipe("a horse", num_inference_steps=3, guidance_scale=3.0, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
+        assert len(calls) == 0 and all(np.array_equal(a, image) for a in again)    # frozen by the first run
+        with torch.no_grad():
+            next(pipe.unet.qmodel.parameters()).mul_(1.0)
+        pipe("a horse", num_inference_steps=3, guidance_scale=3.0, output_type="np")
+        assert len(calls) == layers
 
 
 def test_a_scheduler_with_non_integer_timesteps_is_refused_naming_it():
@@ -227,3 +241,32 @@ def test_dit_and_pixart_quantize_per_timestep_through_the_same_core(build, tmp_p
         out = q(x, 333, **cond)
     assert out.shape == want.shape and torch.isfinite(out).all()
     assert all("(Embedding)" in name for name in q.unquantized)      # DiT's class table stays FP
+
+
+@pytest.mark.parametrize("build", [conditional, unconditional, dit, pixart],
+                         ids=["unet2d-condition", "unet2d", "dit", "pixart"])
+def test_wrapped_diffusers_models_stay_on_the_meta_device_and_run_there(build):
+    """Everything the wrappers and the quantized model create follows the model's device: on `meta` (no data), a
+    forward only runs if nothing is read on the host."""
+    from hf.unet import DiffusersTransformer
+    from quant.range_search import init_weight_quantizers
+    from test_device import off_model
+    built = build()
+    model, cond = built if isinstance(built, tuple) else (built, None)
+    wrap = DiffusersTransformer if cond is not None else DiffusersUNet
+    net = wrap(model.to("meta"))
+    if cond is None:
+        x, cond = inputs(model)
+    else:
+        x = torch.randn(4, 4, 8, 8)
+    meta = torch.device("meta")
+    x, cond = x.to(meta), {k: v.to(meta) for k, v in cond.items()}
+    q = QuantModel(net, QuantConfig(weight_bit=4, act_bit=4, temporal=True, split=True), STEPS)
+    assert off_model(q, meta, torch.float32) == []
+    init_weight_quantizers(q)
+    for _, module in q.act_quant_modules():
+        for a in module.a_quant:
+            a.set_range(torch.zeros_like(a.delta), torch.ones_like(a.delta))
+    with torch.no_grad(), frozen(q):
+        out = q(x, torch.full((len(x),), STEPS[1], device=meta), **cond)
+    assert out.device == meta and out.shape[0] == len(x)
