@@ -81,14 +81,16 @@ class IntModel(EpsCorrections):
         for _, module in self.int_modules():
             module.prepare(compiled, generic)
         # oneDNN's convolutions write channels-last and the network runs in that layout (converting back after every
-        # convolution costs more than it saves), except into GroupNorm: torch's channels-last GroupNorm is about 5x
-        # slower here at a UNet's widths, so its input is made contiguous first (measured: docs/deploy.md)
+        # convolution costs more than it saves), except inside a GroupNorm of <= 2 channels per group: torch's
+        # channels-last kernel is 3-7x slower there, so that norm computes on a contiguous copy and hands its
+        # output back channels-last (measured: docs/deploy.md)
         self.channels_last = not generic
         for handle in self._norm_hooks:
             handle.remove()
-        self._norm_hooks = [m.register_forward_pre_hook(_contiguous_input) for m in self.model.modules()
-                            if isinstance(m, nn.GroupNorm)] if self.channels_last else []
-
+        narrow = [m for m in self.model.modules() if isinstance(m, nn.GroupNorm)
+                  and m.num_channels // m.num_groups <= NARROW_GROUP] if self.channels_last else []
+        self._norm_hooks = [h for m in narrow for h in (m.register_forward_pre_hook(_contiguous_input),
+                                                        m.register_forward_hook(_channels_last_output))]
         with torch.no_grad():
             for module in self.model.modules():                  # simulated layers: weights quantized once
                 if isinstance(module, QuantLayer):
@@ -115,8 +117,15 @@ class IntModel(EpsCorrections):
             return self.corrected(self.model(x, t, **cond), t).contiguous()
 
 
+NARROW_GROUP = 2           # channels per group up to which GroupNorm runs on a contiguous copy (IntModel.prepare)
+
+
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
+
+
+def _channels_last_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out.contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out
 
 
 def _why_simulated(layer: QuantLayer) -> str | None:
