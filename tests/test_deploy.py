@@ -170,8 +170,9 @@ def test_exact_float_product_of_wide_codes_is_the_integer_sum():
         assert torch.equal(exact_bmm(a, b, 255 * 255), torch.bmm(a.long(), b.long()).float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("zero_at", ["low", "high"])
-def test_attention_product_on_float_units_equals_the_int8_product(zero_at):
+def test_attention_product_on_float_units_equals_the_int8_product(zero_at, dtype):
     """The CPU's float path (centred codes in exact float32 sums) and the int8 path (int_bmm plus zero-point terms,
     taken under a reduced float32 matmul precision) give the same bits, with 8-bit zero points at a grid end and K
     long enough to be chunked."""
@@ -183,6 +184,10 @@ def test_attention_product_on_float_units_equals_the_int8_product(zero_at):
             q.set_range(torch.full((3,), -4.0), torch.zeros(3))
     gen = torch.Generator().manual_seed(9)
     a, b = sign * torch.rand(2, 5, 600, generator=gen) * 5, sign * torch.rand(2, 600, 3, generator=gen) * 5
+    fake.to(dtype)
+    a, b = a.to(dtype), b.to(dtype)                           # codes are computed in the operands' dtype on both paths
+    step = fake.a_quant[0].delta[1].detach().clamp_min(1e-8)  # just below rounding boundaries: float32 would round up
+    a[0] = sign * step * (torch.randint(0, 200, (5, 600), generator=gen).to(dtype) + 0.5) - sign * 1e-9
     outs = {}
     previous = torch.get_float32_matmul_precision()
     try:

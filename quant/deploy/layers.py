@@ -240,7 +240,7 @@ class IntMatMul(nn.Module):
         slot = _current_slot(self.slots)
         scale = self.inputs[0].delta[slot] * self.inputs[1].delta[slot]
         if self.bound is not None:                                           # exact float products (CPU)
-            qa, qb = (op.codes(x.float(), op.delta[slot], slot, self.codes_fn, signed=True)
+            qa, qb = (op.codes(x, op.delta[slot], slot, self.codes_fn, signed=True).float()   # codes in x's dtype
                       for op, x in zip(self.inputs, (a, b)))
             return exact_bmm(qa, qb, self.bound).mul_(scale)
         a8, ca = self._int8(0, a, slot)                                      # [N, n, K]
