@@ -81,9 +81,9 @@ class IntModel(EpsCorrections):
         for _, module in self.int_modules():
             module.prepare(compiled, generic)
         # oneDNN's convolutions write channels-last and the network runs in that layout (converting back after every
-        # convolution costs more than it saves), except inside a GroupNorm of <= 2 channels per group: torch's
-        # channels-last kernel is 3-7x slower there, so that norm computes on a contiguous copy and hands its
-        # output back channels-last (measured: docs/deploy.md)
+        # convolution costs more than it saves), except inside a GroupNorm of <= 2 channels per group, where torch's
+        # channels-last kernel is slow: that norm computes on a contiguous copy and hands its output back
+        # channels-last (measured: tools/bench_groupnorm.py, docs/deploy.md)
         self.channels_last = not generic
         for handle in self._norm_hooks:
             handle.remove()
