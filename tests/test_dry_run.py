@@ -134,3 +134,14 @@ def test_a_smoke_run_starts_from_an_empty_directory(tmp_path):
     with pytest.raises(UsageError, match="not empty"):
         fresh_directory(other)
     assert (other / "results.json").exists()
+
+
+def test_watching_a_function_that_does_not_exist_is_one_line_naming_it():
+    from tools.smoke_run import StageMemory
+    stages = StageMemory(0.0)
+    with pytest.raises(UsageError, match="no function not_there"):
+        with stages.watching("quant.distill", ("train_stages", "not_there")):
+            pass
+    with pytest.raises(UsageError, match="cannot watch"):
+        with stages.watching("quant.no_such_module", ("f",)):
+            pass

@@ -4,6 +4,9 @@ one image in a few steps with guidance; for DilateQuant W4A4 (split, TPQ) or Q-D
 
     python tools/smoke_run.py --config configs/stable-diffusion/v1-inference.yaml --method dilatequant \\
         --out runs/smoke/sd_v1_dq
+    # which unit's distillation peaks: the memory of each call of these functions instead of the method's stages
+    python tools/smoke_run.py --config configs/latent-diffusion/lsun_bedrooms-ldm-vq-4.yaml --out runs/smoke/watch \\
+        --watch quant.distill:cache_unit_io,train_stages
 
 Measured, for tools/dry_run.py --smoke (which runs this in a fresh process per config and method and sets the
 numbers next to its predictions): the peak resident memory of the quantization (calibration, dilation and
@@ -96,7 +99,14 @@ class StageMemory:
 
     @contextlib.contextmanager
     def watching(self, module_name: str, names: tuple[str, ...]):
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise UsageError(f"cannot watch {module_name}: {e}", "name an importable module, e.g. quant.distill")
+        missing = [n for n in names if not callable(getattr(module, n, None))]
+        if missing:
+            raise UsageError(f"{module_name} has no function {missing[0]} to watch",
+                             f"name functions of {module_name}")
         originals = {n: getattr(module, n) for n in names}
 
         def wrapped(name, fn):
@@ -208,7 +218,7 @@ def seconds_per_iteration(qmodel, fp, unit: str, calib, cfg: DistillConfig, iter
 
 
 def smoke(config_path: Path, method: str, out: Path, cali_n: int = 4, steps: int = 2, batch: int = 2,
-          iters: int = 2, scale: float = 3.0, seed: int = 0) -> dict:
+          iters: int = 2, scale: float = 3.0, seed: int = 0, watch: tuple[str, tuple[str, ...]] | None = None) -> dict:
     """One smoke run (see module doc) -> measurements and what was checked."""
     from tools.dry_run import describe
     if method not in METHODS:
@@ -229,7 +239,7 @@ def smoke(config_path: Path, method: str, out: Path, cali_n: int = 4, steps: int
     start = time.perf_counter()
     with stages.stage("calibration data"):
         calib = calibration(ldm, sampler, cond, cali_n, scale, seed)
-    with stages.watching(*STAGES[method]):
+    with stages.watching(*(watch or STAGES[method])):
         if method == "dilatequant":
             qmodel = quantize_dilatequant(unet, config_q, sampler.timesteps, calib,
                                           DilateQuantConfig(distill=distill), out, batch_size=batch)
@@ -272,11 +282,22 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=2, help="distillation batch (and the timed iterations')")
     p.add_argument("--iters", type=int, default=2, help="distillation iterations per unit")
     p.add_argument("--json", default=None, help="write the measurements here")
+    p.add_argument("--watch", default=None, metavar="MODULE:NAME,...",
+                   help="record the memory of calls of these functions of MODULE instead of the method's stages "
+                        "(e.g. quant.distill:cache_unit_io,train_stages: which unit's distillation peaks)")
     args = p.parse_args(argv)
+    watch = None
+    if args.watch is not None:
+        module, _, names = args.watch.partition(":")
+        if not module or not names:
+            raise UsageError(f"--watch {args.watch}: expected MODULE:NAME[,NAME...]",
+                             "e.g. --watch quant.distill:cache_unit_io,train_stages")
+        watch = (module, tuple(names.split(",")))
     for flag in ("cali_n", "steps", "batch", "iters"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)} is out of range: use >= 1")
-    record = smoke(Path(args.config), args.method, Path(args.out), args.cali_n, args.steps, args.batch, args.iters)
+    record = smoke(Path(args.config), args.method, Path(args.out), args.cali_n, args.steps, args.batch, args.iters,
+                   watch=watch)
     print(json.dumps(record, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
