@@ -10,7 +10,7 @@ from quant.calib_data import CalibSet
 from quant.calibrate import calibrate
 from quant.deploy import convert, load_int, read_header, save_int
 from quant.deploy.codes import codes_function, pack_int4, quantize_codes, unpack_int4
-from quant.deploy.kernels import exact_bmm, int_bmm
+from quant.deploy.kernels import exact_bmm, int_bmm, onednn_available
 from quant.deploy.layers import IntLayer, IntMatMul
 from quant.deploy.model import MixedTimestepsError
 from quant.layers import QuantLayer, QuantMatMul
@@ -88,6 +88,39 @@ def test_an_integer_layer_equals_its_fake_quant_layer(kind, w_bits, a_bits, gene
     gen = torch.Generator().manual_seed(1)
     for t in SLOTS:                                           # the TPQ slot of each call
         _compare(fake, integer, slots, _input(kind, gen), t=t)
+
+
+@pytest.mark.skipif(not onednn_available(torch.device("cpu")), reason="oneDNN's int8 ops are not in this torch")
+@pytest.mark.parametrize("halves", [pytest.param(False, id="as-this-cpu"), pytest.param(True, id="two-halves")])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_8bit_products_are_exact_where_onednn_would_saturate_them(kind, halves, monkeypatch):
+    """Codes 255 against weights -128..127: without VNNI oneDNN's int16 pair sums saturate (2 x 255 x 127 >
+    32767); the layer then multiplies two 4-bit halves of its codes. two-halves forces that path on any CPU."""
+    import quant.deploy.kernels as kernels
+    if halves:
+        monkeypatch.setattr(kernels, "onednn_pairs_saturate", lambda: True)
+    layer = LAYERS[kind]()
+    conv = None if isinstance(layer, nn.Linear) else {k: getattr(layer, k) for k in ("stride", "padding",
+                                                                                     "dilation", "groups")}
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randint(0, 256, layer.weight.shape, generator=gen, dtype=torch.int16)
+    w.view(len(w), -1)[:, 0], w.view(len(w), -1)[:, 1] = 255, 0                     # the full 8-bit weight range
+    zero = torch.randint(120, 136, (len(w),), generator=gen)
+    x = torch.where(torch.rand(_input(kind, gen).shape, generator=gen) < 0.7, 255,
+                    torch.randint(0, 256, _input(kind, gen).shape, generator=gen)).to(torch.uint8)
+    x_zero = torch.tensor(17)
+    gemm = kernels.IntGemm(w.to(torch.uint8), zero, torch.ones(len(w)), conv, x_bits=8)
+    assert gemm.split_codes == kernels.onednn_pairs_saturate()
+    if conv is not None and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = gemm(x, torch.ones(()), x_zero, 8, None).double()
+    wz = (w - zero.view(-1, *[1] * (w.dim() - 1))).double()
+    xz = x.double() - 17
+    if conv is None:
+        want = xz @ wz.t()
+    else:
+        want = (nn.functional.conv2d if x.dim() == 4 else nn.functional.conv1d)(xz, wz, None, **conv)
+    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
 
 
 @pytest.mark.parametrize("generic", PATHS)

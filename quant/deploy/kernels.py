@@ -8,8 +8,11 @@ Here the sum is an int32 accumulation of int8 operands:
   (every 4-bit weight, most 8-bit channels), so Σ (W - z)(X - z_x) = Σ W'(X - z_x) + (o_n - z_n) Σ_m (X_m - z_x):
   the second term, the input's window sum times a per-channel integer, is added only where o_n != z_n;
 - on the CPU, oneDNN's uint8 x int8 convolution and linear (`torch.ops.onednn.qconv2d_pointwise` /
-  `qlinear_pointwise`, the ops Inductor's x86 int8 path lowers to; VNNI) take the activation zero point
-  themselves and return Δ_x Δ_w,n acc + b in float32;
+  `qlinear_pointwise`, the ops Inductor's x86 int8 path lowers to) take the activation zero point
+  themselves and return Δ_x Δ_w,n acc + b in float32. Without VNNI (AVX2, AVX-512F) oneDNN adds adjacent
+  uint8 x int8 products in int16 with saturation (vpmaddubsw); onednn_pairs_saturate() finds that out by computing
+  one worst case, and a layer whose products could saturate there (8-bit input codes times weights beyond +-64)
+  multiplies its codes in two 4-bit halves, X = 16 X_hi + X_lo, each product exact, summed after the rescale;
 - elsewhere (CUDA, or `generic=True`), `torch._int_mm` (int8 x int8 -> int32) multiplies the im2col'ed input,
   with the activation offset handled the same way.
 
@@ -17,6 +20,8 @@ Zero padding is the real zero: a padded position contributes X_m - z_x = 0 on bo
 are 0-d tensors (one TPQ slot per call), so no value is read on the host in a forward.
 """
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,31 @@ from quant.deploy.codes import grid_offset, int8_offsets
 
 def onednn_available(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+INT16_MAX = 2 ** 15 - 1
+
+
+@cache
+def onednn_pairs_saturate() -> bool:
+    """Whether oneDNN's uint8 x int8 convolution or linear on this CPU sums pairs of products in saturating int16
+    (no VNNI): a 4-channel product of codes 255 and weights 127 (exact: 129540) is computed and compared."""
+    x = torch.full((1, 4, 1, 1), 255, dtype=torch.uint8)
+    w = torch.full((1, 4, 1, 1), 127, dtype=torch.int8)
+    one, zero = torch.ones(1), torch.zeros(1, dtype=torch.int64)
+    conv = torch.ops.onednn.qconv2d_pointwise.tensor(
+        x, torch.ones(()), torch.zeros((), dtype=torch.int32),
+        torch.ops.onednn.qconv_prepack(w, one, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None), one, zero, None, [1, 1],
+        [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
+    linear = torch.ops.onednn.qlinear_pointwise.tensor(
+        x.view(1, 4), torch.ones(()), torch.zeros((), dtype=torch.int32),
+        torch.ops.onednn.qlinear_prepack(w.view(1, 4), None), one, zero, None, 1.0, 0, torch.float32, "none", [], "")
+    return not (float(conv.flatten()[0]) == float(linear.flatten()[0]) == 4 * 255 * 127)
+
+
+def may_saturate(x_bits: int, w: torch.Tensor) -> bool:
+    """Whether a pair of uint8 codes of x_bits bits times int8 weights w can leave int16."""
+    return 2 * (2 ** x_bits - 1) * int(w.to(torch.int16).abs().amax()) > INT16_MAX
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -92,13 +122,15 @@ class IntGemm:
     """
 
     def __init__(self, codes: torch.Tensor, zero: torch.Tensor, w_scale: torch.Tensor, conv: dict | None,
-                 generic: bool = False):
+                 generic: bool = False, x_bits: int = 8):
         self.conv = conv                            # stride, padding, dilation, groups (None: a linear layer)
         self.dim = codes.dim()                      # 2 linear, 3 conv1d, 4 conv2d
-        self.generic = generic or not onednn_available(codes.device)
         view = (-1,) + (1,) * (codes.dim() - 1)
         offset = int8_offsets(codes, zero)
         w = (codes.to(torch.int16) - offset.view(view)).to(torch.int8)           # W' [C_out, C_in, *kernel]
+        self.generic = generic or not onednn_available(codes.device)
+        # oneDNN without VNNI would saturate this layer's products: its codes go in as two exact 4-bit halves
+        self.split_codes = not self.generic and onednn_pairs_saturate() and may_saturate(x_bits, w)
         self.w_scale = w_scale.float()
         self.w_correction = (offset - zero).to(torch.int32)                      # o_n - z_n
         self.corrected = bool((self.w_correction != 0).any())
@@ -138,27 +170,38 @@ class IntGemm:
         if self.generic:
             return self._generic(codes, x_scale, x_zero, bits, bias)
         zp = x_zero.to(torch.int32)
-        if self.conv is None:
-            y = torch.ops.onednn.qlinear_pointwise.tensor(codes, x_scale, zp, self.packed, self.w_scale,
-                                                          self._w_zero, bias, 1.0, 0, torch.float32, "none", [], "")
-            if self.corrected:                                                     # + c_n Σ_m (X_m - z_x)
-                window = codes.sum(-1, keepdim=True, dtype=torch.int32) - codes.shape[-1] * zp
-                y.addcmul_(window, self.w_correction * (self.w_scale * x_scale))
-            return y
-        squeeze = codes.dim() == 3
+        squeeze = self.conv is not None and codes.dim() == 3
         x = codes.unsqueeze(2) if squeeze else codes
-        stride, padding, dilation, groups = self._conv2d_args()
-        y = torch.ops.onednn.qconv2d_pointwise.tensor(x, x_scale, zp, self.packed, self.w_scale, self._w_zero, bias,
-                                                      stride, padding, dilation, groups, 1.0, 0, torch.float32,
-                                                      "none", [], "")
-        if self.corrected:
-            window = torch.ops.onednn.qconv2d_pointwise.tensor(x, self._one, zp, self.ones, self._one_scale,
-                                                               self._one_zero, None, stride, padding, dilation,
-                                                               groups, 1.0, 0, torch.float32, "none", [], "")
-            if groups > 1:                                          # [N, groups, ...] -> one per output channel
-                window = window.repeat_interleave(y.shape[1] // groups, 1)
-            y.addcmul_(window, (self.w_correction * (self.w_scale * x_scale)).view(1, -1, 1, 1))
+        if self.split_codes:                  # Σ W'(X - z) = 16 Σ W' X_hi + Σ W'(X_lo - z), X = 16 X_hi + X_lo
+            y = self._onednn(x >> 4, x_scale * 16, torch.zeros_like(zp), None)
+            y.add_(self._onednn(x & 15, x_scale, zp, bias))
+        else:
+            y = self._onednn(x, x_scale, zp, bias)
+        if self.corrected:                                                         # + c_n Σ_m (X_m - z_x)
+            scale = self.w_correction * (self.w_scale * x_scale)
+            if self.conv is None:
+                window = x.sum(-1, keepdim=True, dtype=torch.int32) - x.shape[-1] * zp
+                y.addcmul_(window, scale)
+            else:
+                stride, padding, dilation, groups = self._conv2d_args()
+                window = torch.ops.onednn.qconv2d_pointwise.tensor(x, self._one, zp, self.ones, self._one_scale,
+                                                                   self._one_zero, None, stride, padding, dilation,
+                                                                   groups, 1.0, 0, torch.float32, "none", [], "")
+                if groups > 1:                                      # [N, groups, ...] -> one per output channel
+                    window = window.repeat_interleave(y.shape[1] // groups, 1)
+                y.addcmul_(window, scale.view(1, -1, 1, 1))
         return y.squeeze(2) if squeeze else y       # channels-last, as oneDNN writes it (see IntModel.prepare)
+
+    def _onednn(self, x: torch.Tensor, x_scale: torch.Tensor, zp: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        """Δ_x Δ_w,n Σ W'(X - zp) (+ bias) on oneDNN's uint8 x int8 linear or 2-d convolution."""
+        if self.conv is None:
+            return torch.ops.onednn.qlinear_pointwise.tensor(x, x_scale, zp, self.packed, self.w_scale, self._w_zero,
+                                                             bias, 1.0, 0, torch.float32, "none", [], "")
+        stride, padding, dilation, groups = self._conv2d_args()
+        return torch.ops.onednn.qconv2d_pointwise.tensor(x, x_scale, zp, self.packed, self.w_scale, self._w_zero,
+                                                         bias, stride, padding, dilation, groups, 1.0, 0,
+                                                         torch.float32, "none", [], "")
 
     def _generic(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, bits: int,
                  bias: torch.Tensor | None) -> torch.Tensor:

@@ -146,8 +146,8 @@ class IntLayer(_WeightCodes):
         self.codes_fn = codes_function(compiled)
         self.gemms, self.steps = [], []
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            self.gemms.append(IntGemm(self.codes[:, lo:hi], zero, self.w_scale, self.spec["conv"], generic))
             op = self.inputs[k]
+            self.gemms.append(IntGemm(self.codes[:, lo:hi], zero, self.w_scale, self.spec["conv"], generic, op.bits))
             op.tables()
             self.steps.append(op.delta[:, None] * self.in_scale[lo:hi][None, :])    # [T, C_k]
 

@@ -74,12 +74,16 @@ class IntModel(EpsCorrections):
         device = self.like["device"]
         generic = generic or not onednn_available(device)
         self.kernels = ("torch._int_mm (int8 x int8 -> int32) for every product" if generic else
-                        "oneDNN uint8 x int8 -> int32 convolution and linear (torch.ops.onednn, VNNI), torch._int_mm "
+                        "oneDNN uint8 x int8 -> int32 convolution and linear (torch.ops.onednn), torch._int_mm "
                         "for the attention matmuls")
         if device.type == "meta":                                # shapes only: no kernel forms to build
             return self
         for _, module in self.int_modules():
             module.prepare(compiled, generic)
+        split = [n for n, m in self.int_modules() if any(g.split_codes for g in getattr(m, "gemms", ()))]
+        if split:
+            self.kernels += (f"; {len(split)} layers with 8-bit products, which oneDNN on this CPU (no VNNI) would "
+                             f"saturate in int16, multiply their codes in two exact 4-bit halves: {', '.join(split)}")
         # oneDNN's convolutions write channels-last and the network runs in that layout (converting back after every
         # convolution costs more than it saves), except inside a GroupNorm of <= 2 channels per group, where torch's
         # channels-last kernel is slow: that norm computes on a contiguous copy and hands its output back
