@@ -1,21 +1,26 @@
-"""A diffusers pipeline's UNet quantized in a few lines, calibrated on the pipeline's own sampling:
+"""A diffusers pipeline's denoiser quantized in a few lines, calibrated on the pipeline's own sampling: the UNet of
+a UNet pipeline (Stable Diffusion, DDPM), the transformer of a DiT or PixArt pipeline.
 
-    from hf.pipeline import quantize_unet
-    pipe.unet = quantize_unet(pipe, QuantConfig(weight_bit=4, act_bit=4, split=True), DilateQuantConfig(),
-                              prompts=["a photo of a cat", ...], steps=20, guidance=7.5, run_dir="runs/sd_w4a4")
+    from hf.pipeline import quantize_pipeline
+    pipe.unet = quantize_pipeline(pipe, QuantConfig(weight_bit=4, act_bit=4, split=True), DilateQuantConfig(),
+                                  prompts=["a photo of a cat", ...], steps=20, run_dir="runs/sd_w4a4")
     image = pipe("a photo of a dog", num_inference_steps=20).images[0]
+    # DiT: pipe.transformer = quantize_pipeline(pipe, ..., class_labels=[207, 360, ...], steps=20)
 
-Calibration trajectories run the pipeline's scheduler with classifier-free guidance from the pipeline's own prompt
-encoding (`pipe.encode_prompt`); every UNet input of every step is kept, both guidance halves, with its
-`encoder_hidden_states`, and the scheduler's integer timesteps are the TPQ slots. A scheduler that calls the UNet
-at non-integer timesteps is refused in one line naming it (TPQ keeps one step size per integer timestep). The
-returned `PipelineUNet` is called as the pipeline calls its UNet and carries its `config`; sampling with other
-steps than it was calibrated for is an error naming the timestep (quant.slots).
+Calibration trajectories run the pipeline's scheduler with classifier-free guidance, conditioned as the pipeline
+conditions its denoiser: `pipe.encode_prompt` for text (with PixArt's caption mask and, at 1024 px, its resolution
+and aspect-ratio micro-conditions), the class labels against the null class for DiT, nothing for an unconditional
+UNet. Every denoiser input of every step is kept, both guidance halves, and the scheduler's integer timesteps are
+the TPQ slots. A scheduler that calls the model at non-integer timesteps is refused in one line naming it (TPQ
+keeps one step size per integer timestep). The returned `PipelineDenoiser` is called as the pipeline calls its
+denoiser and carries its `config`; sampling with other steps than it was calibrated for is an error naming the
+timestep (quant.slots).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,15 +28,29 @@ import torch
 import torch.nn as nn
 
 from common.errors import UsageError
-from hf.unet import DiffusersUNet
+from hf.unet import wrap_diffusers
 from quant.calib_data import CalibSet
 from quant.methods import MethodContext, quantize
 from quant.model import QuantModel, frozen
 from quant.settings import QuantConfig
 
+TEXT = ("UNet2DConditionModel", "PixArtTransformer2DModel")
+# the pipelines' own default guidance scales (StableDiffusionPipeline, DiTPipeline, PixArtAlphaPipeline)
+DEFAULT_GUIDANCE = {"UNet2DConditionModel": 7.5, "DiTTransformer2DModel": 4.0, "PixArtTransformer2DModel": 4.5,
+                    "UNet2DModel": 1.0}
+
+
+def denoiser_attr(pipe) -> str:
+    """The pipeline attribute that holds its denoiser: "unet" or "transformer"."""
+    for name in ("unet", "transformer"):
+        if isinstance(getattr(pipe, name, None), nn.Module):
+            return name
+    raise UsageError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer` to quantize",
+                     "pass a UNet, DiT or PixArt pipeline")
+
 
 def scheduler_timesteps(scheduler) -> list[int]:
-    """The integer timesteps the scheduler (after set_timesteps) calls the UNet at, increasing."""
+    """The integer timesteps the scheduler (after set_timesteps) calls the model at, increasing."""
     ts = torch.as_tensor(scheduler.timesteps).double()
     if not bool((ts == ts.round()).all()):
         raise UsageError(f"{type(scheduler).__name__} calls the UNet at non-integer timesteps "
@@ -40,39 +59,102 @@ def scheduler_timesteps(scheduler) -> list[int]:
     return sorted({int(t) for t in ts})
 
 
+@dataclass
+class Conditions:
+    """The denoiser's conditioning keyword tensors for n images (one row each): conditional, and unconditional
+    (None without guidance)."""
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None
+
+    def rows(self, idx: slice) -> "Conditions":
+        return Conditions({k: v[idx] for k, v in self.cond.items()},
+                          None if self.uncond is None else {k: v[idx] for k, v in self.uncond.items()})
+
+
+def pipeline_conditions(pipe, kind: str, prompts: Sequence[str] | None, class_labels: Sequence[int] | None,
+                        guided: bool, negative_prompt: str, device: torch.device) -> Conditions:
+    """How the pipeline conditions its `kind` of denoiser, for each prompt or class label."""
+    if kind in TEXT:
+        if not prompts or class_labels:
+            raise UsageError(f"a {kind} pipeline is conditioned on text", "pass prompts=[...] (and no class_labels)")
+        n = len(prompts)
+        if kind == "UNet2DConditionModel":
+            c, u = pipe.encode_prompt(list(prompts), device, 1, guided, negative_prompt=[negative_prompt] * n)
+            return Conditions({"encoder_hidden_states": c}, {"encoder_hidden_states": u} if guided else None)
+        c, cm, u, um = pipe.encode_prompt(list(prompts), guided, negative_prompt=negative_prompt, device=device,
+                                          clean_caption=False)
+        cond = {"encoder_hidden_states": c, "encoder_attention_mask": cm}
+        uncond = {"encoder_hidden_states": u, "encoder_attention_mask": um} if guided else None
+        config = getattr(pipe, denoiser_attr(pipe)).config
+        if config.sample_size == 128:                # PixArt at 1024 px: the pipeline's micro-conditions
+            side = config.sample_size * pipe.vae_scale_factor
+            micro = {"resolution": torch.tensor([[side, side]] * n, dtype=c.dtype, device=device),
+                     "aspect_ratio": torch.ones(n, 1, dtype=c.dtype, device=device)}
+            cond |= micro
+            uncond = None if uncond is None else uncond | micro
+        return Conditions(cond, uncond)
+    if kind == "DiTTransformer2DModel":
+        if not class_labels or prompts:
+            raise UsageError("a DiT pipeline is conditioned on class labels", "pass class_labels=[...] (and no prompts)")
+        labels = torch.as_tensor(list(class_labels), dtype=torch.long, device=device)
+        null = getattr(pipe, denoiser_attr(pipe)).config.num_embeds_ada_norm          # the null class's row
+        return Conditions({"class_labels": labels}, {"class_labels": torch.full_like(labels, null)} if guided else None)
+    if prompts or class_labels:
+        raise UsageError(f"a {kind} pipeline is unconditional", "pass no prompts or class_labels")
+    if guided:
+        raise UsageError(f"a {kind} pipeline is unconditional: it has no guidance", "pass guidance=1.0")
+    return Conditions({}, None)
+
+
 @torch.no_grad()
-def guided_calibration(net: nn.Module, scheduler, latents: torch.Tensor, cond: torch.Tensor,
-                       uncond: torch.Tensor | None, guidance: float) -> CalibSet:
-    """Every UNet input of the scheduler's guided loop from `latents` [N, C, h, w] (net: a DiffusersUNet, FP):
-    x, t and encoder_hidden_states of both halves (uncond first), every step."""
+def guided_calibration(net: nn.Module, scheduler, latents: torch.Tensor, conditions: Conditions, guidance: float,
+                       batch_size: int) -> CalibSet:
+    """Every input of the scheduler's guided loop from `latents` [N, C, h, w] (net: an FP wrap_diffusers model;
+    `scheduler` after set_timesteps): x, t and the conditioning of both halves (uncond first), every step, for
+    batch_size trajectories at a time (each batch on its own copy of the scheduler, whose multistep state is
+    per trajectory)."""
     xs, ts, ctx = [], [], []
-    guided = uncond is not None and guidance != 1.0
-    context = torch.cat([uncond, cond]) if guided else cond
+    for i in range(0, len(latents), batch_size):
+        rows = slice(i, i + batch_size)
+        part = _trajectories(net, copy.deepcopy(scheduler), latents[rows], conditions.rows(rows), guidance)
+        for store, got in zip((xs, ts, ctx), part):
+            store.extend(got)
+    return CalibSet(torch.cat(xs), torch.cat(ts), {k: torch.cat([c[k] for c in ctx]) for k in ctx[0]})
+
+
+def _trajectories(net, scheduler, latents, conditions: Conditions, guidance: float):
+    guided = conditions.uncond is not None
+    context = ({k: torch.cat([conditions.uncond[k], v]) for k, v in conditions.cond.items()} if guided
+               else conditions.cond)
+    channels = latents.shape[1]
     z = latents * scheduler.init_noise_sigma
+    xs, ts, ctx = [], [], []
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(torch.cat([z, z]) if guided else z, t)
         tt = torch.full((len(x),), int(t), dtype=torch.long, device=x.device)
-        xs.append(x.cpu()), ts.append(tt.cpu()), ctx.append(context.cpu())
-        eps = net(x, tt, encoder_hidden_states=context)
+        xs.append(x.cpu()), ts.append(tt.cpu()), ctx.append({k: v.cpu() for k, v in context.items()})
+        eps = net(x, tt, **context)[:, :channels]                   # DiT/PixArt also predict the variance
         if guided:
             e_u, e_c = eps.chunk(2)
             eps = e_u + guidance * (e_c - e_u)
         z = scheduler.step(eps, t, z).prev_sample
-    return CalibSet(torch.cat(xs), torch.cat(ts), {"encoder_hidden_states": torch.cat(ctx)})
+    return xs, ts, ctx
 
 
-class PipelineUNet(nn.Module):
-    """A quantized UNet in a diffusers pipeline's place: called as the pipeline calls `pipe.unet`
-    (sample, timestep, encoder_hidden_states=..., return_dict=...), with the FP UNet's `config`.
+class PipelineDenoiser(nn.Module):
+    """A quantized denoiser in a diffusers pipeline's place: called as the pipeline calls `pipe.unet` or
+    `pipe.transformer` (sample, timestep, encoder_hidden_states / class_labels / encoder_attention_mask /
+    added_cond_kwargs=..., return_dict=...), with the FP model's `config`.
 
     Its weights are quantized once (quant.model.frozen) and reused by every call of every sampling run, until the
     parameters change: moved (`pipe.to(...)`), replaced or edited in place, they are quantized again on the next
     call."""
 
-    def __init__(self, qmodel: QuantModel, fp_unet: nn.Module):
+    def __init__(self, qmodel: QuantModel, fp_model: nn.Module):
         super().__init__()
         self.qmodel = qmodel
-        self.config = fp_unet.config
+        self.config = fp_model.config
+        self.kind = type(fp_model).__name__
         self._frozen: contextlib.ExitStack | None = None
         self._frozen_for: tuple = ()
 
@@ -104,36 +186,55 @@ class PipelineUNet(nn.Module):
         self._frozen, self._frozen_for = None, ()
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None,
-                return_dict: bool = True, **kwargs):
+                return_dict: bool = True, added_cond_kwargs: dict | None = None, **kwargs):
+        cond = {k: v for k, v in {"encoder_hidden_states": encoder_hidden_states,
+                                  "class_labels": kwargs.pop("class_labels", None),
+                                  "encoder_attention_mask": kwargs.pop("encoder_attention_mask", None)}.items()
+                if v is not None}
+        if self.kind == "PixArtTransformer2DModel":
+            cond |= {k: v for k, v in (added_cond_kwargs or {}).items() if v is not None}
+        elif added_cond_kwargs:
+            kwargs["added_cond_kwargs"] = added_cond_kwargs
         unused = [k for k, v in kwargs.items() if v is not None]
         if unused:
-            raise UsageError(f"the quantized UNet takes no {', '.join(unused)}", "sample without those arguments")
-        cond = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+            raise UsageError(f"the quantized {self.kind} takes no {', '.join(unused)}", "sample without those arguments")
         self._freeze()
         out = self.qmodel(sample, timestep, **cond)
-        if return_dict:
+        if not return_dict:
+            return (out,)
+        if self.kind.startswith("UNet"):
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
             return UNet2DConditionOutput(sample=out)
-        return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+        return Transformer2DModelOutput(sample=out)
 
 
-def quantize_unet(pipe, quant: QuantConfig, method, prompts: Sequence[str], steps: int = 50, guidance: float = 7.5,
-                  run_dir: str | Path = "runs/diffusers", negative_prompt: str = "", seed: int = 0,
-                  batch_size: int = 8) -> PipelineUNet:
-    """Quantize `pipe.unet` with `method` (a quant.methods config), calibrated on len(prompts) guided trajectories
-    of `steps` steps of the pipeline's scheduler (seeded), then -> the module to put in `pipe.unet`."""
+def quantize_pipeline(pipe, quant: QuantConfig, method, prompts: Sequence[str] | None = None,
+                      class_labels: Sequence[int] | None = None, steps: int = 50, guidance: float | None = None,
+                      run_dir: str | Path = "runs/diffusers", negative_prompt: str = "", seed: int = 0,
+                      batch_size: int = 8) -> PipelineDenoiser:
+    """Quantize the pipeline's denoiser with `method` (a quant.methods config), calibrated on one guided trajectory
+    of `steps` steps of the pipeline's scheduler per prompt (text pipelines) or class label (DiT), or on
+    `batch_size` unconditional ones (UNet2DModel), seeded, `batch_size` trajectories at a time; guidance: the
+    pipeline's default when None. -> the module to put in `pipe.unet` or `pipe.transformer`
+    (`denoiser_attr(pipe)`)."""
+    attr = denoiser_attr(pipe)
+    model = getattr(pipe, attr)
+    kind = type(model).__name__
+    if kind not in DEFAULT_GUIDANCE:
+        raise UsageError(f"pipe.{attr} is a {kind}", f"quantize one of {', '.join(DEFAULT_GUIDANCE)}")
+    guidance = DEFAULT_GUIDANCE[kind] if guidance is None else guidance
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(steps)
     timesteps = scheduler_timesteps(scheduler)
-    unet = pipe.unet
-    device = unet.device
-    cond, uncond = pipe.encode_prompt(list(prompts), device, 1, guidance > 1.0,
-                                      negative_prompt=[negative_prompt] * len(prompts))
-    c = unet.config
+    device = model.device
+    conditions = pipeline_conditions(pipe, kind, prompts, class_labels, guidance > 1.0, negative_prompt, device)
+    n = len(prompts or class_labels or range(batch_size))
+    c = model.config
     gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(len(prompts), c.in_channels, c.sample_size, c.sample_size, generator=gen).to(device)
-    fp = DiffusersUNet(copy.deepcopy(unet)).eval()
-    calib = guided_calibration(fp, scheduler, latents, cond, uncond if guidance > 1.0 else None, guidance)
+    latents = torch.randn(n, c.in_channels, c.sample_size, c.sample_size, generator=gen).to(device)
+    fp = wrap_diffusers(copy.deepcopy(model)).eval()
+    calib = guided_calibration(fp, scheduler, latents, conditions, guidance, batch_size)
     qmodel = quantize(fp, quant, method, MethodContext(timesteps, calib, Path(run_dir), batch_size, seed))
     qmodel.check_timesteps(timesteps)
-    return PipelineUNet(qmodel.eval(), unet)
+    return PipelineDenoiser(qmodel.eval(), model)

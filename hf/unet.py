@@ -19,9 +19,10 @@ from common.nn import MatMul
 
 
 class MatMulAttnProcessor(nn.Module):
-    """Attention of a diffusers `Attention` module with its two products as modules. Supports what the UNets'
-    attention uses (self- and cross-attention, the optional group_norm, spatial 4-d inputs, residual connection,
-    output rescale); an attention mask, spatial norm or q/k norms are refused in one line."""
+    """Attention of a diffusers `Attention` module with its two products as modules. Supports what the UNets' and
+    transformers' attention uses (self- and cross-attention, an attention mask (PixArt's caption mask: additive, or
+    boolean with True = attend, as SDPA takes it), the optional group_norm, spatial 4-d inputs, residual connection,
+    output rescale); a spatial norm or q/k norms are refused in one line."""
 
     def __init__(self):
         super().__init__()
@@ -29,9 +30,9 @@ class MatMulAttnProcessor(nn.Module):
 
     def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        if attention_mask is not None or getattr(attn, "spatial_norm", None) is not None or \
+        if getattr(attn, "spatial_norm", None) is not None or \
                 getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
-            raise UsageError("MatMulAttnProcessor supports no attention mask, spatial norm or q/k norm",
+            raise UsageError("MatMulAttnProcessor supports no spatial norm or q/k norm",
                              "quantize this model's attention with its own processor")
         residual = hidden_states
         spatial = hidden_states.dim() == 4
@@ -53,6 +54,11 @@ class MatMulAttnProcessor(nn.Module):
 
         q, k, v = rows(query), rows(key), rows(value)
         scores = self.qk(q, k.transpose(1, 2)) * head_dim ** -0.5       # SDPA's default scale
+        if attention_mask is not None:                                  # -> [(n heads), 1 or Lq, Lk], as SDPA's
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[1], n)
+            if mask.dtype == torch.bool:
+                mask = torch.zeros_like(mask, dtype=scores.dtype).masked_fill(~mask, torch.finfo(scores.dtype).min)
+            scores = scores + mask
         out = self.av(scores.softmax(dim=-1), v)                        # [(n heads), Lq, d]
         out = out.view(n, heads, -1, head_dim).transpose(1, 2).reshape(n, -1, heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))                       # projection, dropout
@@ -105,8 +111,10 @@ class DiffusersUNet(nn.Module):
 class DiffusersTransformer(nn.Module):
     """A diffusers DiT or PixArt transformer (DiTTransformer2DModel, PixArtTransformer2DModel) called as
     net(x, t, **cond) -> its output tensor (DiT and PixArt predict eps and the variance: 2 x in_channels), its
-    attention through MatMulAttnProcessor. cond: `class_labels` (DiT), `encoder_hidden_states` and
-    `added_cond_kwargs` (PixArt)."""
+    attention through MatMulAttnProcessor. cond: `class_labels` (DiT); `encoder_hidden_states`,
+    `encoder_attention_mask` and PixArt's micro-conditions `resolution` [B, 2] and `aspect_ratio` [B, 1] (flat
+    tensors with one row per sample, so that calibration sets and batches slice them; given to the model as its
+    `added_cond_kwargs`, None when absent)."""
 
     KINDS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 
@@ -120,6 +128,14 @@ class DiffusersTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
         if self.kind == "PixArtTransformer2DModel":
-            cond.setdefault("added_cond_kwargs", {"resolution": None, "aspect_ratio": None})
+            cond["added_cond_kwargs"] = {k: cond.pop(k, None) for k in ("resolution", "aspect_ratio")}
         t = torch.as_tensor(t, device=x.device)
         return self.model(x, timestep=t.expand(len(x)) if t.dim() == 0 else t, return_dict=False, **cond)[0]
+
+
+def wrap_diffusers(model: nn.Module) -> nn.Module:
+    """DiffusersUNet or DiffusersTransformer, by the diffusers class of `model`."""
+    kinds = DiffusersUNet.KINDS + DiffusersTransformer.KINDS
+    if type(model).__name__ not in kinds:
+        raise UsageError(f"{type(model).__name__} is not a diffusers model this repo wraps", f"pass one of {', '.join(kinds)}")
+    return (DiffusersUNet if type(model).__name__ in DiffusersUNet.KINDS else DiffusersTransformer)(model)

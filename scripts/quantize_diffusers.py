@@ -2,6 +2,8 @@
 
     python scripts/quantize_diffusers.py --model_dir path/to/sd-pipeline --prompt "a photo of a cat" --steps 20 \
         --ptq --quant_mode dilatequant --weight_bit 4 --quant_act --act_bit 4 --split --cali_n 64 --outdir runs/sd_dq
+    python scripts/quantize_diffusers.py --model_dir path/to/dit-pipeline --class_label 207 --class_label 360 \
+        --steps 20 --ptq --quant_mode dilatequant --weight_bit 4 --quant_act --act_bit 8 --cali_n 32 --outdir runs/dit
 """
 import sys
 from pathlib import Path

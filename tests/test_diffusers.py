@@ -149,13 +149,13 @@ def tiny_pipeline(tmp_path):
 
 
 def test_a_pipeline_unet_is_quantized_in_a_few_lines_on_its_own_sampling(tmp_path):
-    from hf.pipeline import quantize_unet
+    from hf.pipeline import quantize_pipeline
     pipe = tiny_pipeline(tmp_path)
     fp_image = pipe("a horse", num_inference_steps=3, guidance_scale=3.0, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images
     method = DilateQuantConfig(distill=DistillConfig(iters=1, batch_size=2, cache_batch_size=4))
-    pipe.unet = quantize_unet(pipe, QuantConfig(weight_bit=4, act_bit=4, split=True), method, prompts=["a horse",
-                              "zebra"], steps=3, guidance=3.0, run_dir=tmp_path / "run", batch_size=4)
+    pipe.unet = quantize_pipeline(pipe, QuantConfig(weight_bit=4, act_bit=4, split=True), method, prompts=["a horse",
+                                  "zebra"], steps=3, guidance=3.0, run_dir=tmp_path / "run", batch_size=4)
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(3)
     assert pipe.unet.qmodel.schedule.tolist() == sorted(int(t) for t in scheduler.timesteps)   # TPQ's slots
@@ -270,3 +270,128 @@ def test_wrapped_diffusers_models_stay_on_the_meta_device_and_run_there(build):
     with torch.no_grad(), frozen(q):
         out = q(x, torch.full((len(x),), STEPS[1], device=meta), **cond)
     assert out.device == meta and out.shape[0] == len(x)
+
+
+def tiny_vae():
+    torch.manual_seed(5)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                                   up_block_types=("UpDecoderBlock2D",), block_out_channels=(32,), latent_channels=4,
+                                   norm_num_groups=8, sample_size=8).eval()
+
+
+def tiny_t5_tokenizer():
+    """A word-level tokenizer of a few words, with T5's pad and end tokens (no sentencepiece file needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "</s>", "<unk>", "a", "horse", "zebra", "cat", "photo", "of"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_dit_pipeline():
+    torch.manual_seed(6)                    # DiTPipeline's null class is 1000 (ImageNet's): the table needs its row
+    transformer = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                                  out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                                  num_embeds_ada_norm=1000, norm_num_groups=8).eval()
+    return diffusers.DiTPipeline(transformer=transformer, vae=tiny_vae(),
+                                 scheduler=diffusers.DDIMScheduler(num_train_timesteps=1000))
+
+
+def tiny_pixart_pipeline():
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(8)
+    encoder = T5EncoderModel(T5Config(vocab_size=9, d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    return diffusers.PixArtAlphaPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=encoder, vae=tiny_vae(),
+                                         transformer=pixart()[0],
+                                         scheduler=diffusers.DDIMScheduler(num_train_timesteps=1000))
+
+
+def test_the_attention_processor_matches_sdpa_with_pixarts_caption_mask():
+    from hf.unet import DiffusersTransformer
+    model, cond = pixart()
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(4, 5)
+    mask[:, 3:] = 0                                                  # two padded caption tokens
+    micro = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    with torch.no_grad():
+        want = model(x, timestep=torch.full((4,), 333), encoder_attention_mask=mask, return_dict=False, **cond,
+                     **micro)[0]
+        unmasked = model(x, timestep=torch.full((4,), 333), return_dict=False, **cond, **micro)[0]
+        got = DiffusersTransformer(copy.deepcopy(model))(x, torch.tensor(333), encoder_attention_mask=mask, **cond)
+    assert float((got - want).abs().max()) < 1e-5 < float((unmasked - want).abs().max())
+
+
+@pytest.mark.parametrize("build, conditioning", [(tiny_dit_pipeline, {"class_labels": [1, 2]}),
+                                                 (tiny_pixart_pipeline, {"prompts": ["a horse", "zebra"]})],
+                         ids=["dit", "pixart"])
+def test_dit_and_pixart_pipelines_are_quantized_in_a_few_lines(build, conditioning, tmp_path):
+    from hf.pipeline import denoiser_attr, quantize_pipeline
+    pipe = build()
+    call = ({"class_labels": [1]} if "class_labels" in conditioning else    # PixArt bins only its real sizes
+            {"prompt": "a horse", "use_resolution_binning": False}) | \
+        {"num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "np"}
+    fp_image = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    method = DilateQuantConfig(distill=DistillConfig(iters=1, batch_size=2, cache_batch_size=4))
+    assert denoiser_attr(pipe) == "transformer"
+    pipe.transformer = quantize_pipeline(pipe, QuantConfig(weight_bit=4, act_bit=4), method, **conditioning, steps=3,
+                                         guidance=3.0, run_dir=tmp_path / "run", batch_size=1)
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(3)
+    assert pipe.transformer.qmodel.schedule.tolist() == sorted(int(t) for t in scheduler.timesteps)
+    image = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == fp_image.shape and np.isfinite(image).all() and (image != fp_image).any()
+    save_quantized(tmp_path / "q.pt", pipe.transformer.qmodel, "dilatequant")
+    from hf.unet import wrap_diffusers
+    reloaded, _ = load_quantized(tmp_path / "q.pt", wrap_diffusers(copy.deepcopy(build().transformer)))
+    pipe.transformer.qmodel = reloaded.eval()
+    pipe.transformer.release()
+    again = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert np.array_equal(again, image)
+
+
+def test_guided_calibration_keeps_both_halves_of_every_step_in_any_batch():
+    from hf.pipeline import guided_calibration, pipeline_conditions
+    from hf.unet import wrap_diffusers
+    pipe = tiny_dit_pipeline()
+    net = wrap_diffusers(copy.deepcopy(pipe.transformer))
+    conditions = pipeline_conditions(pipe, "DiTTransformer2DModel", None, [1, 2, 3], True, "", torch.device("cpu"))
+    assert conditions.uncond["class_labels"].tolist() == [1000] * 3         # DiT's null class: its last row
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(3)
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    whole = guided_calibration(net, scheduler, latents, conditions, 3.0, batch_size=3)
+    single = guided_calibration(net, scheduler, latents, conditions, 3.0, batch_size=1)
+    n, steps = 3, 3
+    assert len(whole.t) == len(single.t) == 2 * n * steps
+    # whole: step-major rows [uncond(n); cond(n)] per step; single: trajectory-major, [uncond; cond] per step
+    order = [s * 2 * n + half * n + j for j in range(n) for s in range(steps) for half in range(2)]
+    assert torch.equal(whole.t[order], single.t) and torch.equal(whole.cond["class_labels"][order],
+                                                                 single.cond["class_labels"])
+    assert float((whole.x[order] - single.x).abs().max()) < 1e-4          # float rounding of the batch size
+
+
+def test_a_pipeline_is_conditioned_as_its_kind_or_refused_in_one_line():
+    from common.errors import UsageError
+    from hf.pipeline import pipeline_conditions
+    pipe, cpu = tiny_dit_pipeline(), torch.device("cpu")
+    with pytest.raises(UsageError, match="conditioned on class labels"):
+        pipeline_conditions(pipe, "DiTTransformer2DModel", ["a horse"], None, True, "", cpu)
+    with pytest.raises(UsageError, match="it has no guidance"):
+        pipeline_conditions(pipe, "UNet2DModel", None, None, True, "", cpu)
+
+
+def test_the_command_line_quantizes_a_dit_pipeline_folder_on_class_labels(tmp_path):
+    from common.errors import UsageError
+    from experiments.diffusers_task import main
+    tiny_dit_pipeline().save_pretrained(tmp_path / "dit")
+    base = ["--model_dir", str(tmp_path / "dit"), "--steps", "2", "--n_samples", "2", "--outdir", str(tmp_path / "run")]
+    with pytest.raises(UsageError, match="takes no --prompt"):
+        main(base + ["--prompt", "a horse"])
+    with pytest.raises(UsageError, match="needs --class_label"):
+        main(base)
+    rec = main(base + ["--class_label", "3", "--class_label", "7", "--ptq", "--quant_mode", "dilatequant",
+                       "--weight_bit", "4", "--quant_act", "--act_bit", "8", "--cali_n", "2", "--cali_iters", "1",
+                       "--distill_batch_size", "2"])
+    assert rec["denoiser"] == "DiTTransformer2DModel" and rec["class_labels"] == [3, 7] and rec["guidance"] == 4.0
+    assert (tmp_path / "run" / "quantized.pt").is_file()
