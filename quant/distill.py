@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.checkpoint import require_finite, state_dict_mismatch, torch_load
+from common.device import release_free_memory
 from common.errors import AdapterError, CheckpointError
 from common.files import atomic_torch_save
 from quant.calib_data import CalibSet
@@ -412,6 +413,7 @@ def reconstruct(qmodel: QuantModel, fp_model: nn.Module, calib: CalibSet, object
                                                   desc=f"[{k}] {unit}")
         finally:
             data.release()
+            release_free_memory()
         state = {k: v.cpu() for k, v in _unit_state(qmodel, unit).items()}
         require_finite(state, f"unit {unit} after reconstruction", "lower the learning rates (--lr_weight, "
                        "--lr_quant, --cali_lr), or check the calibration set")

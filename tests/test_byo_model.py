@@ -322,7 +322,7 @@ def test_layer_norm_over_c_h_w_keeps_x_over_s_in_the_quantizer(fp, calib):
     attn1 = "down_blocks.0.attentions.0"                                     # LayerNorm([C]) does fold
     assert torch.equal(q.model.get_submodule(f"{attn1}.attn1.to_q").in_scale, torch.ones(32))
     with torch.no_grad(), quant_enabled(q, weight=False, act=False):
-        torch.testing.assert_close(q(x, t, **cond), ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(q(x, t, **cond), ref, rtol=1e-4, atol=1e-5)          # float rounding of X/s and W·s
 
 
 def test_norms_are_not_listed_as_unquantized_weight_layers(fp):

@@ -12,10 +12,11 @@ unit's per-sample input and output shapes (quant.unit_cache). Reported: paramete
 layers, model size at FP32 and the --bits (tools/model_cost.py; first and last layer at 8 bits), the unit with
 the largest cache (inputs + FP targets of --cali_n samples) in float32 and float16, and
 
-    peak ≈ FP UNet + quantized UNet + Adam state of that unit (2 x its trained parameters) + its cache
+    peak ≈ FP UNet + quantized UNet + max over units (its cache + its initial state, kept by train_unit
+           + its gradients and Adam's two moments: 3 x its trained parameters)
 
-(float32 parameters; the unit's autograd activations, which grow with the training batch, come on top; the
-timing below measures the ones saved at --time_batch). Then, unless --no_time, only that unit is materialised
+(float32 parameters; autograd's tensors and the iteration's temporaries, which grow with the training batch, come
+on top; the timing below measures them at --time_batch). Then, unless --no_time, only the largest unit is materialised
 on the CPU with random weights (quantizer ranges from the weights, activations in [-4, 4], softmax in [0, 1])
 and one distillation iteration (forward at mixed timesteps, MSE, backward, Adam step) is timed at
 --time_batch: the median of --time_iters after one warm-up, with a linear extrapolation to the paper's batch 32.
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common.device import release_free_memory  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 from diffusion.samplers import ddim_timesteps  # noqa: E402
 from ldm.util import instantiate_from_config, load_config  # noqa: E402
@@ -51,6 +53,7 @@ from quant.settings import QuantConfig, Signedness  # noqa: E402
 from quant.unit_cache import GB, CachePolicy, per_sample_shapes, plan  # noqa: E402
 from tools.common import parse_bits  # noqa: E402
 from tools.model_cost import cost, count_macs  # noqa: E402
+from tools.smoke_run import memory_gb, reset_peak_memory  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Paper:
 PAPER = {"lsun_bedrooms-ldm-vq-4": Paper(5120, 100), "lsun_churches-ldm-kl-8": Paper(5120, 100),
          "cin256-v2": Paper(1024, 20), "v1-inference": Paper(512, 50)}
 PAPER_BATCH = 32
+TRAINING_COPIES = 3      # gradients, Adam's two moments: float32 copies of a unit's trained parameters
 
 
 def build_unet(config: dict) -> nn.Module:
@@ -113,12 +117,17 @@ def describe(config_path: Path, cali_n: int, steps: int, bits: list[tuple[int, i
     caches = {dtype: {p.unit: p.bytes for p in plan(shapes, cali_n, CachePolicy(dtype))}
               for dtype in (torch.float32, torch.float16)}
     largest = max(units, key=lambda u: caches[torch.float32][u])
-    trained = sum(p.numel() for g in unit_param_groups(q.model.get_submodule(largest), DistillConfig())
-                  for p in g["params"])
+    trained = {u: sum(p.numel() for g in unit_param_groups(q.model.get_submodule(u), DistillConfig())
+                      for p in g["params"]) for u in units}
+    states = {u: nbytes(v for v in q.model.get_submodule(u).state_dict().values() if v is not None) for u in units}
+    # while a unit trains: its cache, the copy of its initial state train_unit keeps, its gradients and Adam's two
+    # moments (float32); autograd's tensors come on top (measured by time_unit)
+    held = {d: {u: caches[d][u] + states[u] + TRAINING_COPIES * 4 * trained[u] for u in units} for d in caches}
+    peak_unit = max(units, key=lambda u: held[torch.float32][u])
     macs = count_macs(unet, x, t, **cond)
     fp_bytes = nbytes(unet.parameters())
     q_bytes = nbytes(q.parameters()) + nbytes(b for b in q.buffers() if b is not None)
-    base = fp_bytes + q_bytes + 2 * 4 * trained
+    base = fp_bytes + q_bytes
     row = {"config": config_path.stem, "path": str(config_path), "cali_n": cali_n, "steps": steps,
            "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
            "weight_layers": sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in unet.modules()),
@@ -128,11 +137,19 @@ def describe(config_path: Path, cali_n: int, steps: int, bits: list[tuple[int, i
            "context": {k: tuple(v.shape[1:]) for k, v in cond.items()},
            "gmacs": sum(n for _, n in macs.values()) / 1e9,
            "size_mb": {f"W{w}A{a}": cost(unet, macs, w, a)["size_mb"] for w, a in [(32, 32)] + bits},
-           "largest": largest, "largest_shapes": [s for s, _ in shapes[largest]], "largest_trained_m": trained / 1e6,
+           "largest": largest, "largest_shapes": [s for s, _ in shapes[largest]],
+           "largest_trained_m": trained[largest] / 1e6,
            "cache_gb": {str(d).removeprefix("torch."): caches[d][largest] / GB for d in caches},
-           "fp_gb": fp_bytes / GB, "quant_gb": q_bytes / GB, "adam_gb": 2 * 4 * trained / GB,
-           "peak_gb": {str(d).removeprefix("torch."): (base + caches[d][largest]) / GB for d in caches}}
-    return row, {"qmodel": q, "unit": largest, "call": calls[largest], "out_shape": shapes[largest][-1][0]}
+           "peak_unit": peak_unit, "peak_unit_trained_m": trained[peak_unit] / 1e6,
+           "peak_unit_cache_gb": caches[torch.float32][peak_unit] / GB,
+           "training_gb": (states[peak_unit] + TRAINING_COPIES * 4 * trained[peak_unit]) / GB,
+           "fp_gb": fp_bytes / GB, "quant_gb": q_bytes / GB,
+           "peak_gb": {str(d).removeprefix("torch."): (base + max(held[d].values())) / GB for d in caches}}
+    timing = {"qmodel": q, "units": {u: {"call": calls[u], "out_shape": shapes[u][-1][0],
+                                         "held_gb": {str(d).removeprefix("torch."): held[d][u] / GB for d in held}}
+                                     for u in dict.fromkeys([largest, peak_unit])},
+              "base_gb": base / GB}
+    return row, timing
 
 
 @torch.no_grad()
@@ -163,8 +180,10 @@ def materialize(unit: nn.Module, seed: int = 0) -> None:
 
 def time_unit(q: QuantModel, name: str, call: tuple, out_shape: tuple, batch: int, iters: int,
               seed: int = 0) -> dict:
-    """Seconds per distillation iteration of unit `name` at `batch` (median of `iters` after one warm-up) and
-    the bytes autograd saves for backward in one iteration (distinct storages)."""
+    """Seconds per distillation iteration of unit `name` at `batch` (median of `iters` after one warm-up), the
+    bytes autograd saves for backward in one iteration (distinct storages), and what the iterations added to the
+    process's resident peak beyond the gradients and Adam's moments (transient_gb: autograd's tensors, the
+    quantized weights and every temporary of forward and backward; Linux /proc)."""
     unit = q.model.get_submodule(name)
     materialize(unit, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -193,10 +212,15 @@ def time_unit(q: QuantModel, name: str, call: tuple, out_shape: tuple, batch: in
         opt.step()
         return time.perf_counter() - start
 
+    release_free_memory()
+    before = memory_gb("VmRSS")
+    reset_peak_memory()
     step(record=True)                                                        # warm-up
     seconds = statistics.median(step() for _ in range(iters))
+    grads_and_adam = TRAINING_COPIES * 4 * sum(p.numel() for g in opt.param_groups for p in g["params"])
     return {"batch": batch, "iters": iters, "seconds": seconds, "saved_gb": sum(saved.values()) / GB,
-            "seconds_32": seconds * PAPER_BATCH / batch}
+            "seconds_32": seconds * PAPER_BATCH / batch,
+            "transient_gb": max(0.0, memory_gb("VmHWM") - before - grads_and_adam / GB)}
 
 
 def paper_setting(path: Path, given: int | None, what: str) -> int:
@@ -237,21 +261,23 @@ def markdown(rows: list[dict], command: str, machine: str | None) -> str:
         lines.append(f"| {r['config']} | {r['params_m']:.2f} | {r['weight_layers']} | {r['quant_layers']} | "
                      f"{r['matmuls']} | {len(r['unquantized'])} | {len(r['units'])} | {r['gmacs']:.1f} | "
                      + " | ".join(f"{r['size_mb'][b]:.1f}" for b in bits) + " |")
-    lines += ["", "Distillation memory: peak ≈ FP UNet + quantized UNet + Adam state of the largest unit (2 x its "
-              "trained parameters, float32) + that unit's cache (inputs from the quantized chain and FP targets of "
-              "every calibration sample). The unit's autograd activations at the training batch come on top "
-              "(measured below at the timing batch).", "",
-              "| config | cali_n | TPQ steps | largest unit (by cache) | its per-sample inputs -> output | trained "
-              "params (M) | cache fp32 (GB) | cache fp16 (GB) | FP UNet (GB) | quantized UNet (GB) | Adam (GB) | "
-              "peak, fp32 cache (GB) | peak, fp16 cache (GB) |", "|---" * 13 + "|"]
+    lines += ["", "Distillation memory: peak ≈ FP UNet + quantized UNet + max over units of what training one unit "
+              "holds: its cache (inputs from the quantized chain and FP targets of every calibration sample), the "
+              "copy of its initial state train_unit keeps, and its gradients and Adam's two moments (3 x its "
+              "trained parameters, float32). The peak unit is the one with the most; at the paper's calibration "
+              "sizes that is the largest cache. Autograd's tensors and the iteration's temporaries at the "
+              "training batch come on top (measured below at the timing batch).", "",
+              "| config | cali_n | TPQ steps | largest unit (by cache) | its per-sample inputs -> output | "
+              "cache fp32 (GB) | cache fp16 (GB) | peak unit | its trained params (M) | its state + gradients + "
+              "Adam (GB) | FP UNet (GB) | quantized UNet (GB) | peak, fp32 cache (GB) | peak, fp16 cache (GB) |",
+              "|---" * 14 + "|"]
     for r in rows:
         shapes = ", ".join("x".join(map(str, s)) for s in r["largest_shapes"][:-1]) + " -> " + \
             "x".join(map(str, r["largest_shapes"][-1]))
         lines.append(f"| {r['config']} | {r['cali_n']} | {r['steps']} | {r['largest']} | {shapes} | "
-                     f"{r['largest_trained_m']:.2f} | {gb(r['cache_gb']['float32'])} | "
-                     f"{gb(r['cache_gb']['float16'])} | "
-                     f"{gb(r['fp_gb'])} | {gb(r['quant_gb'])} | {gb(r['adam_gb'])} | {gb(r['peak_gb']['float32'])} | "
-                     f"{gb(r['peak_gb']['float16'])} |")
+                     f"{gb(r['cache_gb']['float32'])} | {gb(r['cache_gb']['float16'])} | {r['peak_unit']} | "
+                     f"{r['peak_unit_trained_m']:.2f} | {gb(r['training_gb'])} | {gb(r['fp_gb'])} | "
+                     f"{gb(r['quant_gb'])} | {gb(r['peak_gb']['float32'])} | {gb(r['peak_gb']['float16'])} |")
     timed = [r for r in rows if r.get("time")]
     if timed:
         lines += ["", f"Distillation time of the largest unit, MEASURED on the CPU ({machine}): one iteration = "
@@ -314,9 +340,14 @@ def smoke_against_plan(path: Path, out: Path) -> dict:
     import json
     import subprocess
     row, timing = describe(path, SMOKE["cali_n"], SMOKE["steps"], [(4, 4)])
-    planned = time_unit(timing["qmodel"], timing["unit"], timing["call"], timing["out_shape"], SMOKE["batch"], 3)
-    result = {"config": path.stem, "largest": row["largest"], "planned_peak_gb": row["peak_gb"]["float32"]
-              + planned["saved_gb"], "planned_seconds": planned["seconds"], "runs": {}}
+    measured = {u: time_unit(timing["qmodel"], u, info["call"], info["out_shape"], SMOKE["batch"], 3)
+                for u, info in timing["units"].items()}
+    held = {u: timing["base_gb"] + info["held_gb"]["float32"] + measured[u]["transient_gb"]
+            for u, info in timing["units"].items()}
+    peak_unit = max(held, key=held.get)
+    result = {"config": path.stem, "largest": row["largest"], "planned_peak_unit": peak_unit,
+              "planned_peak_gb": held[peak_unit], "planned_transient_gb": measured[peak_unit]["transient_gb"],
+              "planned_seconds": measured[row["largest"]]["seconds"], "runs": {}}
     for method in ("dilatequant", "qdiff"):
         record = out / f"{path.stem}_{method}.json"
         done = json.loads(record.read_text()) if record.exists() else None
@@ -342,19 +373,23 @@ def smoke_markdown(smokes: list[dict], machine: str) -> str:
              f"at batch {SMOKE['batch']}, save, reload, one image sampled and decoded), MEASURED on the CPU ({machine}), "
              f"next to this plan for the same settings. Measured peak: the process's resident high-water mark during "
              f"quantization, less what was resident before, plus the FP UNet (as the plan counts it). Planned peak: "
-             f"the peak above at these settings plus the autograd tensors measured at batch {SMOKE['batch']}. "
-             f"Seconds per iteration: BKD on the largest unit, measured in the run against the plan's timing of "
-             f"that unit alone. Q-Diffusion's passes (AdaRound, activation steps) are not what the plan models: "
-             f"its peak is listed against the same plan.", "",
-             "| config | method | largest unit | peak measured (GB) | peak planned (GB) | measured / planned | "
-             "s / iteration measured | s / iteration planned | measured / planned | quantization s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"the memory plan above at these settings, plus the temporaries of training the peak unit at batch "
+             f"{SMOKE['batch']} (autograd's tensors, quantized weights, forward and backward buffers: measured by "
+             f"training that unit alone, as the growth of the resident peak beyond its gradients and Adam's "
+             f"moments). Seconds per iteration: BKD on the largest unit (by cache), measured in the run against "
+             f"the plan's timing of that unit alone. Q-Diffusion's passes (AdaRound, activation steps) are not "
+             f"what the plan models: its peak is listed against the same plan.", "",
+             "| config | method | peak unit (planned) | temporaries (GB, measured alone) | peak measured (GB) | "
+             "peak planned (GB) | measured / planned | largest unit | s / iteration measured | "
+             "s / iteration planned | measured / planned | quantization s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sm in smokes:
         for method, r in sm["runs"].items():
             it = r["seconds_per_iteration"]
-            lines.append(f"| {sm['config']} | {method} | {sm['largest']} | {r['quantization_peak_gb']:.2f} | "
+            lines.append(f"| {sm['config']} | {method} | {sm['planned_peak_unit']} | "
+                         f"{sm['planned_transient_gb']:.2f} | {r['quantization_peak_gb']:.2f} | "
                          f"{sm['planned_peak_gb']:.2f} | {ratio(r['quantization_peak_gb'], sm['planned_peak_gb'])} | "
-                         f"{'' if it is None else f'{it:.2f}'} | {sm['planned_seconds']:.2f} | "
+                         f"{sm['largest']} | {'' if it is None else f'{it:.2f}'} | {sm['planned_seconds']:.2f} | "
                          f"{ratio(it, sm['planned_seconds'])} | {r['quantization_seconds']:.0f} |")
     staged = [(sm["config"], method, r) for sm in smokes for method, r in sm["runs"].items() if r.get("stages")]
     if staged:
@@ -383,7 +418,8 @@ def main(argv=None) -> list[dict]:
         row, timing = describe(path, paper_setting(path, n, "cali_n"), paper_setting(path, s, "steps"), bits)
         if not args.no_time:
             machine = machine or machine_note()
-            row["time"] = time_unit(timing["qmodel"], timing["unit"], timing["call"], timing["out_shape"],
+            info = timing["units"][row["largest"]]
+            row["time"] = time_unit(timing["qmodel"], row["largest"], info["call"], info["out_shape"],
                                     args.time_batch, args.time_iters)
         rows.append(row)
         print(f"[dry_run] {row['config']}: {row['params_m']:.2f} M parameters, largest unit {row['largest']} "

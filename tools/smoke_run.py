@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from common.device import release_free_memory  # noqa: E402
 from common.files import write_json  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 from diffusion.samplers import make_sampler  # noqa: E402
@@ -87,6 +88,7 @@ class StageMemory:
             yield
             return
         self._depth += 1
+        release_free_memory()
         before, start = memory_gb("VmRSS"), time.perf_counter()
         reset_peak_memory()
         try:
@@ -234,6 +236,7 @@ def smoke(config_path: Path, method: str, out: Path, cali_n: int = 4, steps: int
     cond = Conditions(ldm)
     config_q = METHODS[method]
     distill = DistillConfig(iters=iters, batch_size=batch, cache_batch_size=batch, seed=seed)
+    release_free_memory()
     rss_before = memory_gb("VmRSS")
     stages = StageMemory(rss_before)
     start = time.perf_counter()
