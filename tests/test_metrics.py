@@ -281,7 +281,7 @@ def test_is_fetches_its_weights_the_usual_way_when_allowed(digits, no_hub_weight
 
 def test_the_three_reference_kinds_give_the_same_fid(digits, tmp_path):
     """An .npz of images, a folder of them, and a pytorch-fid statistics file: the same statistics, hence the same
-    FID (compared as statistics: one Fréchet distance is a 2048-dim matrix square root, 20 s on a 2-core CPU)."""
+    FID (compared as statistics: each Fréchet distance is a slow 2048-dim matrix square root on a CPU)."""
     from PIL import Image
     from evaluation.fid import feature_stats, reference_stats, stats_cache_path
     real, fake = digits[:40], digits[40:80]
