@@ -172,36 +172,37 @@ class IntGemm:
         zp = x_zero.to(torch.int32)
         squeeze = self.conv is not None and codes.dim() == 3
         x = codes.unsqueeze(2) if squeeze else codes
+        weights = (self.packed, self.w_scale, self._w_zero)
         if self.split_codes:                  # Σ W'(X - z) = 16 Σ W' X_hi + Σ W'(X_lo - z), X = 16 X_hi + X_lo
-            y = self._onednn(x >> 4, x_scale * 16, torch.zeros_like(zp), None)
-            y.add_(self._onednn(x & 15, x_scale, zp, bias))
+            y = self._onednn(x >> 4, x_scale * 16, torch.zeros_like(zp), weights, None)
+            y.add_(self._onednn(x & 15, x_scale, zp, weights, bias))
         else:
-            y = self._onednn(x, x_scale, zp, bias)
+            y = self._onednn(x, x_scale, zp, weights, bias)
         if self.corrected:                                                         # + c_n Σ_m (X_m - z_x)
             scale = self.w_correction * (self.w_scale * x_scale)
             if self.conv is None:
                 window = x.sum(-1, keepdim=True, dtype=torch.int32) - x.shape[-1] * zp
                 y.addcmul_(window, scale)
             else:
-                stride, padding, dilation, groups = self._conv2d_args()
-                window = torch.ops.onednn.qconv2d_pointwise.tensor(x, self._one, zp, self.ones, self._one_scale,
-                                                                   self._one_zero, None, stride, padding, dilation,
-                                                                   groups, 1.0, 0, torch.float32, "none", [], "")
+                window = self._onednn(x, self._one, zp, (self.ones, self._one_scale, self._one_zero), None)
+                groups = self.conv["groups"]
                 if groups > 1:                                      # [N, groups, ...] -> one per output channel
                     window = window.repeat_interleave(y.shape[1] // groups, 1)
                 y.addcmul_(window, scale.view(1, -1, 1, 1))
         return y.squeeze(2) if squeeze else y       # channels-last, as oneDNN writes it (see IntModel.prepare)
 
-    def _onednn(self, x: torch.Tensor, x_scale: torch.Tensor, zp: torch.Tensor,
+    def _onednn(self, x: torch.Tensor, x_scale: torch.Tensor, zp: torch.Tensor, weights: tuple,
                 bias: torch.Tensor | None) -> torch.Tensor:
-        """Δ_x Δ_w,n Σ W'(X - zp) (+ bias) on oneDNN's uint8 x int8 linear or 2-d convolution."""
+        """Δ_x Δ_w,n Σ W(X - zp) (+ bias) on oneDNN's uint8 x int8 linear or 2-d convolution; weights: (packed W,
+        Δ_w per out-channel, zero points 0)."""
+        packed, w_scale, w_zero = weights
         if self.conv is None:
-            return torch.ops.onednn.qlinear_pointwise.tensor(x, x_scale, zp, self.packed, self.w_scale, self._w_zero,
-                                                             bias, 1.0, 0, torch.float32, "none", [], "")
+            return torch.ops.onednn.qlinear_pointwise.tensor(x, x_scale, zp, packed, w_scale, w_zero, bias, 1.0, 0,
+                                                             torch.float32, "none", [], "")
         stride, padding, dilation, groups = self._conv2d_args()
-        return torch.ops.onednn.qconv2d_pointwise.tensor(x, x_scale, zp, self.packed, self.w_scale, self._w_zero,
-                                                         bias, stride, padding, dilation, groups, 1.0, 0,
-                                                         torch.float32, "none", [], "")
+        return torch.ops.onednn.qconv2d_pointwise.tensor(x, x_scale, zp, packed, w_scale, w_zero, bias, stride,
+                                                         padding, dilation, groups, 1.0, 0, torch.float32, "none",
+                                                         [], "")
 
     def _generic(self, codes: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, bits: int,
                  bias: torch.Tensor | None) -> torch.Tensor:
