@@ -41,7 +41,6 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common.device import release_free_memory  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 from diffusion.samplers import ddim_timesteps  # noqa: E402
 from ldm.util import instantiate_from_config, load_config  # noqa: E402
@@ -53,7 +52,7 @@ from quant.settings import QuantConfig, Signedness  # noqa: E402
 from quant.unit_cache import GB, CachePolicy, per_sample_shapes, plan  # noqa: E402
 from tools.common import parse_bits  # noqa: E402
 from tools.model_cost import cost, count_macs  # noqa: E402
-from tools.smoke_run import memory_gb, reset_peak_memory  # noqa: E402
+from tools.smoke_run import StageMemory  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,8 @@ def describe(config_path: Path, cali_n: int, steps: int, bits: list[tuple[int, i
     states = {u: nbytes(v for v in q.model.get_submodule(u).state_dict().values() if v is not None) for u in units}
     # while a unit trains: its cache, the copy of its initial state train_unit keeps, its gradients and Adam's two
     # moments (float32); autograd's tensors come on top (measured by time_unit)
-    held = {d: {u: caches[d][u] + states[u] + TRAINING_COPIES * 4 * trained[u] for u in units} for d in caches}
+    training = {u: states[u] + TRAINING_COPIES * 4 * trained[u] for u in units}
+    held = {d: {u: caches[d][u] + training[u] for u in units} for d in caches}
     peak_unit = max(units, key=lambda u: held[torch.float32][u])
     macs = count_macs(unet, x, t, **cond)
     fp_bytes = nbytes(unet.parameters())
@@ -141,8 +141,7 @@ def describe(config_path: Path, cali_n: int, steps: int, bits: list[tuple[int, i
            "largest_trained_m": trained[largest] / 1e6,
            "cache_gb": {str(d).removeprefix("torch."): caches[d][largest] / GB for d in caches},
            "peak_unit": peak_unit, "peak_unit_trained_m": trained[peak_unit] / 1e6,
-           "peak_unit_cache_gb": caches[torch.float32][peak_unit] / GB,
-           "training_gb": (states[peak_unit] + TRAINING_COPIES * 4 * trained[peak_unit]) / GB,
+           "training_gb": training[peak_unit] / GB,
            "fp_gb": fp_bytes / GB, "quant_gb": q_bytes / GB,
            "peak_gb": {str(d).removeprefix("torch."): (base + max(held[d].values())) / GB for d in caches}}
     timing = {"qmodel": q, "units": {u: {"call": calls[u], "out_shape": shapes[u][-1][0],
@@ -212,15 +211,14 @@ def time_unit(q: QuantModel, name: str, call: tuple, out_shape: tuple, batch: in
         opt.step()
         return time.perf_counter() - start
 
-    release_free_memory()
-    before = memory_gb("VmRSS")
-    reset_peak_memory()
-    step(record=True)                                                        # warm-up
-    seconds = statistics.median(step() for _ in range(iters))
+    memory = StageMemory(0.0)
+    with memory.stage("training"):
+        step(record=True)                                                    # warm-up
+        seconds = statistics.median(step() for _ in range(iters))
+    (grown,) = (r["peak_gb"] - r["rss_before_gb"] for r in memory.records)
     grads_and_adam = TRAINING_COPIES * 4 * sum(p.numel() for g in opt.param_groups for p in g["params"])
     return {"batch": batch, "iters": iters, "seconds": seconds, "saved_gb": sum(saved.values()) / GB,
-            "seconds_32": seconds * PAPER_BATCH / batch,
-            "transient_gb": max(0.0, memory_gb("VmHWM") - before - grads_and_adam / GB)}
+            "seconds_32": seconds * PAPER_BATCH / batch, "transient_gb": max(0.0, grown - grads_and_adam / GB)}
 
 
 def paper_setting(path: Path, given: int | None, what: str) -> int:
