@@ -69,15 +69,6 @@ def check_flags(args) -> None:
         raise UsageError(f"--cali_prompts {args.cali_prompts}: no such file")
 
 
-def pipeline_kind(pipe) -> str:
-    """The pipeline's denoiser class, checked against the conditioning flags given."""
-    from hf.pipeline import DEFAULT_GUIDANCE, denoiser_attr
-    kind = type(getattr(pipe, denoiser_attr(pipe))).__name__
-    if kind not in DEFAULT_GUIDANCE:
-        raise UsageError(f"{type(pipe).__name__}'s denoiser is a {kind}", f"use a pipeline of {', '.join(DEFAULT_GUIDANCE)}")
-    return kind
-
-
 def conditioning(kind: str, args) -> tuple[str, list] | None:
     """(the flag, its values) this pipeline samples with, or None (unconditional); a missing one is one line."""
     from hf.pipeline import TEXT
@@ -99,11 +90,11 @@ def main(argv=None) -> dict:
     args = parse_flags(build_parser, argv)
     check_flags(args)
     import diffusers
-    from hf.pipeline import DEFAULT_GUIDANCE, denoiser_attr
+    from hf.pipeline import DEFAULT_GUIDANCE, denoiser_attr, denoiser_kind
     device = pick_device(args.device)
     set_seed(args.seed)
     pipe = diffusers.DiffusionPipeline.from_pretrained(args.model_dir, local_files_only=True).to(device)
-    kind = pipeline_kind(pipe)
+    kind = denoiser_kind(pipe)
     cond = conditioning(kind, args)
     guidance = DEFAULT_GUIDANCE[kind] if args.guidance is None else args.guidance
     out = Path(args.outdir)

@@ -49,6 +49,15 @@ def denoiser_attr(pipe) -> str:
                      "pass a UNet, DiT or PixArt pipeline")
 
 
+def denoiser_kind(pipe) -> str:
+    """The class of the pipeline's denoiser, one this module quantizes (else one line naming them)."""
+    kind = type(getattr(pipe, denoiser_attr(pipe))).__name__
+    if kind not in DEFAULT_GUIDANCE:
+        raise UsageError(f"{type(pipe).__name__}'s denoiser is a {kind}",
+                         f"use a pipeline of {', '.join(DEFAULT_GUIDANCE)}")
+    return kind
+
+
 def scheduler_timesteps(scheduler) -> list[int]:
     """The integer timesteps the scheduler (after set_timesteps) calls the model at, increasing."""
     ts = torch.as_tensor(scheduler.timesteps).double()
@@ -95,7 +104,8 @@ def pipeline_conditions(pipe, kind: str, prompts: Sequence[str] | None, class_la
         return Conditions(cond, uncond)
     if kind == "DiTTransformer2DModel":
         if not class_labels or prompts:
-            raise UsageError("a DiT pipeline is conditioned on class labels", "pass class_labels=[...] (and no prompts)")
+            raise UsageError("a DiT pipeline is conditioned on class labels",
+                             "pass class_labels=[...] (and no prompts)")
         labels = torch.as_tensor(list(class_labels), dtype=torch.long, device=device)
         null = getattr(pipe, denoiser_attr(pipe)).config.num_embeds_ada_norm          # the null class's row
         return Conditions({"class_labels": labels}, {"class_labels": torch.full_like(labels, null)} if guided else None)
@@ -197,7 +207,8 @@ class PipelineDenoiser(nn.Module):
             kwargs["added_cond_kwargs"] = added_cond_kwargs
         unused = [k for k, v in kwargs.items() if v is not None]
         if unused:
-            raise UsageError(f"the quantized {self.kind} takes no {', '.join(unused)}", "sample without those arguments")
+            raise UsageError(f"the quantized {self.kind} takes no {', '.join(unused)}",
+                             "sample without those arguments")
         self._freeze()
         out = self.qmodel(sample, timestep, **cond)
         if not return_dict:
@@ -218,11 +229,8 @@ def quantize_pipeline(pipe, quant: QuantConfig, method, prompts: Sequence[str] |
     `batch_size` unconditional ones (UNet2DModel), seeded, `batch_size` trajectories at a time; guidance: the
     pipeline's default when None. -> the module to put in `pipe.unet` or `pipe.transformer`
     (`denoiser_attr(pipe)`)."""
-    attr = denoiser_attr(pipe)
-    model = getattr(pipe, attr)
-    kind = type(model).__name__
-    if kind not in DEFAULT_GUIDANCE:
-        raise UsageError(f"pipe.{attr} is a {kind}", f"quantize one of {', '.join(DEFAULT_GUIDANCE)}")
+    kind = denoiser_kind(pipe)
+    model = getattr(pipe, denoiser_attr(pipe))
     guidance = DEFAULT_GUIDANCE[kind] if guidance is None else guidance
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(steps)

@@ -137,5 +137,6 @@ def wrap_diffusers(model: nn.Module) -> nn.Module:
     """DiffusersUNet or DiffusersTransformer, by the diffusers class of `model`."""
     kinds = DiffusersUNet.KINDS + DiffusersTransformer.KINDS
     if type(model).__name__ not in kinds:
-        raise UsageError(f"{type(model).__name__} is not a diffusers model this repo wraps", f"pass one of {', '.join(kinds)}")
+        raise UsageError(f"{type(model).__name__} is not a diffusers model this repo wraps",
+                         f"pass one of {', '.join(kinds)}")
     return (DiffusersUNet if type(model).__name__ in DiffusersUNet.KINDS else DiffusersTransformer)(model)
